@@ -1,0 +1,17 @@
+"""One small pure loss function per objective.
+
+Every objective is `loss_fn(params, batch, rng) -> (loss_sum, metrics)` where `metrics` holds
+sums, including `weight` (how many targets/pairs/tokens the sum is over). The train step adds
+sums over microbatches and divides by the total weight, so the loss is exactly the
+token-weighted (or pair-weighted) mean however the batch is split.
+"""
+from jaxllm.objectives.clm import make_clm_loss, masked_cross_entropy, target_weights  # noqa: F401
+from jaxllm.objectives.mlm import make_mlm_loss  # noqa: F401
+
+
+def make_objective(name: str, model_cfg, train_cfg):
+    if name == "clm":
+        return make_clm_loss(model_cfg, z_loss=train_cfg.z_loss)
+    if name == "mlm":
+        return make_mlm_loss(model_cfg, mask_prob=train_cfg.mlm_prob)
+    raise ValueError(f"unknown objective '{name}'; valid: clm, mlm")

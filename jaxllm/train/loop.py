@@ -1,0 +1,149 @@
+"""The training loop: config -> mesh, data, state, the one step -> run directory.
+
+    summary = jaxllm.train(cfg)
+
+Reads top to bottom as the algorithm; everything it calls lives in its own module.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import pathlib
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from jaxllm import configlib
+from jaxllm.config import Config
+from jaxllm.model.api import init_params, param_logical_axes
+from jaxllm.objectives import make_objective
+from jaxllm.parallel import mesh as mesh_lib
+from jaxllm.parallel import rules as rules_lib
+from jaxllm.train import metrics as metrics_lib
+from jaxllm.train.optim import lr_schedule, make_optimizer
+from jaxllm.train.setup import init_state
+from jaxllm.train.state import nonfinite_count, total_nonfinite
+from jaxllm.train.step import make_eval_step, make_train_step
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def _data_iterators(cfg: Config, mesh):
+    """(train iterator, eval-iterator factory) of LOCAL rows; global batch via the mesh."""
+    t = cfg.train
+    if cfg.data.kind == "synthetic_tokens":
+        from jaxllm.data.tokens import synthetic_batches
+
+        def make(split, n=None):
+            return synthetic_batches(seq_len=t.seq_len, global_batch_size=t.batch_size,
+                                     vocab_size=cfg.model.vocab_size, seed=cfg.data.seed,
+                                     process_index=jax.process_index(),
+                                     process_count=jax.process_count(), split=split, num_batches=n)
+        return make("train"), lambda: make("eval", t.eval_batches)
+    from jaxllm.data import pipeline
+    tok = pipeline.load_tokenizer_for(cfg.data, cfg.model.vocab_size)
+    train_it = pipeline.make_train_iterator(cfg.data, seq_len=t.seq_len, global_batch_size=t.batch_size,
+                                            seed=cfg.data.seed, tokenizer=tok)
+
+    def make_eval():
+        it = pipeline.make_eval_iterator(cfg.data, seq_len=t.seq_len, global_batch_size=t.batch_size,
+                                         seed=cfg.data.seed, tokenizer=tok)
+        return (b for _, b in zip(range(t.eval_batches), it))
+    return train_it, make_eval
+
+
+def _global(batch: dict, sharding) -> dict:
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def evaluate(eval_step, params, make_eval, sharding) -> dict:
+    sums: dict = {}
+    for batch in make_eval():
+        out = jax.device_get(eval_step(params, _global(batch, sharding), None))
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    w = max(sums.get("weight", 0.0), 1.0)
+    loss = sums.get("loss", float("nan")) / w
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)),
+            "eval_accuracy": sums.get("accuracy", 0.0) / w}
+
+
+def train(cfg: Config) -> dict:
+    t = cfg.train
+    run_dir = pathlib.Path(t.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        configlib.dump_yaml(cfg, run_dir / "config.yaml")
+
+    # Single-device debug mode: one device, NaNs raise where they appear, optionally eager.
+    devices = jax.devices()[:1] if t.debug else jax.devices()
+    if t.debug:
+        jax.config.update("jax_debug_nans", True)
+    mesh = mesh_lib.make_mesh(cfg.mesh, devices)
+    rules = rules_lib.logical_rules(cfg.mesh)
+
+    optimizer = make_optimizer(cfg.optim, t.steps)
+    schedule = lr_schedule(cfg.optim, t.steps)
+    loss_fn = make_objective(t.objective, cfg.model, t)
+    no_jit = jax.disable_jit() if (t.debug and t.disable_jit) else contextlib.nullcontext()
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), no_jit:
+        state, shardings = init_state(lambda k: init_params(cfg.model, k),
+                                      param_logical_axes(cfg.model), optimizer, rules, mesh, t.seed)
+        step_fn = make_train_step(loss_fn, optimizer, shardings, microbatches=t.microbatches,
+                                  lr_fn=schedule)
+        eval_fn = make_eval_step(loss_fn, shardings=shardings)
+        train_it, make_eval = _data_iterators(cfg, mesh)
+
+        writer = metrics_lib.MetricsWriter(run_dir)
+        peak = metrics_lib.measure_peak_flops()
+        flops_tok = metrics_lib.flops_per_token(cfg.model, t.seq_len)
+        tokens_per_step = t.batch_size * t.seq_len
+        progress = None
+        if t.progress and jax.process_index() == 0:
+            from tqdm import tqdm
+            progress = tqdm(total=t.steps, initial=int(state.step), desc="train", dynamic_ncols=True)
+
+        history, eval_history = [], []
+        first_loss = None
+        t_last, steps_since = time.perf_counter(), 0
+        while int(state.step) < t.steps:
+            batch = _global(next(train_it), shardings.batch)
+            state, metrics = step_fn(state, batch, None)
+            steps_since += 1
+            step = int(state.step)
+            if step % t.log_every == 0 or step == t.steps or step == 1:
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                skipped = int(nonfinite_count(state))
+                if skipped >= cfg.optim.max_nonfinite_skips:
+                    raise NonFiniteError(f"{skipped} consecutive non-finite updates at step {step}; "
+                                         f"stopping (optim.max_nonfinite_skips={cfg.optim.max_nonfinite_skips})")
+                dt = time.perf_counter() - t_last
+                tps = steps_since * tokens_per_step / dt
+                m.update(tokens_per_s=tps, mfu=tps * flops_tok / peak,
+                         skipped_updates=int(total_nonfinite(state)))
+                t_last, steps_since = time.perf_counter(), 0
+                first_loss = m["loss"] if first_loss is None else first_loss
+                history.append(dict(step=step, **m))
+                writer.write(step, m)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tps:,.0f}")
+            if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
+                e = evaluate(eval_fn, state.params, make_eval, shardings.batch)
+                eval_history.append(dict(step=step, **e))
+                writer.write(step, e)
+                t_last = time.perf_counter()  # evaluation time is not training throughput
+            if progress is not None:
+                progress.update(1)
+        if progress is not None:
+            progress.close()
+        writer.close()
+
+    last = history[-1] if history else {}
+    return {"run_dir": str(run_dir), "steps": int(state.step), "first_loss": first_loss,
+            "final_loss": last.get("loss"), "eval": eval_history[-1] if eval_history else None,
+            "history": history, "state": state}

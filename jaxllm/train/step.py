@@ -1,0 +1,115 @@
+"""THE train step: one jitted, sharded function for every objective.
+
+    step = make_train_step(loss_fn, optimizer, shardings, microbatches=4)
+    state, metrics = step(state, batch, frozen)
+
+`loss_fn(params, batch, rng) -> (loss_sum, metrics_sums)` is all an objective supplies.
+What is trained is `state.params`; `frozen` (a base model under LoRA, a reference policy, ...)
+is a non-donated argument, and `merge(trainable, frozen)` builds the params the loss sees.
+The step never branches on the objective.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxllm.train.state import TrainState
+
+LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
+
+
+def _identity_merge(trainable, frozen):
+    del frozen
+    return trainable
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShardings:
+    state: Any               # pytree of NamedSharding matching TrainState
+    batch: Any               # NamedSharding for every batch array (leading dim = batch)
+    frozen: Any = None
+    replicated: Any = None
+
+
+def _split_microbatches(batch: dict, m: int, batch_sharding) -> dict:
+    """(B, ...) -> (M, B/M, ...). Rows b*M..b*M+M-1 go to microbatches 0..M-1 so each
+    device keeps its own rows (no cross-device shuffle under a batch-sharded layout)."""
+    def split(x):
+        y = jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1)
+        if batch_sharding is not None:
+            spec = P(None, *batch_sharding.spec)
+            y = jax.lax.with_sharding_constraint(y, NamedSharding(batch_sharding.mesh, spec))
+        return y
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
+                    shardings: StepShardings | None = None, *, microbatches: int = 1,
+                    merge: Callable = _identity_merge, lr_fn: Callable | None = None,
+                    jit: bool = True):
+    def grads_of(params, frozen, batch, rng):
+        def f(p):
+            return loss_fn(merge(p, frozen), batch, rng)
+        (loss_sum, sums), grads = jax.value_and_grad(f, has_aux=True)(params)
+        return grads, dict(sums, loss=loss_sum)
+
+    def step(state: TrainState, batch: dict, frozen=None):
+        rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
+        if microbatches == 1:
+            grads, sums = grads_of(state.params, frozen, batch, step_rng)
+        else:
+            micro = _split_microbatches(batch, microbatches,
+                                        shardings.batch if shardings else None)
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+
+            def body(carry, xs):
+                acc_g, acc_s = carry
+                mb, i = xs
+                g, s = grads_of(state.params, frozen, mb, jax.random.fold_in(step_rng, i))
+                acc_g = jax.tree.map(jnp.add, acc_g, g)
+                acc_s = s if acc_s is None else jax.tree.map(jnp.add, acc_s, s)
+                return (acc_g, acc_s), None
+
+            _, sums0 = jax.eval_shape(lambda: grads_of(
+                state.params, frozen, jax.tree.map(lambda x: x[0], micro), step_rng))
+            init_s = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums0)
+            (grads, sums), _ = jax.lax.scan(body, (zeros, init_s),
+                                            (micro, jnp.arange(microbatches)))
+        # Token-weighted mean: gradient of sum(loss) / total weight, over all microbatches.
+        weight = jnp.maximum(sums["weight"], 1.0)
+        grads = jax.tree.map(lambda g: g / weight, grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {k: v / weight for k, v in sums.items() if k != "weight"}
+        metrics["weight"] = sums["weight"]
+        metrics["grad_norm"] = optax.global_norm(grads)
+        if lr_fn is not None:
+            metrics["lr"] = lr_fn(state.step)
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                               rng=jax.random.key_data(rng))
+        return new_state, metrics
+
+    if not jit:
+        return step
+    kwargs = {}
+    if shardings is not None:
+        rep = shardings.replicated
+        kwargs = dict(in_shardings=(shardings.state, shardings.batch, shardings.frozen),
+                      out_shardings=(shardings.state, rep))
+    return jax.jit(step, donate_argnums=(0,), **kwargs)
+
+
+def make_eval_step(loss_fn: LossFn, merge: Callable = _identity_merge, shardings=None):
+    """Jitted (params, batch, frozen) -> sums (loss, weight, ...), for held-out evaluation."""
+    def evaluate(params, batch, frozen=None):
+        loss_sum, sums = loss_fn(merge(params, frozen), batch, jax.random.key(0))
+        return dict(sums, loss=loss_sum)
+    if shardings is None:
+        return jax.jit(evaluate)
+    return jax.jit(evaluate, in_shardings=(shardings.state.params, shardings.batch, shardings.frozen),
+                   out_shardings=shardings.replicated)
