@@ -1,0 +1,130 @@
+"""Local runner: a process pool over input shards, streaming, memory bounded per shard.
+
+Phase 1 (parallel, one task per shard): read, run the per-document stages, spool survivors
+  to <work>/spool-<i>.jsonl and their dedup keys to <work>/keys-<i>.npz.
+Phase 2 (driver): load the keys only (~130 bytes a document), find exact and near
+  duplicates, save the order keys to drop.
+Phase 3 (parallel): copy each spool to its output shard, skipping the dropped documents.
+Documents are streamed; only `KEY_BATCH` texts are held at a time for vectorised hashing.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+import time
+
+import numpy as np
+
+from jaxllm.curate import dedup, io, report
+from jaxllm.curate.config import CurateConfig
+from jaxllm.curate.report import Stats
+from jaxllm.curate.stages import Curator, keys_for
+from jaxllm.curate.text import words
+
+KEY_BATCH = 512
+_curator: Curator | None = None   # one per worker process, built by _init
+
+
+def _init(cfg: CurateConfig) -> None:
+    global _curator
+    _curator = Curator(cfg)
+
+
+def _filter_shard(task) -> tuple[Stats, str, str]:
+    cfg, work, i, path = task
+    stats = Stats()
+    spool, keys_path = f"{work}/spool-{i:05d}.jsonl", f"{work}/keys-{i:05d}.npz"
+    parts, batch = [], []
+    with open(spool, "wb") as out:
+        for rec in io.read_shard(path, i, cfg.input, stats.counts):
+            kept = _curator.process(rec, stats)
+            if kept is None:
+                continue
+            out.write(json.dumps({"order": kept.order, **kept.to_json()}, ensure_ascii=False)
+                      .encode("utf-8") + b"\n")
+            batch.append(kept)
+            if len(batch) == KEY_BATCH:
+                parts.append(keys_for(batch, cfg))
+                batch = []
+    if batch:
+        parts.append(keys_for(batch, cfg))
+    k = dedup.DedupKeys.concat(parts, cfg.dedup.num_bands)
+    np.savez(keys_path, order=k.order, exact=k.exact, bands=k.bands, has_sig=k.has_sig)
+    return stats, spool, keys_path
+
+
+def _write_shard(task) -> Stats:
+    cfg, work, i, n_shards = task
+    drop = np.load(f"{work}/drop.npy")
+    stats = Stats()
+
+    def survivors():
+        with open(f"{work}/spool-{i:05d}.jsonl", "rb") as f:
+            for line in f:
+                d = json.loads(line)
+                order = d.pop("order")
+                j = np.searchsorted(drop, order)
+                if j < drop.size and drop[j] == order:
+                    continue
+                stats.observe("words_output", len(words(d["text"])))
+                yield d
+
+    path = os.path.join(cfg.output.dir, io.output_name(i, n_shards, cfg.output))
+    stats.add("output/docs", io.write_shard(path, survivors(), cfg.output))
+    return stats
+
+
+def run(cfg: CurateConfig, log=print) -> dict:
+    """Curate cfg.input into cfg.output.dir; returns the report (also written as report.json)."""
+    t0 = time.time()
+    shards = io.list_shards(cfg.input)
+    out = cfg.output.dir
+    work = cfg.runner.work_dir or os.path.join(out, "_work")
+    os.makedirs(out, exist_ok=True)
+    os.makedirs(work, exist_ok=True)
+    n = len(shards)
+    procs = min(cfg.runner.processes, n)
+    pool = None
+    if procs > 1:
+        # spawn, not fork: workers must not inherit the parent's threads (JAX, BLAS) or locks.
+        pool = multiprocessing.get_context("spawn").Pool(procs, initializer=_init, initargs=(cfg,))
+        pmap = lambda f, xs: pool.map(f, xs, chunksize=1)  # noqa: E731
+    else:
+        _init(cfg)
+        pmap = lambda f, xs: list(map(f, xs))  # noqa: E731
+    try:
+        results = pmap(_filter_shard, [(cfg, work, i, p) for i, p in enumerate(shards)])
+        stats = Stats.merged(r[0] for r in results)
+        log(f"curate: filtered {n} shards in {time.time() - t0:.1f}s")
+        parts = []
+        for _, _, kp in results:
+            z = np.load(kp)
+            parts.append(dedup.DedupKeys(z["order"], z["exact"], z["bands"], z["has_sig"]))
+        keys = dedup.DedupKeys.concat(parts, cfg.dedup.num_bands)
+        removed_exact, removed_near, clusters = dedup.find_duplicates(keys, cfg.dedup)
+        _count_dedup(stats, keys.order.size, removed_exact.size, removed_near.size, cfg)
+        np.save(f"{work}/drop.npy", np.sort(np.concatenate([removed_exact, removed_near])))
+        for s in pmap(_write_shard, [(cfg, work, i, n) for i in range(n)]):
+            stats.merge(s)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    if not cfg.runner.work_dir:
+        shutil.rmtree(work, ignore_errors=True)
+    rep = report.summary(stats, n, stats.counts["output/docs"], clusters)
+    report.write(out, rep, cfg.report.histograms, io.local_open)
+    log(f"curate: {rep['input']['records']} records -> {rep['output']['docs']} documents "
+        f"in {time.time() - t0:.1f}s; report in {out}/report.json")
+    return rep
+
+
+def _count_dedup(stats: Stats, n_in: int, n_exact: int, n_near: int, cfg: CurateConfig) -> None:
+    if cfg.dedup.exact:
+        stats.add("in/exact_dedup", n_in)
+        stats.add("removed/exact_dedup/duplicate", n_exact)
+    if cfg.dedup.minhash:
+        stats.add("in/near_dedup", n_in - n_exact)
+        stats.add("removed/near_dedup/duplicate", n_near)
