@@ -1,8 +1,72 @@
-"""Input configuration: which documents, which tokenizer, how they are packed into rows."""
+"""Input configuration: which documents, which tokenizer, how they are packed into rows.
+
+A recipe states only what differs, e.g.
+
+    data:
+      kind: text
+      tokenizer: data/tokenizer          # a dir holding tokenizer.model, or the .model file
+      sources:
+        - {path: "data/synth/train-*.jsonl", weight: 3}
+        - {path: "data/wiki/*.parquet", text_field: body, weight: 1}
+      eval_sources:
+        - {path: "data/synth/eval-*.jsonl"}
+"""
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 from typing import Literal
+
+SourceFormat = Literal["auto", "jsonl", "parquet", "text", "arrayrecord"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceConfig:
+    """One set of files read the same way; a mixture is several of these with weights."""
+    path: str = ""                    # a file, a directory (all files in it) or a glob
+    format: SourceFormat = "auto"     # auto: by extension (.jsonl/.json, .parquet, .txt, .array_record)
+    text_field: str = "text"          # JSONL key / Parquet column / ArrayRecord JSON key
+    # Plain text only: "file" = each file is one document, "line" = each non-empty line is one.
+    text_unit: Literal["file", "line"] = "file"
+    weight: float = 1.0               # relative sampling weight in the mixture
+
+    def __post_init__(self):
+        if not self.path:
+            raise ValueError("a data source needs 'path' (a file, directory or glob)")
+        if not (self.weight > 0 and math.isfinite(self.weight)):
+            raise ValueError(f"source '{self.path}': weight must be a positive number, got {self.weight}")
+
+
+def _as_sources(items, key: str) -> tuple[SourceConfig, ...]:
+    """configlib hands nested dataclasses inside tuples over as plain dicts; build them here
+    with the same strictness (unknown keys name the closest valid key)."""
+    valid = [f.name for f in dataclasses.fields(SourceConfig)]
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, SourceConfig):
+            out.append(item)
+            continue
+        if isinstance(item, str):           # shorthand: a bare path
+            item = {"path": item}
+        if not isinstance(item, dict):
+            raise ValueError(f"{key}[{i}] must be a mapping like {{path: ..., weight: ...}}, got {item!r}")
+        for k in item:
+            if k not in valid:
+                close = difflib.get_close_matches(str(k), valid, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise ValueError(f"unknown key '{key}[{i}].{k}'{hint} (valid keys: {valid})")
+        fmt = item.get("format", "auto")
+        if fmt not in SourceFormat.__args__:
+            raise ValueError(f"{key}[{i}].format must be one of {list(SourceFormat.__args__)}, got {fmt!r}")
+        if item.get("text_unit", "file") not in ("file", "line"):
+            raise ValueError(f"{key}[{i}].text_unit must be 'file' or 'line', got {item['text_unit']!r}")
+        try:
+            item = dict(item, weight=float(item.get("weight", 1.0)))
+        except (TypeError, ValueError):
+            raise ValueError(f"{key}[{i}].weight must be a number, got {item['weight']!r}") from None
+        out.append(SourceConfig(**item))
+    return tuple(out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -11,3 +75,41 @@ class DataConfig:
     # tests and benchmarks). "text": documents -> sentencepiece -> grain packing.
     kind: Literal["synthetic_tokens", "text"] = "synthetic_tokens"
     seed: int = 0
+
+    # --- kind: text -------------------------------------------------------------------------
+    sources: tuple[SourceConfig, ...] = ()       # the training mixture
+    eval_sources: tuple[SourceConfig, ...] = ()  # held-out documents, read once, in order
+    tokenizer: str = ""                          # .model file or a dir with tokenizer.model
+    add_bos: bool = True
+    add_eos: bool = True
+    # How tokenized documents are put into fixed-length rows (grain's packers). Documents
+    # longer than a row are split into row-sized pieces first, never dropped.
+    packing: Literal["first_fit", "best_fit"] = "first_fit"
+    packing_bins: int = 8          # rows packed at once per shard; more bins -> less padding
+    shuffle: bool = True           # reshuffle documents every epoch (seeded)
+    # Logical shards: the fixed unit of parallel reading. Each shard is its own grain pipeline
+    # and contributes global_batch_size/num_shards rows to every global batch, so the batch
+    # sequence does not depend on how many processes share the shards. Must divide the
+    # global batch size and be a multiple of the process count. 0: gcd(global_batch_size, 64).
+    num_shards: int = 0
+    num_workers: int = 0           # grain mp_prefetch worker processes (0: read in-process)
+    worker_buffer_size: int = 4    # batches each worker prefetches
+    # Bad user data (malformed JSON, missing field, empty document, undecodable bytes):
+    # False -> stop with an error naming file and line; True -> skip it, count it, warn.
+    skip_bad_records: bool = False
+    eval_batches: int = 0          # 0: the whole held-out set once (last batch padded)
+
+    def __post_init__(self):
+        object.__setattr__(self, "sources", _as_sources(self.sources, "data.sources"))
+        object.__setattr__(self, "eval_sources", _as_sources(self.eval_sources, "data.eval_sources"))
+        if self.kind == "text" and not self.sources:
+            raise ValueError("data.kind=text needs at least one entry in data.sources")
+        if self.packing_bins < 1:
+            raise ValueError(f"data.packing_bins must be >= 1, got {self.packing_bins}")
+        if self.num_shards < 0 or self.num_workers < 0 or self.eval_batches < 0:
+            raise ValueError("data.num_shards, data.num_workers and data.eval_batches must be >= 0")
+        if self.worker_buffer_size < 1:
+            raise ValueError(f"data.worker_buffer_size must be >= 1, got {self.worker_buffer_size}")
+
+    def shard_count(self, global_batch_size: int) -> int:
+        return self.num_shards or math.gcd(global_batch_size, 64)

@@ -1,0 +1,261 @@
+"""Training and eval batches from text files: grain all the way, sharded per host, resumable.
+
+How the global batch sequence is made independent of the number of processes
+-----------------------------------------------------------------------------
+Documents are divided among S *logical shards* (S = data.num_shards, default
+gcd(global_batch_size, 64)), fixed by the config and never by the machine:
+
+  global document stream   mixture of sources, each shuffled per epoch (seeded), repeated
+  shard s                  documents s, s+S, s+2S, ... of that stream
+  shard s's rows           its own tokenize -> split -> pack chain (own packer, own seed)
+  global batch k           for s = 0..S-1: rows [k*R, (k+1)*R) of shard s, R = B/S
+
+Process p of n owns shards [p*S/n, (p+1)*S/n) and reads, tokenizes and packs only their
+documents; its rows are exactly rows [p*B/n, (p+1)*B/n) of every global batch, which is what
+`jax.make_array_from_process_local_data` expects for a batch sharded over processes in order.
+So the same seed gives the same global batches on 1 process or n (any n dividing S).
+
+grain does the work: shards are interleaved with `InterleaveIterDataset` (cycle = shards per
+process); `mp_prefetch` workers split that list of shards between them (grain slices an
+interleave by its datasets), and grain interleaves worker outputs round-robin, so with
+num_workers dividing the shards per process the batches are also the same for any worker
+count. Iterator state (get_state/set_state, grain.checkpoint) restores exactly, with the same
+num_workers.
+"""
+from __future__ import annotations
+
+import atexit
+import gc
+import math
+import weakref
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxllm.data import packing
+from jaxllm.data.config import DataConfig
+from jaxllm.data.sources import open_source
+from jaxllm.data.tokenizer import Tokenizer, load_tokenizer
+
+
+# grain iterators own prefetch threads; closing them only from __del__ during interpreter
+# teardown prints spurious tracebacks, so close the ones still alive at exit, in order.
+_LIVE: "weakref.WeakSet[grain.DatasetIterator]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_iterators() -> None:
+    for it in list(_LIVE):
+        it.close()
+    gc.collect()
+
+
+def _tracked(it: grain.DatasetIterator) -> grain.DatasetIterator:
+    _LIVE.add(it)
+    return it
+
+
+def _layout(cfg: DataConfig, global_batch_size: int, process_count: int) -> tuple[int, int, int]:
+    """(num shards S, rows per shard per batch R, shards per process m), validated."""
+    S = cfg.shard_count(global_batch_size)
+    if global_batch_size % S:
+        raise ValueError(f"data.num_shards={S} must divide the global batch size {global_batch_size}")
+    if S % process_count:
+        raise ValueError(f"{process_count} processes cannot split {S} logical data shards evenly; "
+                         f"set data.num_shards to a multiple of {process_count} that divides "
+                         f"the global batch size {global_batch_size}")
+    m = S // process_count
+    if cfg.num_workers and m % cfg.num_workers:
+        raise ValueError(f"data.num_workers={cfg.num_workers} must divide the {m} data shards each "
+                         f"process reads (data.num_shards={S} / {process_count} processes)")
+    return S, global_batch_size // S, m
+
+
+def _seeds(cfg: DataConfig, seed: int, n: int) -> list[int]:
+    """n independent 31-bit seeds from (train seed, data seed)."""
+    ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(cfg.seed) & 0xFFFFFFFF])
+    return [int(x) for x in ss.generate_state(n) & 0x7FFFFFFF]
+
+
+def _doc_stream(sources, cfg: DataConfig, seeds: list[int], *, shuffle: bool, repeat: bool):
+    """The global document MapDataset: per-source shuffle (reshuffled each epoch) + repeat,
+    mixed by weight. Without repeat (eval) sources are concatenated in order."""
+    parts = []
+    for i, (src_cfg, src) in enumerate(sources):
+        ds = grain.MapDataset.source(packing.GuardedSource(src, cfg.skip_bad_records))
+        if shuffle:
+            ds = ds.shuffle(seed=seeds[i])
+        parts.append(ds.repeat(None) if repeat else ds)
+    if len(parts) == 1:
+        return parts[0]
+    if repeat:
+        return grain.MapDataset.mix(parts, [c.weight for c, _ in sources])
+    return grain.MapDataset.concatenate(parts)
+
+
+def _resolve(cfg: DataConfig, tokenizer, process_index, process_count):
+    if cfg.kind != "text":
+        raise ValueError(f"make_train_iterator reads text (data.kind=text); got data.kind={cfg.kind!r}")
+    if tokenizer is None:
+        if not cfg.tokenizer:
+            raise ValueError("data.tokenizer is empty: give the tokenizer .model file or directory "
+                             "(train one with `jaxllm tokenizer train`)")
+        tokenizer = load_tokenizer(cfg.tokenizer)
+    p = jax.process_index() if process_index is None else process_index
+    n = jax.process_count() if process_count is None else process_count
+    if not 0 <= p < n:
+        raise ValueError(f"process_index {p} out of range for process_count {n}")
+    return tokenizer, p, n
+
+
+class _StripStats(grain.IterDataset):
+    """Last stage: drops the "_stats" rows from each batch and keeps running totals in the
+    iterator state, so the counts survive a checkpoint/restore like everything else."""
+
+    def __init__(self, parent: grain.IterDataset):
+        super().__init__(parent)
+
+    def __iter__(self):
+        return _StripStatsIterator(self._parent.__iter__())
+
+
+class _StripStatsIterator(grain.DatasetIterator):
+    def __init__(self, parent):
+        super().__init__(parent)
+        self.stats = {"batches": 0, "documents": 0, "split_pieces": 0, "skipped_records": 0,
+                      "tokens": 0, "padding_tokens": 0}
+
+    def __next__(self) -> dict:
+        self._assert_not_closed()
+        batch = next(self._parent)
+        docs, pieces, skipped = batch.pop(packing.STATS_KEY).reshape(-1, 3).sum(0).tolist()
+        real = int(batch["segment_ids"].astype(bool).sum())
+        s = self.stats
+        s["batches"] += 1
+        s["documents"] += docs
+        s["split_pieces"] += pieces
+        s["skipped_records"] += skipped
+        s["tokens"] += real
+        s["padding_tokens"] += batch["tokens"].size - real
+        return batch
+
+    def get_state(self):
+        return {"parent": self._parent.get_state(), "stats": dict(self.stats)}
+
+    def close(self):
+        super().close()
+        # Let go of the closed pipeline so its prefetch iterators are collected while the
+        # interpreter is alive: grain's close() fails if first run during teardown.
+        self._parents = ()
+
+    def set_state(self, state):
+        self._parent.set_state(state["parent"])
+        self.stats = dict(state["stats"])
+
+
+def _merge_shards(batches: grain.IterDataset, m: int, R: int, limit: int | None = None):
+    """m shard batches of (R, T), in shard order -> one local batch (m*R, T), shard-major."""
+    def merge(b: dict) -> dict:
+        return {k: v.reshape((m * R,) + v.shape[2:]) for k, v in b.items()}
+    ds = batches.batch(m, drop_remainder=True).map(merge)
+    if limit is not None:
+        ds = grain.experimental.LimitIterDataset(ds, count=limit)
+    return _StripStats(ds)
+
+
+def make_train_iterator(data_cfg: DataConfig, *, seq_len: int, global_batch_size: int, seed: int,
+                        process_index: int | None = None, process_count: int | None = None,
+                        tokenizer: Tokenizer | None = None) -> grain.DatasetIterator:
+    """Infinite iterator of this process's rows of each global batch: dict of int32
+    (global_batch_size // process_count, seq_len) arrays tokens/positions/segment_ids/loss_mask.
+    Running counts (documents, split pieces, skipped records, padding) are in `it.stats`."""
+    cfg = data_cfg
+    tokenizer, p, n = _resolve(cfg, tokenizer, process_index, process_count)
+    S, R, m = _layout(cfg, global_batch_size, n)
+    sources = [(c, open_source(c)) for c in cfg.sources]
+    seeds = _seeds(cfg, seed, len(sources) + S)
+    docs = _doc_stream(sources, cfg, seeds, shuffle=cfg.shuffle, repeat=True)
+    shards = []
+    for s in range(p * m, (p + 1) * m):
+        rows = packing.packed_rows(docs[s::S], tokenizer, seq_len=seq_len, mode=cfg.packing,
+                                   num_bins=cfg.packing_bins, seed=seeds[len(sources) + s],
+                                   add_bos=cfg.add_bos, add_eos=cfg.add_eos)
+        shards.append(rows.batch(R, drop_remainder=True))
+    ds = grain.experimental.InterleaveIterDataset(shards, cycle_length=m)
+    if cfg.num_workers:
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=cfg.num_workers, per_worker_buffer_size=cfg.worker_buffer_size))
+    return _tracked(iter(_merge_shards(ds, m, R)))
+
+
+def _padded_shard(docs: grain.MapDataset, tokenizer, cfg: DataConfig, seq_len: int, seed: int):
+    """An eval shard: its rows once, in order, then padding rows forever (cut by the caller)."""
+    rows = packing.packed_rows(docs, tokenizer, seq_len=seq_len, mode=cfg.packing,
+                               num_bins=cfg.packing_bins, seed=seed, add_bos=cfg.add_bos,
+                               add_eos=cfg.add_eos, shuffle_bins=False)
+    pad = grain.MapDataset.source([packing.empty_row(seq_len, tokenizer.pad_id)]).repeat(None)
+    # An interleave with cycle length 1 is grain's concatenation of iterables.
+    return rows, grain.experimental.InterleaveIterDataset([rows, pad.to_iter_dataset()], cycle_length=1)
+
+
+def _count(ds: grain.IterDataset) -> int:
+    it = iter(ds)
+    n = sum(1 for _ in it)
+    it.close()
+    return n
+
+
+def make_eval_iterator(data_cfg: DataConfig, *, seq_len: int, global_batch_size: int, seed: int = 0,
+                       process_index: int | None = None, process_count: int | None = None,
+                       tokenizer: Tokenizer | None = None, num_batches: int | None = None):
+    """Finite, deterministic batches over data.eval_sources (in file order, read once), the
+    last one padded with all-masked rows. Every process yields the same number of batches:
+    unless `num_batches`/data.eval_batches is given, it is counted from all shards (held-out
+    sets are small), so multi-host eval loops stay in step."""
+    cfg = data_cfg
+    if not cfg.eval_sources:
+        raise ValueError("make_eval_iterator needs data.eval_sources (held-out files)")
+    tokenizer, p, n = _resolve(cfg, tokenizer, process_index, process_count)
+    S, R, m = _layout(cfg, global_batch_size, n)
+    sources = [(c, open_source(c)) for c in cfg.eval_sources]
+    docs = _doc_stream(sources, cfg, [], shuffle=False, repeat=False)
+    shard_seeds = _seeds(cfg, seed, S)
+    num_batches = num_batches or cfg.eval_batches
+    if not num_batches:
+        rows_per_shard = [_count(_padded_shard(docs[s::S], tokenizer, cfg, seq_len, shard_seeds[s])[0])
+                          for s in range(S)]
+        num_batches = max(1, math.ceil(max(rows_per_shard) / R))
+    shards = [_padded_shard(docs[s::S], tokenizer, cfg, seq_len, shard_seeds[s])[1].batch(R)
+              for s in range(p * m, (p + 1) * m)]
+    ds = grain.experimental.InterleaveIterDataset(shards, cycle_length=m)
+    return _tracked(iter(_merge_shards(ds, m, R, limit=num_batches)))
+
+
+def to_global_batch(local_batch: dict[str, Any], mesh: jax.sharding.Mesh,
+                    batch_spec: PartitionSpec = PartitionSpec(("data", "fsdp"))) -> dict[str, jax.Array]:
+    """This process's rows -> global jax.Arrays sharded by `batch_spec` over `mesh`.
+
+    Process p's rows must land at rows [p*b, (p+1)*b) of the global batch (that is what makes
+    the global batch independent of the process count); we check that the mesh puts them there
+    rather than silently permuting rows on an unusual device order.
+    """
+    sharding = NamedSharding(mesh, batch_spec)
+    n, p = jax.process_count(), jax.process_index()
+    out = {}
+    for key, local in local_batch.items():
+        local = np.asarray(local)
+        b = local.shape[0]
+        global_shape = (b * n,) + local.shape[1:]
+        rows = [idx[0] for idx in sharding.addressable_devices_indices_map(global_shape).values()]
+        lo = min(r.start or 0 for r in rows)
+        hi = max(global_shape[0] if r.stop is None else r.stop for r in rows)
+        if (lo, hi) != (p * b, (p + 1) * b):
+            raise ValueError(
+                f"batch sharding {batch_spec} on this mesh gives process {p} global rows "
+                f"[{lo}, {hi}) but it holds rows [{p * b}, {(p + 1) * b}): the batch dimension must "
+                f"be split across processes in process order (mesh devices ordered by process)")
+        out[key] = jax.make_array_from_process_local_data(sharding, local, global_shape)
+    return out

@@ -1,0 +1,261 @@
+"""Document sources: JSONL, Parquet, plain text and ArrayRecord files as random-access lists.
+
+Each source is a grain random-access data source (`len` + `__getitem__`) whose items are
+`Doc(text, where)`; `where` is "file:line" (or "file:row N" / "file:record N") so every
+problem with user data can be reported at its origin. Random access is what lets grain shuffle
+globally, shard by index and resume from an index without re-reading what came before.
+
+Opening a source only builds an index (line offsets, row counts); documents are decoded and
+validated lazily, in whichever grain worker reads them. Bad records raise `DataError`; the
+pipeline turns that into skip-and-count when `skip_bad_records` is set.
+"""
+from __future__ import annotations
+
+import bisect
+import functools
+import glob
+import json
+import mmap
+import os
+from typing import NamedTuple
+
+import numpy as np
+
+from jaxllm.data.config import SourceConfig
+
+
+class DataError(ValueError):
+    """A problem with user data; the message starts with the file and line it came from."""
+
+
+class Doc(NamedTuple):
+    text: str
+    where: str
+
+
+_EXT_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet",
+                ".txt": "text", ".text": "text", ".md": "text", ".array_record": "arrayrecord",
+                ".arrayrecord": "arrayrecord"}
+
+
+def expand_paths(pattern: str) -> list[str]:
+    """A file, a directory (its files, sorted) or a glob -> sorted list of files."""
+    if os.path.isdir(pattern):
+        files = [os.path.join(pattern, f) for f in os.listdir(pattern)]
+    else:
+        files = glob.glob(pattern, recursive=True)
+    files = sorted(f for f in files if os.path.isfile(f))
+    if not files:
+        raise DataError(f"data source '{pattern}': no files match (cwd: {os.getcwd()})")
+    return files
+
+
+def _format_of(cfg: SourceConfig, path: str) -> str:
+    if cfg.format != "auto":
+        return cfg.format
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in _EXT_FORMATS:
+        raise DataError(f"{path}: cannot tell the format from extension '{ext}'; set format: "
+                        f"one of {sorted(set(_EXT_FORMATS.values()))} in the source config")
+    return _EXT_FORMATS[ext]
+
+
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: undecodable bytes (not UTF-8) at byte {e.start} of the record: "
+                        f"{raw[max(0, e.start - 8):e.end + 8]!r}") from None
+
+
+def _field_text(raw: bytes, field: str, where: str) -> str:
+    """One JSON object -> its text field, with an error for each way it can be wrong."""
+    line = _decode(raw, where)
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno}): {line[:80]!r}") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object with field '{field}', got {type(obj).__name__}")
+    if field not in obj:
+        raise DataError(f"{where}: missing field '{field}' (fields present: {sorted(obj)[:10]}); "
+                        f"set text_field in the source config")
+    text = obj[field]
+    if not isinstance(text, str):
+        raise DataError(f"{where}: field '{field}' must be a string, got {type(text).__name__}")
+    return text
+
+
+def _check_text(text: str, where: str) -> Doc:
+    if not text.strip():
+        raise DataError(f"{where}: empty document")
+    return Doc(text, where)
+
+
+class _Files:
+    """Lazily opened, read-only memory maps; not pickled, so grain workers reopen their own."""
+
+    def __init__(self, paths):
+        self.paths = list(paths)
+        self._maps: dict[int, mmap.mmap | bytes] = {}
+
+    def __getstate__(self):
+        return {"paths": self.paths}
+
+    def __setstate__(self, state):
+        self.__init__(state["paths"])
+
+    def get(self, i: int):
+        if i not in self._maps:
+            with open(self.paths[i], "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                self._maps[i] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+        return self._maps[i]
+
+
+def _line_index(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(start, end, 1-based line number) of every non-blank line, vectorised over the bytes."""
+    with open(path, "rb") as f:
+        data = f.read()
+    buf = np.frombuffer(data, dtype=np.uint8)
+    nl = np.flatnonzero(buf == 10)
+    starts = np.concatenate([[0], nl + 1])
+    ends = np.concatenate([nl, [len(buf)]])
+    # Drop a trailing "\r" so CRLF files work, then drop blank lines (they are not records).
+    cr = (ends > starts) & (buf[np.maximum(ends - 1, 0)] == 13) if len(buf) else ends > starts
+    ends = ends - cr
+    keep = ends > starts
+    lines = np.arange(1, len(starts) + 1)
+    return starts[keep], ends[keep], lines[keep]
+
+
+class _RecordSource:
+    """Records spread over several files: global index -> (file, index within file)."""
+
+    def __init__(self, cfg: SourceConfig, files: list[str], counts: list[int]):
+        self.cfg = cfg
+        self.files = _Files(files)
+        self.offsets = np.cumsum([0] + counts).tolist()
+        if self.offsets[-1] == 0:
+            raise DataError(f"data source '{cfg.path}': no documents in {files[:5]}"
+                            f"{' ...' if len(files) > 5 else ''}")
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        f = bisect.bisect_right(self.offsets, index) - 1
+        return f, index - self.offsets[f]
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.cfg.path!r}, {len(self)} records)"
+
+
+class JsonlSource(_RecordSource):
+    def __init__(self, cfg, files):
+        self.index = [_line_index(p) for p in files]
+        super().__init__(cfg, files, [len(s) for s, _, _ in self.index])
+
+    def __getitem__(self, index: int) -> Doc:
+        f, j = self._locate(index)
+        starts, ends, lines = self.index[f]
+        where = f"{self.files.paths[f]}:{lines[j]}"
+        raw = self.files.get(f)[starts[j]:ends[j]]
+        return _check_text(_field_text(raw, self.cfg.text_field, where), where)
+
+
+class TextSource(_RecordSource):
+    def __init__(self, cfg, files):
+        self.by_line = cfg.text_unit == "line"
+        self.index = [_line_index(p) for p in files] if self.by_line else None
+        counts = [len(ix[0]) for ix in self.index] if self.by_line else [1] * len(files)
+        super().__init__(cfg, files, counts)
+
+    def __getitem__(self, index: int) -> Doc:
+        f, j = self._locate(index)
+        path = self.files.paths[f]
+        if self.by_line:
+            starts, ends, lines = self.index[f]
+            where = f"{path}:{lines[j]}"
+            raw = self.files.get(f)[starts[j]:ends[j]]
+        else:
+            where, raw = f"{path}:1", bytes(self.files.get(f)[:])
+        return _check_text(_decode(raw, where), where)
+
+
+class ParquetSource(_RecordSource):
+    """Rows of one string column; reads (and caches) a row group at a time."""
+
+    def __init__(self, cfg, files):
+        import pyarrow.parquet as pq  # optional dependency: the `data` extra
+        groups, counts = [], []
+        for p in files:
+            meta = pq.ParquetFile(p).metadata
+            names = [meta.schema.column(i).name for i in range(meta.num_columns)]
+            if cfg.text_field not in names:
+                raise DataError(f"{p}: no column '{cfg.text_field}' (columns: {names[:10]}); "
+                                f"set text_field in the source config")
+            sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+            groups.append(np.cumsum([0] + sizes).tolist())
+            counts.append(sum(sizes))
+        self.groups = groups
+        super().__init__(cfg, files, counts)
+
+    @functools.lru_cache(maxsize=4)
+    def _group(self, f: int, g: int) -> list:
+        import pyarrow.parquet as pq
+        table = pq.ParquetFile(self.files.paths[f]).read_row_group(g, columns=[self.cfg.text_field])
+        return table.column(0).to_pylist()
+
+    def __getitem__(self, index: int) -> Doc:
+        f, j = self._locate(index)
+        g = bisect.bisect_right(self.groups[f], j) - 1
+        where = f"{self.files.paths[f]}:row {j}"
+        text = self._group(f, g)[j - self.groups[f][g]]
+        if not isinstance(text, str):
+            raise DataError(f"{where}: column '{self.cfg.text_field}' must hold strings, got {text!r:.40}")
+        return _check_text(text, where)
+
+
+class ArrayRecordSource(_RecordSource):
+    """Records are a JSON object (like a JSONL line, if they start with '{') or raw UTF-8 text."""
+
+    def __init__(self, cfg, files):
+        from array_record.python import array_record_data_source as ards  # optional dependency
+        self._readers = None
+        counts = []
+        for p in files:
+            src = ards.ArrayRecordDataSource([p])
+            counts.append(len(src))
+            src.__exit__(None, None, None)
+        super().__init__(cfg, files, counts)
+
+    def __getstate__(self):
+        return dict(self.__dict__, _readers=None)
+
+    def __getitem__(self, index: int) -> Doc:
+        f, j = self._locate(index)
+        if self._readers is None:
+            from array_record.python import array_record_data_source as ards
+            self._readers = ards.ArrayRecordDataSource(self.files.paths)
+        raw = self._readers[index]
+        where = f"{self.files.paths[f]}:record {j}"
+        if raw[:1] == b"{":
+            return _check_text(_field_text(raw, self.cfg.text_field, where), where)
+        return _check_text(_decode(raw, where), where)
+
+
+_SOURCES = {"jsonl": JsonlSource, "text": TextSource, "parquet": ParquetSource,
+            "arrayrecord": ArrayRecordSource}
+
+
+def open_source(cfg: SourceConfig) -> _RecordSource:
+    """All files of one source config (same format required) as one random-access source."""
+    files = expand_paths(cfg.path)
+    formats = {_format_of(cfg, p) for p in files}
+    if len(formats) > 1:
+        raise DataError(f"data source '{cfg.path}' mixes formats {sorted(formats)}; "
+                        f"split it into one source per format")
+    return _SOURCES[formats.pop()](cfg, files)

@@ -1,0 +1,174 @@
+"""Embedded post-training data: chat for SFT, ranked responses for reward models, PPO prompts.
+
+All of it is built on the same `synthetic.World` the pretraining corpus describes, so a model
+pretrained on that corpus already knows the facts these tasks ask about. The preference is
+programmatic (`score_response`): a reward model can be checked against it, and PPO can be
+scored by it without a learned reward. Records (one JSON object per line when written):
+
+  chat:   {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+  reward: {"prompt": str, "task": {...}, "responses": [best, ..., worst], "scores": [...]}
+  ppo:    {"prompt": str, "task": {...}}
+"""
+from __future__ import annotations
+
+import random
+import re
+from typing import Iterator
+
+from jaxllm.data.synthetic import COLORS, FEELINGS, NAMES, World, _SPLIT_SALT
+
+TASK_KINDS = ("add", "capital", "color", "count", "story")
+NEGATIVE_WORDS = ("sad", "angry", "scared", "lonely")
+SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+def sample_task(rng: random.Random, world: World) -> dict:
+    kind = rng.choice(TASK_KINDS)
+    if kind == "add":
+        return {"kind": kind, "a": rng.randint(0, 20), "b": rng.randint(0, 20)}
+    if kind == "capital":
+        return {"kind": kind, "kingdom": rng.choice(world.kingdoms)}
+    if kind == "color":
+        return {"kind": kind, "name": rng.choice(NAMES)}
+    if kind == "count":
+        start = rng.randint(0, 30)
+        return {"kind": kind, "start": start, "end": start + rng.randint(3, 8)}
+    return {"kind": kind, "name": rng.choice(NAMES)}
+
+
+def prompt_text(task: dict) -> str:
+    k = task["kind"]
+    if k == "add":
+        return f"What is {task['a']} + {task['b']}?"
+    if k == "capital":
+        return f"What is the capital of {task['kingdom']}?"
+    if k == "color":
+        return f"What is the favorite color of {task['name']}?"
+    if k == "count":
+        return f"Count from {task['start']} to {task['end']}."
+    return f"Tell me a short story about {task['name']}."
+
+
+def good_response(task: dict, world: World, rng: random.Random | None = None) -> str:
+    k = task["kind"]
+    if k == "add":
+        return f"{task['a']} + {task['b']} = {task['a'] + task['b']}."
+    if k == "capital":
+        return f"The capital of {task['kingdom']} is {world.capital[task['kingdom']]}."
+    if k == "color":
+        return f"The favorite color of {task['name']} is {world.favorite_color[task['name']]}."
+    if k == "count":
+        return ", ".join(str(i) for i in range(task["start"], task["end"] + 1)) + "."
+    n, feeling = task["name"], (rng or random.Random(0)).choice(FEELINGS)
+    return f"{n} played with the {world.pet[n]} all day, and {n} was very {feeling}."
+
+
+def score_response(task: dict, response: str, world: World | None = None) -> float:
+    """The programmatic preference: correctness in [-1, 1], minus 0.05 per word beyond 25."""
+    world = world or World()
+    k, words = task["kind"], response.split()
+    penalty = min(0.5, 0.05 * max(0, len(words) - 25))
+    nums = [int(x) for x in re.findall(r"-?\d+", response)]
+    if k == "add":
+        m = re.search(r"=\s*(-?\d+)", response)
+        got = int(m.group(1)) if m else (nums[-1] if nums else None)
+        truth = task["a"] + task["b"]
+        score = -1.0 if got is None else (1.0 if got == truth else -min(1.0, abs(got - truth) / 10))
+    elif k in ("capital", "color"):
+        truth = world.capital[task["kingdom"]] if k == "capital" else world.favorite_color[task["name"]]
+        wrong = set(world.capital.values()) if k == "capital" else set(COLORS)
+        present = set(re.findall(r"[A-Za-z]+", response))
+        score = 1.0 if truth in present else (-0.5 if present & (wrong - {truth}) else -1.0)
+    elif k == "count":
+        want = list(range(task["start"], task["end"] + 1))
+        prefix = 0
+        while prefix < min(len(nums), len(want)) and nums[prefix] == want[prefix]:
+            prefix += 1
+        score = 2 * prefix / len(want) - 1 - 0.1 * max(0, len(nums) - len(want))
+    else:
+        n = task["name"]
+        low = response.lower()
+        good = [n in response, world.pet[n] in low, any(f in low for f in FEELINGS),
+                response.rstrip().endswith(".")]
+        score = 2 * sum(good) / len(good) - 1 - (0.5 if any(w in low for w in NEGATIVE_WORDS) else 0)
+    return round(max(-1.5, score - penalty), 4)
+
+
+def _variants(task: dict, world: World, rng: random.Random) -> list[str]:
+    """Candidate responses of deliberately different quality (the ranking is still by score)."""
+    k, good = task["kind"], good_response(task, world, rng)
+    filler = " ".join(["I think about this question for a long time and then I answer it."] * 3)
+    if k == "add":
+        t = task["a"] + task["b"]
+        return [good, f"{task['a']} + {task['b']} = {t + rng.choice([-1, 1])}.",
+                f"{task['a']} + {task['b']} = {t + rng.choice([-1, 1]) * rng.randint(3, 8)}.",
+                "I like to eat apples."]
+    if k in ("capital", "color"):
+        pool = list(world.capital.values()) if k == "capital" else COLORS
+        truth = good.rstrip(".").split()[-1]
+        wrong = rng.choice([w for w in pool if w != truth])
+        cut = good.rfind(truth)
+        return [good, f"{filler} {good}", good[:cut] + wrong + good[cut + len(truth):], "I do not know."]
+    if k == "count":
+        want = list(range(task["start"], task["end"] + 1))
+        half = ", ".join(str(i) for i in want[: len(want) // 2]) + "."
+        by_two = ", ".join(str(want[0] + 2 * i) for i in range(len(want))) + "."
+        return [good, half, by_two, "Counting is fun."]
+    n = task["name"]
+    return [good, good.replace(n, "someone"), f"{n} was sad and angry all day.", "the sky is big"]
+
+
+def _rng(seed: int, split: str, salt: int) -> random.Random:
+    if split not in _SPLIT_SALT:
+        raise ValueError(f"split must be one of {list(_SPLIT_SALT)}, got {split!r}")
+    return random.Random(seed * 7919 + _SPLIT_SALT[split] + salt)
+
+
+def chat_examples(n: int, seed: int = 0, split: str = "train", world: World | None = None) -> Iterator[dict]:
+    """Single-turn (about 60%) and multi-turn conversations whose follow-ups refer back."""
+    world, rng = world or World(), _rng(seed, split, 11)
+    for _ in range(n):
+        msgs = [{"role": "system", "content": SYSTEM_PROMPT}] if rng.random() < 0.3 else []
+        turns = 1 if rng.random() < 0.6 else rng.randint(2, 3)
+        task = sample_task(rng, world)
+        for t in range(turns):
+            if t > 0 and task["kind"] == "add" and rng.random() < 0.7:
+                c, total = rng.randint(1, 9), task["a"] + task["b"]
+                task = {"kind": "add", "a": total, "b": c}
+                user = f"Now add {c} to that."
+            elif t > 0 and task["kind"] == "capital" and rng.random() < 0.7:
+                kd = task["kingdom"]
+                msgs += [{"role": "user", "content": f"And what is {kd} famous for?"},
+                         {"role": "assistant", "content": f"{kd} is famous for its {world.export[kd]}."}]
+                task = sample_task(rng, world)
+                continue
+            else:
+                task = sample_task(rng, world) if t > 0 else task
+                user = prompt_text(task)
+            msgs += [{"role": "user", "content": user},
+                     {"role": "assistant", "content": good_response(task, world, rng)}]
+        yield {"messages": msgs}
+
+
+def reward_examples(n: int, seed: int = 0, split: str = "train", world: World | None = None,
+                    k: int = 4) -> Iterator[dict]:
+    """Prompts with `k` responses ranked best-first by `score_response` (scores all distinct)."""
+    world, rng = world or World(), _rng(seed, split, 22)
+    made = 0
+    while made < n:
+        task = sample_task(rng, world)
+        cands = _variants(task, world, rng)[:k]
+        scored = sorted(((score_response(task, r, world), r) for r in cands), key=lambda x: -x[0])
+        if len({s for s, _ in scored}) < len(scored):  # a tie carries no ranking signal
+            continue
+        made += 1
+        yield {"prompt": prompt_text(task), "task": task,
+               "responses": [r for _, r in scored], "scores": [s for s, _ in scored]}
+
+
+def ppo_prompts(n: int, seed: int = 0, split: str = "train", world: World | None = None) -> Iterator[dict]:
+    """Prompts for RL; reward a generated answer with `score_response(record['task'], answer)`."""
+    world, rng = world or World(), _rng(seed, split, 33)
+    for _ in range(n):
+        task = sample_task(rng, world)
+        yield {"prompt": prompt_text(task), "task": task}

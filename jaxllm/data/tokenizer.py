@@ -1,0 +1,152 @@
+"""SentencePiece tokenizers: train one on documents, load ours or an HF Llama-style one.
+
+Trained models reserve fixed ids so every tokenizer we make agrees on them:
+    pad=0  unk=1  bos=2  eos=3  <|im_start|>=4  <|im_end|>=5
+Byte fallback is on (no input is ever <unk>, 256 byte pieces are added), digits are split
+one per piece (arithmetic tokenizes consistently), and normalisation is the identity so
+decode(encode(text)) == text. Chat markers are user-defined symbols: always a single piece.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pathlib
+import re
+from typing import Iterable, Sequence
+
+import sentencepiece as spm
+
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+
+
+class Tokenizer:
+    """A loaded SentencePiece model plus the ids the data pipeline needs."""
+
+    def __init__(self, model_proto: bytes, path: str = "<memory>"):
+        self.path = path
+        self._proto = model_proto
+        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.vocab_size: int = self.sp.get_piece_size()
+        self.bos_id: int = self.sp.bos_id()
+        self.eos_id: int = self.sp.eos_id()
+        self.unk_id: int = self.sp.unk_id()
+        # HF Llama tokenizers define no pad (-1); padded cells are masked out anyway, so any
+        # valid id works: take unk, as Llama recipes commonly do.
+        self.pad_id: int = self.sp.pad_id() if self.sp.pad_id() >= 0 else max(self.unk_id, 0)
+        if self.bos_id < 0 or self.eos_id < 0:
+            raise ValueError(f"{path}: tokenizer defines no bos/eos piece (bos={self.bos_id}, "
+                             f"eos={self.eos_id}); documents need both to be packed")
+        self.special_ids: dict[str, int] = {}
+        for piece in CHAT_TOKENS:
+            i = self.sp.piece_to_id(piece)
+            if i != self.unk_id:
+                self.special_ids[piece] = i
+        self.im_start_id: int | None = self.special_ids.get("<|im_start|>")
+        self.im_end_id: int | None = self.special_ids.get("<|im_end|>")
+
+    # SentencePieceProcessor does not pickle; grain worker processes need a copy of us.
+    def __getstate__(self):
+        return {"model_proto": self._proto, "path": self.path}
+
+    def __setstate__(self, state):
+        self.__init__(state["model_proto"], state["path"])
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        return self.sp.encode(text, out_type=int, add_bos=add_bos, add_eos=add_eos)
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
+        return self.sp.encode(list(texts), out_type=int, num_threads=num_threads)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def id_to_piece(self, i: int) -> str:
+        return self.sp.id_to_piece(int(i))
+
+    def __repr__(self):
+        return f"Tokenizer({self.path!r}, vocab_size={self.vocab_size})"
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """`path` is a .model file, or a directory holding tokenizer.model (ours or an HF Llama
+    checkpoint's)."""
+    p = pathlib.Path(path)
+    if p.is_dir():
+        model = p / "tokenizer.model"
+        if not model.exists():
+            found = sorted(x.name for x in p.iterdir())[:12]
+            hint = (" (tokenizer.json-only tokenizers, e.g. Llama 3's, are not SentencePiece and are "
+                    "not supported)" if "tokenizer.json" in found else "")
+            raise FileNotFoundError(f"{p}: no tokenizer.model in this directory{hint}; found {found}. "
+                                    f"Train one with `jaxllm tokenizer train`.")
+        p = model
+    if not p.exists():
+        raise FileNotFoundError(f"tokenizer not found: {p} (give a .model file or a directory "
+                                f"holding tokenizer.model)")
+    proto = p.read_bytes()
+    try:
+        return Tokenizer(proto, str(p))
+    except RuntimeError as e:
+        raise ValueError(f"{p}: not a valid SentencePiece model ({e})") from None
+
+
+def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
+    """Fail at start-up, not with an index error mid-run, if ids can exceed the embedding."""
+    if model_vocab_size < tokenizer.vocab_size:
+        raise ValueError(
+            f"model vocab_size {model_vocab_size} is smaller than the tokenizer's vocabulary "
+            f"({tokenizer.vocab_size} pieces, {tokenizer.path}): token ids up to "
+            f"{tokenizer.vocab_size - 1} would index past the embedding table. Set "
+            f"model.vocab_size >= {tokenizer.vocab_size} (a multiple of 128 is usual).")
+
+
+def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int, *,
+                    model_type: str = "bpe", seed: int = 0, max_sentences: int = 2_000_000,
+                    num_threads: int | None = None) -> Tokenizer:
+    """Train on `texts` (documents; split into lines, as SentencePiece learns from sentences)
+    and write out_dir/tokenizer.model (+ tokenizer.vocab). Same texts and seed -> the same bytes."""
+    if model_type not in ("bpe", "unigram"):
+        raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
+    minimum = 256 + len(CHAT_TOKENS) + 4 + 1
+    if vocab_size < minimum:
+        raise ValueError(f"vocab_size {vocab_size} is too small: byte fallback alone needs 256 "
+                         f"pieces plus {len(CHAT_TOKENS) + 4} special ones; use at least {minimum} "
+                         f"(and enough to hold the corpus's characters)")
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def sentences():
+        for doc in texts:
+            for line in doc.split("\n"):
+                if line.strip():
+                    yield line
+
+    spm.set_random_generator_seed(seed)
+    # Train into memory: with model_prefix the output path is stored inside the model, and
+    # two trainings on the same data would differ in bytes.
+    writer = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=sentences(), model_writer=writer,
+            model_type=model_type, vocab_size=vocab_size, byte_fallback=True, split_digits=True,
+            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+            user_defined_symbols=list(CHAT_TOKENS), character_coverage=0.9995,
+            normalization_rule_name="identity", remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True, max_sentence_length=1 << 16,
+            input_sentence_size=max_sentences, shuffle_input_sentence=True,
+            num_threads=num_threads or min(8, os.cpu_count() or 1), minloglevel=2)
+    except RuntimeError as e:
+        # SentencePiece reports e.g. "Vocabulary size too high (4000). Please set it to a value
+        # <= 1431." behind a C++ source location; keep the part a user can act on.
+        m = re.search(r"Vocabulary size.*", str(e))
+        if m:
+            raise ValueError(f"cannot train a {vocab_size}-piece {model_type} tokenizer on this "
+                             f"corpus: {m.group(0).strip()}") from None
+        raise
+    (out / "tokenizer.model").write_bytes(writer.getvalue())
+    tok = load_tokenizer(out / "tokenizer.model")
+    (out / "tokenizer.vocab").write_text(
+        "".join(f"{tok.id_to_piece(i)}\t{tok.sp.get_score(i)}\n" for i in range(tok.vocab_size)),
+        encoding="utf-8")
+    return tok
