@@ -72,6 +72,7 @@ class MeshConfig:
     # single entries, e.g. {"vocab": ["tensor"]} or {"embed": []}.
     preset: Literal["dp", "fsdp", "fsdp_tp"] = "fsdp"
     rules: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    devices: int = 0                # use the first N devices (0 = all of them)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -80,7 +80,7 @@ def train(cfg: Config) -> dict:
         configlib.dump_yaml(cfg, run_dir / "config.yaml")
 
     # Single-device debug mode: one device, NaNs raise where they appear, optionally eager.
-    devices = jax.devices()[:1] if t.debug else jax.devices()
+    devices = jax.devices()[:1] if t.debug else jax.devices()[:cfg.mesh.devices or None]
     if t.debug:
         jax.config.update("jax_debug_nans", True)
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)

@@ -1,0 +1,281 @@
+"""HF transformers checkpoints <-> (ModelConfig, params), tensor by tensor.
+
+Reads config.json + model.safetensors (or sharded with model.safetensors.index.json) of
+LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM; writes files transformers loads.
+Layers are stacked along a leading axis here (nn.scan) and separate tensors there; a torch
+Linear weight is (out, in) and our kernels are (in, ..., out), hence the transposes.
+Memory: one stacked tensor is built on the host at a time and moved to the device before
+the next, so a model is never held twice.
+"""
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm.config import ModelConfig
+
+SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+class CheckpointFormatError(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------- config.json <-> ModelConfig
+
+def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
+    arch = (hf.get("architectures") or [None])[0]
+    if arch not in SUPPORTED:
+        raise CheckpointFormatError(f"{source}: architecture {arch!r} is not supported; "
+                                    f"supported: {list(SUPPORTED)}")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise CheckpointFormatError(f"{source}: hidden_act {hf['hidden_act']!r}; only silu (SwiGLU)")
+    rope = hf.get("rope_parameters") or {}
+    theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+    scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    rope_scaling: tuple = ()
+    if scaling:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind != "llama3":
+            raise CheckpointFormatError(f"{source}: rope scaling {kind!r} is not supported (llama3 is)")
+        rope_scaling = (float(scaling["factor"]), float(scaling["low_freq_factor"]),
+                        float(scaling["high_freq_factor"]),
+                        float(scaling["original_max_position_embeddings"]))
+    window = hf.get("sliding_window")
+    if window and (arch == "MistralForCausalLM" or hf.get("use_sliding_window")):
+        warnings.warn(f"{source}: sliding_window={window} is ignored (full attention); exact for "
+                      f"sequences up to {window} tokens")
+    n_heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
+    if head_dim == hf["hidden_size"] // n_heads:
+        head_dim = 0   # the default geometry, so configs compare equal after a round trip
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+        n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        head_dim=head_dim,
+        d_ff=hf["intermediate_size"], rope_theta=float(theta), rope_scaling=rope_scaling,
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        qkv_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_seq_len=int(hf.get("max_position_embeddings", 2048)))
+
+
+def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
+    arch = "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
+    out = {
+        "architectures": [arch], "model_type": "qwen2" if cfg.qkv_bias else "llama",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.dim_per_head, "hidden_act": "silu", "rope_theta": cfg.rope_theta,
+        "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+        "max_position_embeddings": cfg.max_seq_len, "torch_dtype": dtype,
+        "attention_bias": cfg.qkv_bias, "mlp_bias": False,
+    }
+    if cfg.qkv_bias:
+        out["use_sliding_window"] = False
+    if cfg.rope_scaling:
+        f, lo, hi, orig = cfg.rope_scaling
+        out["rope_scaling"] = {"rope_type": "llama3", "factor": f, "low_freq_factor": lo,
+                               "high_freq_factor": hi, "original_max_position_embeddings": int(orig)}
+    return out
+
+
+# ---------------------------------------------------------------- parameter name mapping
+
+def _layer_map(cfg: ModelConfig):
+    """(our path, HF name template, torch->ours transform, ours->torch transform) per tensor."""
+    d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.dim_per_head
+    pre = "model.layers.{i}."
+    t = lambda shape: (lambda w: w.T.reshape(shape))  # noqa: E731  (out, in) -> (in, *out)
+    back = lambda w: w.reshape(w.shape[0], -1).T      # noqa: E731  (in, *out) -> (out, in)
+    entries = [
+        (("attn_norm", "scale"), pre + "input_layernorm.weight", None, None),
+        (("mlp_norm", "scale"), pre + "post_attention_layernorm.weight", None, None),
+        (("attn", "q", "kernel"), pre + "self_attn.q_proj.weight", t((d, n, h)), back),
+        (("attn", "k", "kernel"), pre + "self_attn.k_proj.weight", t((d, k, h)), back),
+        (("attn", "v", "kernel"), pre + "self_attn.v_proj.weight", t((d, k, h)), back),
+        (("attn", "o", "kernel"), pre + "self_attn.o_proj.weight", t((n, h, d)),
+         lambda w: w.reshape(-1, w.shape[-1]).T),
+        (("mlp", "gate", "kernel"), pre + "mlp.gate_proj.weight", t((d, cfg.d_ff)), back),
+        (("mlp", "up", "kernel"), pre + "mlp.up_proj.weight", t((d, cfg.d_ff)), back),
+        (("mlp", "down", "kernel"), pre + "mlp.down_proj.weight", t((cfg.d_ff, d)), back),
+    ]
+    if cfg.qkv_bias:
+        entries += [
+            (("attn", "q", "bias"), pre + "self_attn.q_proj.bias", lambda b: b.reshape(n, h), lambda b: b.reshape(-1)),
+            (("attn", "k", "bias"), pre + "self_attn.k_proj.bias", lambda b: b.reshape(k, h), lambda b: b.reshape(-1)),
+            (("attn", "v", "bias"), pre + "self_attn.v_proj.bias", lambda b: b.reshape(k, h), lambda b: b.reshape(-1)),
+        ]
+    return entries
+
+
+def _top_map(cfg: ModelConfig):
+    entries = [(("embed", "embedding"), "model.embed_tokens.weight", None, None),
+               (("final_norm", "scale"), "model.norm.weight", None, None)]
+    if not cfg.tie_embeddings:
+        entries.append((("lm_head", "kernel"), "lm_head.weight", lambda w: w.T, lambda w: w.T))
+    return entries
+
+
+def _set(tree: dict, path: tuple, value):
+    for p in path[:-1]:
+        tree = tree.setdefault(p, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: dict, path: tuple):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+# ---------------------------------------------------------------- reading
+
+class _TensorReader:
+    """Name -> tensor across one or several safetensors files, opening each file lazily."""
+
+    def __init__(self, directory: pathlib.Path):
+        from safetensors import safe_open
+        self._open = safe_open
+        index = directory / "model.safetensors.index.json"
+        single = directory / "model.safetensors"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: directory / f for name, f in weight_map.items()}
+        elif single.exists():
+            with safe_open(str(single), framework="flax") as f:
+                self.files = {name: single for name in f.keys()}
+        else:
+            raise CheckpointFormatError(f"{directory}: no model.safetensors or "
+                                        f"model.safetensors.index.json found")
+        self.directory = directory
+        self._handles: dict = {}
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self.files:
+            raise CheckpointFormatError(f"{self.directory}: tensor '{name}' is missing from the checkpoint")
+        path = self.files[name]
+        if path not in self._handles:
+            if not path.exists():
+                raise CheckpointFormatError(f"{path}: shard listed in the index does not exist")
+            # framework="flax" reads bf16 too (numpy has no bf16 of its own).
+            self._handles[path] = self._open(str(path), framework="flax").__enter__()
+        return np.asarray(self._handles[path].get_tensor(name))
+
+    def close(self):
+        for h in self._handles.values():
+            h.__exit__(None, None, None)
+
+
+def load_hf(directory: str | pathlib.Path, dtype: str | None = None, shardings=None):
+    """-> (ModelConfig, params). `dtype` casts weights (default: keep the file's dtype, with
+    param_dtype set to match); `shardings` (pytree like params) places each tensor as it loads."""
+    directory = pathlib.Path(directory)
+    cfg_path = directory / "config.json"
+    if not cfg_path.exists():
+        raise CheckpointFormatError(f"{directory}: no config.json (expected an HF model directory)")
+    cfg = config_from_hf(json.loads(cfg_path.read_text()), str(cfg_path))
+    reader = _TensorReader(directory)
+    params: dict = {}
+    used: set[str] = set()
+    file_dtype = None
+
+    def place(path, host):
+        arr = host if dtype is None else host.astype(dtype)
+        sh = _get(shardings, path) if shardings is not None else None
+        _set(params, path, jax.device_put(arr, sh) if sh is not None else jnp.asarray(arr))
+
+    try:
+        for path, name, to_ours, _ in _top_map(cfg):
+            w = reader.get(name)
+            file_dtype = file_dtype or w.dtype
+            used.add(name)
+            place(path, to_ours(w) if to_ours else w)
+        for path, template, to_ours, _ in _layer_map(cfg):
+            stacked = None
+            for i in range(cfg.n_layers):
+                name = template.format(i=i)
+                w = reader.get(name)
+                used.add(name)
+                w = to_ours(w) if to_ours else w
+                if stacked is None:
+                    stacked = np.empty((cfg.n_layers,) + w.shape, w.dtype)
+                stacked[i] = w
+            place(("layers",) + path, stacked)
+            del stacked
+    finally:
+        reader.close()
+    extra = sorted(set(reader.files) - used - {"lm_head.weight"})
+    extra = [e for e in extra if not e.endswith("rotary_emb.inv_freq")]
+    if extra:
+        raise CheckpointFormatError(f"{directory}: unexpected tensors {extra[:5]} "
+                                    f"({len(extra)} in all) for {cfg}")
+    param_dtype = str(jnp.dtype(dtype or file_dtype))
+    if param_dtype in ("float32", "bfloat16", "float16"):
+        import dataclasses
+        cfg = dataclasses.replace(cfg, param_dtype=param_dtype)
+    return cfg, params
+
+
+# ---------------------------------------------------------------- writing
+
+def save_hf(directory: str | pathlib.Path, cfg: ModelConfig, params, max_shard_bytes: int = 2 << 30):
+    """Write config.json + safetensors (sharded with an index above max_shard_bytes).
+    Tensors are pulled from the device one at a time; at most one shard is buffered."""
+    from safetensors.numpy import save_file
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def tensors():
+        for path, name, _, to_torch in _top_map(cfg):
+            w = np.asarray(jax.device_get(_get(params, path)))
+            yield name, w if to_torch is None else to_torch(w)
+        for i in range(cfg.n_layers):
+            for path, template, _, to_torch in _layer_map(cfg):
+                w = np.asarray(jax.device_get(_get(params, ("layers",) + path)[i]))
+                yield template.format(i=i), w if to_torch is None else to_torch(w)
+
+    total = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(params))
+    n_shards = max(1, math.ceil(total / max_shard_bytes))
+    shards: list[tuple[str, dict]] = []
+    buf: dict = {}
+    size = 0
+    written: list[tuple[str, list[str]]] = []
+
+    def flush():
+        nonlocal buf, size
+        if not buf:
+            return
+        idx = len(written) + 1
+        fname = "model.safetensors" if n_shards == 1 else f"model-{idx:05d}-of-{{n}}.safetensors"
+        tmp = directory / (fname.replace("{n}", "XXXXX"))
+        save_file({k: np.ascontiguousarray(v) for k, v in buf.items()}, str(tmp), metadata={"format": "pt"})
+        written.append((tmp.name, list(buf)))
+        buf, size = {}, 0
+
+    for name, w in tensors():
+        nbytes = w.size * w.dtype.itemsize
+        if buf and size + nbytes > max_shard_bytes:
+            flush()
+        buf[name] = w
+        size += nbytes
+    flush()
+    del shards
+    if len(written) > 1 or n_shards > 1:
+        n = len(written)
+        weight_map = {}
+        for i, (tmp_name, names) in enumerate(written, 1):
+            final = f"model-{i:05d}-of-{n:05d}.safetensors"
+            (directory / tmp_name).rename(directory / final)
+            weight_map.update({nm: final for nm in names})
+        (directory / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    dtype = str(jnp.dtype(jax.tree.leaves(params)[0].dtype))
+    (directory / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2))

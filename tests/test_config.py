@@ -1,0 +1,88 @@
+"""Config loading: every bad-config case fails early with a message that names what is wrong."""
+import textwrap
+
+import pytest
+
+import jaxllm
+from jaxllm.config import MeshConfig
+from jaxllm.configlib import ConfigError
+from jaxllm.parallel.mesh import mesh_shape
+
+
+def write(tmp_path, text, name="cfg.yaml"):
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def test_recipe_loads_preset_and_overrides():
+    cfg = jaxllm.load_config("configs/pretrain/tiny.yaml", ["train.steps=7", "model.n_layers=3",
+                                                            "optim.lr=1e-3"])
+    assert cfg.train.steps == 7 and cfg.model.n_layers == 3 and cfg.optim.lr == pytest.approx(1e-3)
+    assert cfg.model.d_model == 64  # from configs/model/tiny.yaml
+
+
+def test_unknown_key_names_file_line_and_closest_key(tmp_path):
+    p = write(tmp_path, """
+        model: tiny
+        train:
+          steps: 5
+          batch_sise: 4
+    """)
+    with pytest.raises(ConfigError) as e:
+        jaxllm.load_config(p)
+    msg = str(e.value)
+    assert str(p) in msg and "line 5" in msg
+    assert "train.batch_sise" in msg and "did you mean 'train.batch_size'" in msg
+
+
+def test_unknown_override_key_names_closest():
+    with pytest.raises(ConfigError, match=r"unknown key 'model.n_layer'.*did you mean 'model.n_layers'"):
+        jaxllm.load_config(None, ["model.n_layer=3"])
+
+
+def test_wrong_type_names_key_and_expected_type(tmp_path):
+    p = write(tmp_path, "train:\n  steps: many\n")
+    with pytest.raises(ConfigError, match=r"key 'train.steps' expects int, got 'many'"):
+        jaxllm.load_config(p)
+    with pytest.raises(ConfigError, match=r"key 'train.debug' expects bool"):
+        jaxllm.load_config(None, ["train.debug=maybe"])
+
+
+def test_bad_choice_lists_valid_values():
+    with pytest.raises(ConfigError, match=r"model.remat' must be one of .*did you mean 'dots'"):
+        jaxllm.load_config(None, ["model.remat=dot"])
+
+
+def test_missing_preset_lists_available():
+    with pytest.raises(ConfigError, match=r"no model preset 'tiniest'.*available: .*'tiny'"):
+        jaxllm.load_config(None, ["model=tiniest"])
+
+
+def test_invalid_model_geometry_is_explained():
+    with pytest.raises(ConfigError, match=r"n_heads \(6\) must be a multiple of model.n_kv_heads \(4\)"):
+        jaxllm.load_config(None, ["model.n_heads=6", "model.n_kv_heads=4"])
+
+
+def test_mesh_that_does_not_fit_says_device_count():
+    with pytest.raises(ConfigError, match=r"needs 12 devices but 8 are available"):
+        mesh_shape(MeshConfig(data=3, fsdp=2, tensor=2), 8)
+    with pytest.raises(ConfigError, match=r"does not fit 8 devices"):
+        mesh_shape(MeshConfig(data=3, fsdp=-1, tensor=1), 8)
+    assert mesh_shape(MeshConfig(data=2, fsdp=-1, tensor=2), 8) == (2, 2, 2)
+
+
+def test_invalid_yaml_names_file(tmp_path):
+    p = write(tmp_path, "train: [1, 2\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        jaxllm.load_config(p)
+
+
+def test_all_shipped_recipes_and_presets_load():
+    import pathlib
+    for path in sorted(pathlib.Path("configs/model").glob("*.yaml")):
+        cfg = jaxllm.load_config(None, [f"model={path.stem}"])
+        assert cfg.model.n_layers > 0, path
+    for path in sorted(pathlib.Path("configs").glob("*/*.yaml")):
+        if path.parent.name in ("pretrain",):
+            jaxllm.load_config(path)
