@@ -3,17 +3,21 @@
 Each follows the datatrove class of the same name (huggingface/datatrove,
 src/datatrove/pipeline/filters/{gopher_quality_filter,gopher_repetition_filter,c4_filters,
 fineweb_quality_filter}.py), with the thresholds in config.py. A filter returns the reason
-string for a rejected document, or None. Words come from the regex tokenizer in text.py.
+string for a rejected document, or None. Words come from the regex tokenizer in text.py
+(callers that already tokenized pass `words`).
 Deliberate differences from datatrove, each closer to the Gopher paper:
   * stop words are counted as distinct words, case-insensitively ("at least two of ...");
     datatrove counts occurrences, case-sensitively;
   * the alphabetic-word fraction is over word tokens only (datatrove's numerator includes
-    punctuation tokens, its denominator does not).
+    punctuation tokens, its denominator does not);
+  * Gopher's duplicate-line fractions skip blank lines.
 """
 from __future__ import annotations
 
 import re
 from collections import Counter
+
+import numpy as np
 
 from jaxllm.curate import text as T
 from jaxllm.curate.config import (C4Config, FineWebConfig, GopherQualityConfig,
@@ -24,8 +28,9 @@ _HAS_ALPHA_RE = re.compile(r"[^\W\d_]")
 
 # --- Gopher quality ---------------------------------------------------------------------------
 
-def gopher_quality(text: str, cfg: GopherQualityConfig) -> str | None:
-    ws = T.words(text)
+def gopher_quality(text: str, cfg: GopherQualityConfig, words: list[str] | None = None
+                   ) -> str | None:
+    ws = T.words(text) if words is None else words
     n = len(ws)
     if n < cfg.min_doc_words:
         return "short_doc"
@@ -70,32 +75,53 @@ def _duplicates(items: list[str]) -> tuple[int, int]:
     return n_dup, chars
 
 
-def _ngrams(ws: list[str], n: int) -> list[str]:
-    return [" ".join(ws[i:i + n]) for i in range(len(ws) - n + 1)]
+def _word_ids(ws: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Words numbered per document (equal words, equal ids) and cumulative word lengths."""
+    ids: dict[str, int] = {}
+    w = np.array([ids.setdefault(x, len(ids)) for x in ws], dtype=np.uint64)
+    cum = np.concatenate(([0], np.cumsum(np.fromiter(map(len, ws), np.int64, len(ws)))))
+    return w, cum
 
 
-def _top_ngram_chars(grams: list[str]) -> int:
-    gram, count = Counter(grams).most_common(1)[0]
-    return len(gram) * count
+def _ngram_codes(w: np.ndarray, cum: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Integer codes of the word n-grams (a 64-bit polynomial of word ids: equal n-grams get
+    equal codes, and collisions are negligible at document scale) and each n-gram's length
+    in characters as " ".join would make it."""
+    m = w.size - n + 1
+    code = np.zeros(m, np.uint64)
+    for k in range(n):
+        code = code * np.uint64(0x9E3779B97F4A7C15) + w[k:k + m] + np.uint64(1)
+    return code, cum[n:] - cum[:-n] + n - 1
 
 
-def _duplicated_ngram_chars(grams: list[str], n: int) -> int:
+def _top_ngram_chars(code: np.ndarray, length: np.ndarray) -> int:
+    """Characters covered by all occurrences of the most frequent n-gram (the earliest one
+    on ties, like Counter.most_common)."""
+    _, first, inverse, counts = np.unique(code, return_index=True, return_inverse=True,
+                                          return_counts=True)
+    best = np.flatnonzero(counts == counts.max())
+    top = best[np.argmin(first[best])]
+    return int(length[first[top]] * counts[top])
+
+
+def _duplicated_ngram_chars(code: np.ndarray, length: np.ndarray, n: int) -> int:
     """Characters in repeated n-grams, skipping ahead n words after each repeat so that
     overlapping repeats are not double counted (datatrove's find_all_duplicate)."""
-    seen: set[str] = set()
+    seen: set[int] = set()
+    codes = code.tolist()
     chars = i = 0
-    while i < len(grams):
-        g = grams[i]
-        if g in seen:
-            chars += len(g)
+    while i < len(codes):
+        if codes[i] in seen:
+            chars += int(length[i])
             i += n
         else:
-            seen.add(g)
+            seen.add(codes[i])
             i += 1
     return chars
 
 
-def gopher_repetition(text: str, cfg: GopherRepetitionConfig) -> str | None:
+def gopher_repetition(text: str, cfg: GopherRepetitionConfig, words: list[str] | None = None
+                      ) -> str | None:
     n_chars = max(len(text), 1)
     paras = T.paragraphs(text)
     dup, chars = _duplicates(paras)
@@ -103,25 +129,27 @@ def gopher_repetition(text: str, cfg: GopherRepetitionConfig) -> str | None:
         return "dup_para_frac"
     if chars / n_chars > cfg.dup_para_char_frac:
         return "dup_para_char_frac"
-    lines = text.splitlines() or [text]
+    # Blank lines are layout, not repeated content (datatrove counts them, so a text with
+    # paragraphs separated by blank lines would fail on them alone).
+    lines = [ln for ln in text.splitlines() if ln.strip()] or [text]
     dup, chars = _duplicates(lines)
     if dup / len(lines) > cfg.dup_line_frac:
         return "dup_line_frac"
     if chars / n_chars > cfg.dup_line_char_frac:
         return "dup_line_char_frac"
-    ws = T.words(text)
+    ws = T.words(text) if words is None else words
+    w, cum = _word_ids(ws)
     for n, frac in cfg.top_n_grams:
-        grams = _ngrams(ws, n)
-        if grams and _top_ngram_chars(grams) / n_chars > frac:
+        if len(ws) >= n and _top_ngram_chars(*_ngram_codes(w, cum, n)) / n_chars > frac:
             return f"top_{n}_gram"
     for n, frac in sorted(cfg.dup_n_grams):
-        grams = _ngrams(ws, n)
-        if not grams:
+        if len(ws) < n:
             continue
-        if len(set(grams)) == len(grams):
+        code, length = _ngram_codes(w, cum, n)
+        if np.unique(code).size == code.size:
             # No repeated n-gram means no repeated longer n-gram either: the rest pass.
             break
-        if _duplicated_ngram_chars(grams, n) / n_chars > frac:
+        if _duplicated_ngram_chars(code, length, n) / n_chars > frac:
             return f"duplicated_{n}_n_grams"
     return None
 

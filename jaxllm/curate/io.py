@@ -105,12 +105,13 @@ def _make_record(obj, shard_index: int, i: int, stem: str, cfg: InputConfig,
 
 def _jsonl_objects(f: BinaryIO, stats: Counter) -> Iterator[tuple[int, object]]:
     for i, raw in enumerate(f):
+        if not raw.strip():
+            continue
+        stats["read/records"] += 1
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
             stats["read/bad_utf8"] += 1
-            continue
-        if not line.strip():
             continue
         try:
             yield i, json.loads(line)
@@ -118,7 +119,7 @@ def _jsonl_objects(f: BinaryIO, stats: Counter) -> Iterator[tuple[int, object]]:
             stats["read/bad_json"] += 1
 
 
-def _parquet_objects(f: BinaryIO, cfg: InputConfig) -> Iterator[tuple[int, dict]]:
+def _parquet_objects(f: BinaryIO, cfg: InputConfig, stats: Counter) -> Iterator[tuple[int, dict]]:
     import pyarrow.parquet as pq
     pf = pq.ParquetFile(f)
     names = set(pf.schema_arrow.names)
@@ -126,6 +127,7 @@ def _parquet_objects(f: BinaryIO, cfg: InputConfig) -> Iterator[tuple[int, dict]
     i = 0
     for batch in pf.iter_batches(batch_size=1024, columns=cols or None):
         for row in batch.to_pylist():
+            stats["read/records"] += 1
             yield i, row
             i += 1
 
@@ -142,10 +144,9 @@ def read_shard(path: str, shard_index: int, cfg: InputConfig, stats: Counter,
         return
     with f:
         stream = gzip.GzipFile(fileobj=f) if path.endswith(".gz") else f
-        objs = _jsonl_objects(stream, stats) if fmt == "jsonl" else _parquet_objects(stream, cfg)
+        objs = _jsonl_objects(stream, stats) if fmt == "jsonl" else _parquet_objects(stream, cfg, stats)
         try:
             for i, obj in objs:
-                stats["read/records"] += 1
                 rec = _make_record(obj, shard_index, i, stem, cfg, stats)
                 if rec is not None:
                     yield rec

@@ -54,6 +54,16 @@ class Stats:
         return out
 
 
+def count_dedup(stats: Stats, n_in: int, n_exact: int, n_near: int, cfg) -> None:
+    """Record the dedup stages as stages: documents in, documents removed."""
+    if cfg.dedup.exact:
+        stats.add("in/exact_dedup", n_in)
+        stats.add("removed/exact_dedup/duplicate", n_exact)
+    if cfg.dedup.minhash:
+        stats.add("in/near_dedup", n_in - n_exact)
+        stats.add("removed/near_dedup/duplicate", n_near)
+
+
 def summary(stats: Stats, n_shards: int, output_docs: int, clusters: int) -> dict:
     c = stats.counts
     stages = []

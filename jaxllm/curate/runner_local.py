@@ -104,7 +104,7 @@ def run(cfg: CurateConfig, log=print) -> dict:
             parts.append(dedup.DedupKeys(z["order"], z["exact"], z["bands"], z["has_sig"]))
         keys = dedup.DedupKeys.concat(parts, cfg.dedup.num_bands)
         removed_exact, removed_near, clusters = dedup.find_duplicates(keys, cfg.dedup)
-        _count_dedup(stats, keys.order.size, removed_exact.size, removed_near.size, cfg)
+        report.count_dedup(stats, keys.order.size, removed_exact.size, removed_near.size, cfg)
         np.save(f"{work}/drop.npy", np.sort(np.concatenate([removed_exact, removed_near])))
         for s in pmap(_write_shard, [(cfg, work, i, n) for i in range(n)]):
             stats.merge(s)
@@ -120,11 +120,3 @@ def run(cfg: CurateConfig, log=print) -> dict:
         f"in {time.time() - t0:.1f}s; report in {out}/report.json")
     return rep
 
-
-def _count_dedup(stats: Stats, n_in: int, n_exact: int, n_near: int, cfg: CurateConfig) -> None:
-    if cfg.dedup.exact:
-        stats.add("in/exact_dedup", n_in)
-        stats.add("removed/exact_dedup/duplicate", n_exact)
-    if cfg.dedup.minhash:
-        stats.add("in/near_dedup", n_in - n_exact)
-        stats.add("removed/near_dedup/duplicate", n_near)

@@ -38,7 +38,8 @@ class Curator:
         """The curated record, or None after counting why it was removed."""
         cfg = self.cfg
         text = rec.text
-        stats.observe("words_input", len(T.words(text)))
+        ws = T.words(text)   # shared by the stages that read the original text
+        stats.observe("words_input", len(ws))
 
         def removed(stage: str, reason: str | None) -> bool:
             if reason is not None:
@@ -58,11 +59,11 @@ class Curator:
                 return None
         if cfg.gopher_repetition.enabled:
             stats.add("in/gopher_repetition")
-            if removed("gopher_repetition", heuristics.gopher_repetition(text, cfg.gopher_repetition)):
+            if removed("gopher_repetition", heuristics.gopher_repetition(text, cfg.gopher_repetition, ws)):
                 return None
         if cfg.gopher_quality.enabled:
             stats.add("in/gopher_quality")
-            if removed("gopher_quality", heuristics.gopher_quality(text, cfg.gopher_quality)):
+            if removed("gopher_quality", heuristics.gopher_quality(text, cfg.gopher_quality, ws)):
                 return None
         if cfg.c4.enabled:
             stats.add("in/c4")
