@@ -11,7 +11,7 @@ from jaxllm.configlib import ConfigError
 
 def _train(args):
     from jaxllm.config import load_config
-    from jaxllm.train.loop import train
+    from jaxllm.training.loop import train
     cfg = load_config(args.config, args.overrides)
     summary = train(cfg)
     summary.pop("state", None)
@@ -21,7 +21,7 @@ def _train(args):
 
 def _demo(args):
     from jaxllm.config import load_config
-    from jaxllm.train.loop import train
+    from jaxllm.training.loop import train
     cfg = load_config(args.config, args.overrides)
     summary = train(cfg)
     print(f"demo: loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f} "

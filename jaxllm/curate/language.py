@@ -30,6 +30,10 @@ class LanguageFilter:
         return str(res[0]["lang"]), float(res[0]["score"])
 
     def reason(self, lang: str, score: float) -> str | None:
+        # Top-1 label only: datatrove accepts any configured language scoring above the
+        # threshold, which differs only when a second language scores >= 0.65 too (it cannot
+        # while the top one also does, since the scores sum to at most 1).
+        # A score equal to the threshold is kept here; datatrove needs it strictly above.
         if self.languages and lang not in self.languages:
             return "other_language"
         if score < self.cfg.threshold:

@@ -93,6 +93,10 @@ def run(cfg: CurateConfig, log=print) -> dict:
         FileSystems.mkdirs(cfg.output.dir)
     except IOError:
         pass   # already there
+    stale = [m.path for r in FileSystems.match([FileSystems.join(cfg.output.dir, "part-*")])
+             for m in r.metadata_list]
+    if stale:
+        FileSystems.delete(stale)   # shards of an earlier run would look like output
     opts = PipelineOptions([f"--runner={cfg.runner.beam_runner}", *cfg.runner.beam_options])
     d = cfg.dedup
     with beam.Pipeline(options=opts) as p:

@@ -9,6 +9,7 @@ Documents are streamed; only `KEY_BATCH` texts are held at a time for vectorised
 """
 from __future__ import annotations
 
+import glob
 import json
 import multiprocessing
 import os
@@ -84,6 +85,8 @@ def run(cfg: CurateConfig, log=print) -> dict:
     work = cfg.runner.work_dir or os.path.join(out, "_work")
     os.makedirs(out, exist_ok=True)
     os.makedirs(work, exist_ok=True)
+    for old in glob.glob(os.path.join(out, "part-*")):
+        os.remove(old)   # shards of an earlier run with more inputs would look like output
     n = len(shards)
     procs = min(cfg.runner.processes, n)
     pool = None

@@ -186,6 +186,11 @@ def make_train_iterator(data_cfg: DataConfig, *, seq_len: int, global_batch_size
         shards.append(rows.batch(R, drop_remainder=True))
     ds = grain.experimental.InterleaveIterDataset(shards, cycle_length=m)
     if cfg.num_workers:
+        # grain's worker start-up reads absl flags, which raise unless parsed; a program not
+        # run under absl.app has not parsed them, so take their defaults.
+        from absl import flags
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=cfg.num_workers, per_worker_buffer_size=cfg.worker_buffer_size))
     return _tracked(iter(_merge_shards(ds, m, R)))

@@ -21,11 +21,11 @@ from jaxllm.model.api import init_params, param_logical_axes
 from jaxllm.objectives import make_objective
 from jaxllm.parallel import mesh as mesh_lib
 from jaxllm.parallel import rules as rules_lib
-from jaxllm.train import metrics as metrics_lib
-from jaxllm.train.optim import lr_schedule, make_optimizer
-from jaxllm.train.setup import init_state
-from jaxllm.train.state import nonfinite_count, total_nonfinite
-from jaxllm.train.step import make_eval_step, make_train_step
+from jaxllm.training import metrics as metrics_lib
+from jaxllm.training.optim import lr_schedule, make_optimizer
+from jaxllm.training.setup import init_state
+from jaxllm.training.state import nonfinite_count, total_nonfinite
+from jaxllm.training.step import make_eval_step, make_train_step
 
 
 class NonFiniteError(RuntimeError):

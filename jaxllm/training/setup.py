@@ -8,8 +8,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxllm.parallel import rules as R
-from jaxllm.train.state import TrainState
-from jaxllm.train.step import StepShardings
+from jaxllm.training.state import TrainState
+from jaxllm.training.step import StepShardings
 
 
 def state_shardings(param_specs_logical, param_shapes, optimizer: optax.GradientTransformation,

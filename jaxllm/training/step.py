@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxllm.train.state import TrainState
+from jaxllm.training.state import TrainState
 
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
 
@@ -87,7 +87,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
         params = optax.apply_updates(state.params, updates)
         metrics = {k: v / weight for k, v in sums.items() if k != "weight"}
         metrics["weight"] = sums["weight"]
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         if lr_fn is not None:
             metrics["lr"] = lr_fn(state.step)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
