@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up if needed, then run the test suite. Extra arguments go to pytest
+# (e.g. `bash launch/test.sh -m "not slow"` for the quick subset).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash launch/setup.sh
+exec .venv/bin/python -m pytest -q "$@"
