@@ -38,7 +38,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxllm.data import packing
 from jaxllm.data.config import DataConfig
 from jaxllm.data.sources import open_source
-from jaxllm.data.tokenizer import Tokenizer, load_tokenizer
+from jaxllm.data.tokenizer import Tokenizer, check_vocab, load_tokenizer
 
 
 # grain iterators own prefetch threads; closing them only from __del__ during interpreter
@@ -96,14 +96,22 @@ def _doc_stream(sources, cfg: DataConfig, seeds: list[int], *, shuffle: bool, re
     return grain.MapDataset.concatenate(parts)
 
 
+def load_tokenizer_for(data_cfg: DataConfig, model_vocab_size: int | None = None) -> Tokenizer:
+    """The configured tokenizer, checked against the model at start-up (not mid-run)."""
+    if not data_cfg.tokenizer:
+        raise ValueError("data.tokenizer is empty: give the tokenizer .model file or directory "
+                         "(train one with `jaxllm tokenizer train`)")
+    tok = load_tokenizer(data_cfg.tokenizer)
+    if model_vocab_size is not None:
+        check_vocab(tok, model_vocab_size)
+    return tok
+
+
 def _resolve(cfg: DataConfig, tokenizer, process_index, process_count):
     if cfg.kind != "text":
         raise ValueError(f"make_train_iterator reads text (data.kind=text); got data.kind={cfg.kind!r}")
     if tokenizer is None:
-        if not cfg.tokenizer:
-            raise ValueError("data.tokenizer is empty: give the tokenizer .model file or directory "
-                             "(train one with `jaxllm tokenizer train`)")
-        tokenizer = load_tokenizer(cfg.tokenizer)
+        tokenizer = load_tokenizer_for(cfg)
     p = jax.process_index() if process_index is None else process_index
     n = jax.process_count() if process_count is None else process_count
     if not 0 <= p < n:

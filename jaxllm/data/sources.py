@@ -121,10 +121,13 @@ def _line_index(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     nl = np.flatnonzero(buf == 10)
     starts = np.concatenate([[0], nl + 1])
     ends = np.concatenate([nl, [len(buf)]])
-    # Drop a trailing "\r" so CRLF files work, then drop blank lines (they are not records).
-    cr = (ends > starts) & (buf[np.maximum(ends - 1, 0)] == 13) if len(buf) else ends > starts
-    ends = ends - cr
-    keep = ends > starts
+    # Drop a trailing "\r" so CRLF files work.
+    if len(buf):
+        ends = ends - ((ends > starts) & (buf[np.maximum(ends - 1, 0)] == 13))
+    # Whitespace-only lines are not records (JSONL writers often leave them); count the
+    # non-whitespace bytes in each line with one cumulative sum.
+    solid = np.concatenate([[0], np.cumsum(~np.isin(buf, (9, 10, 13, 32)))])
+    keep = solid[ends] > solid[starts]
     lines = np.arange(1, len(starts) + 1)
     return starts[keep], ends[keep], lines[keep]
 
@@ -259,3 +262,16 @@ def open_source(cfg: SourceConfig) -> _RecordSource:
         raise DataError(f"data source '{cfg.path}' mixes formats {sorted(formats)}; "
                         f"split it into one source per format")
     return _SOURCES[formats.pop()](cfg, files)
+
+
+def iter_texts(patterns, text_field: str = "text", text_unit: str = "file",
+               max_docs: int | None = None):
+    """Every document's text, in file order (for tokenizer training); bad records raise."""
+    n = 0
+    for pattern in patterns:
+        src = open_source(SourceConfig(path=pattern, text_field=text_field, text_unit=text_unit))
+        for i in range(len(src)):
+            if max_docs is not None and n >= max_docs:
+                return
+            yield src[i].text
+            n += 1

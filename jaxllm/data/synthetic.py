@@ -172,3 +172,18 @@ def write_corpus(out_dir: str, *, train_docs: int = 20_000, eval_docs: int = 1_0
                 rel = f"{name}/{split}.jsonl"
                 counts[rel] = write_jsonl(os.path.join(out_dir, rel), gen(n, seed, split, world))
     return counts
+
+
+def prepare_default_data(out_dir: str, *, train_docs: int = 20_000, eval_docs: int = 1_000,
+                         vocab_size: int = 512, seed: int = 0, tasks: bool = True) -> dict[str, str]:
+    """What `jaxllm data synth` + `jaxllm tokenizer train` do: the corpus as JSONL files and a
+    tokenizer trained by reading those files back. Returns the globs and the tokenizer dir."""
+    from jaxllm.data.sources import iter_texts
+    from jaxllm.data.tokenizer import train_tokenizer
+
+    write_corpus(out_dir, train_docs=train_docs, eval_docs=eval_docs, seed=seed, tasks=tasks)
+    paths = {"train": os.path.join(out_dir, "pretrain", "train-*.jsonl"),
+             "eval": os.path.join(out_dir, "pretrain", "eval-*.jsonl"),
+             "tokenizer": os.path.join(out_dir, "tokenizer")}
+    train_tokenizer(iter_texts([paths["train"]]), paths["tokenizer"], vocab_size, seed=seed)
+    return paths

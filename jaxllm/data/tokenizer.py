@@ -116,11 +116,18 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
+    # SentencePiece would turn an error raised while reading (e.g. a bad JSONL line) into an
+    # opaque RuntimeError; stop feeding instead and re-raise the original afterwards.
+    read_error: list[Exception] = []
+
     def sentences():
-        for doc in texts:
-            for line in doc.split("\n"):
-                if line.strip():
-                    yield line
+        try:
+            for doc in texts:
+                for line in doc.split("\n"):
+                    if line.strip():
+                        yield line
+        except Exception as e:  # noqa: BLE001 - re-raised unchanged below
+            read_error.append(e)
 
     spm.set_random_generator_seed(seed)
     # Train into memory: with model_prefix the output path is stored inside the model, and
@@ -137,6 +144,8 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size
             input_sentence_size=max_sentences, shuffle_input_sentence=True,
             num_threads=num_threads or min(8, os.cpu_count() or 1), minloglevel=2)
     except RuntimeError as e:
+        if read_error:
+            raise read_error[0] from None
         # SentencePiece reports e.g. "Vocabulary size too high (4000). Please set it to a value
         # <= 1431." behind a C++ source location; keep the part a user can act on.
         m = re.search(r"Vocabulary size.*", str(e))
@@ -144,6 +153,8 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size
             raise ValueError(f"cannot train a {vocab_size}-piece {model_type} tokenizer on this "
                              f"corpus: {m.group(0).strip()}") from None
         raise
+    if read_error:
+        raise read_error[0]
     (out / "tokenizer.model").write_bytes(writer.getvalue())
     tok = load_tokenizer(out / "tokenizer.model")
     (out / "tokenizer.vocab").write_text(
