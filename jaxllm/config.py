@@ -117,12 +117,23 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 0            # save every N steps (0: only at the end / on preemption)
+    keep: int = 3             # keep the last K checkpoints ...
+    keep_every: int = 0       # ... plus every M-th step forever (0: none)
+    async_save: bool = True
+    resume: bool = True       # resume from the latest complete checkpoint in run_dir
+    init_from: str = ""       # start a NEW run from these params: a run dir, checkpoint dir or HF dir
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = ModelConfig()
     mesh: MeshConfig = MeshConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     data: DataConfig = DataConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
 
 
 def load_config(path: str | pathlib.Path | None = None, overrides: Sequence[str] = ()) -> Config:

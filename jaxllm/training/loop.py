@@ -7,6 +7,8 @@ Reads top to bottom as the algorithm; everything it calls lives in its own modul
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import math
 import pathlib
 import time
@@ -23,6 +25,8 @@ from jaxllm.parallel import mesh as mesh_lib
 from jaxllm.parallel import rules as rules_lib
 from jaxllm.training import metrics as metrics_lib
 from jaxllm.training.optim import lr_schedule, make_optimizer
+from jaxllm.training.checkpoint import Checkpointer, load_params
+from jaxllm.training.preemption import PreemptionGuard
 from jaxllm.training.setup import init_state
 from jaxllm.training.state import nonfinite_count, total_nonfinite
 from jaxllm.training.step import make_eval_step, make_train_step
@@ -72,6 +76,16 @@ def evaluate(eval_step, params, make_eval, sharding) -> dict:
             "eval_accuracy": sums.get("accuracy", 0.0) / w}
 
 
+def _truncate_metrics(path: pathlib.Path, last_step: int) -> None:
+    """On resume, drop rows the killed run logged after its last checkpoint: the resumed run
+    logs them again, so metrics.jsonl reads as one uninterrupted run."""
+    if not path.exists() or jax.process_index() != 0:
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
 def train(cfg: Config) -> dict:
     t = cfg.train
     run_dir = pathlib.Path(t.run_dir)
@@ -91,7 +105,7 @@ def train(cfg: Config) -> dict:
     loss_fn = make_objective(t.objective, cfg.model, t)
     no_jit = jax.disable_jit() if (t.debug and t.disable_jit) else contextlib.nullcontext()
 
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), no_jit:
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), no_jit, PreemptionGuard() as guard:
         state, shardings = init_state(lambda k: init_params(cfg.model, k),
                                       param_logical_axes(cfg.model), optimizer, rules, mesh, t.seed)
         step_fn = make_train_step(loss_fn, optimizer, shardings, microbatches=t.microbatches,
@@ -99,35 +113,50 @@ def train(cfg: Config) -> dict:
         eval_fn = make_eval_step(loss_fn, shardings=shardings)
         train_it, make_eval = _data_iterators(cfg, mesh)
 
+        # Resume from this run's latest complete checkpoint, else maybe start from other params.
+        ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
+        meta = {"model": dataclasses.asdict(cfg.model)}
+        resumed_from = None
+        if cfg.checkpoint.resume and ckpt.latest_step() is not None:
+            state, saved_meta = ckpt.restore(state, train_it)
+            meta.update({k: v for k, v in saved_meta.items() if k != "model"})
+            resumed_from = int(state.step)
+            _truncate_metrics(run_dir / "metrics.jsonl", resumed_from)
+        elif cfg.checkpoint.init_from:
+            params, _ = load_params(cfg.checkpoint.init_from, shardings.state.params)
+            state = state.replace(params=params)
+
         writer = metrics_lib.MetricsWriter(run_dir)
         peak = metrics_lib.measure_peak_flops()
         flops_tok = metrics_lib.flops_per_token(cfg.model, t.seq_len)
         tokens_per_step = t.batch_size * t.seq_len
+        step = int(state.step)
         progress = None
         if t.progress and jax.process_index() == 0:
             from tqdm import tqdm
-            progress = tqdm(total=t.steps, initial=int(state.step), desc="train", dynamic_ncols=True)
+            progress = tqdm(total=t.steps, initial=step, desc="train", dynamic_ncols=True)
 
         history, eval_history = [], []
-        first_loss = None
+        preempted = False
         t_last, steps_since = time.perf_counter(), 0
-        while int(state.step) < t.steps:
+        while step < t.steps:
             batch = _global(next(train_it), shardings.batch)
             state, metrics = step_fn(state, batch, None)
+            step += 1
             steps_since += 1
-            step = int(state.step)
-            if step % t.log_every == 0 or step == t.steps or step == 1:
+            skipped = int(nonfinite_count(state))
+            if skipped >= cfg.optim.max_nonfinite_skips:
+                raise NonFiniteError(
+                    f"{skipped} consecutive non-finite losses/gradients (updates skipped) up to step "
+                    f"{step}; stopping (optim.max_nonfinite_skips={cfg.optim.max_nonfinite_skips}). "
+                    f"The last checkpoint holds finite parameters.")
+            if step % t.log_every == 0 or step == t.steps or step == 1 or skipped:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                skipped = int(nonfinite_count(state))
-                if skipped >= cfg.optim.max_nonfinite_skips:
-                    raise NonFiniteError(f"{skipped} consecutive non-finite updates at step {step}; "
-                                         f"stopping (optim.max_nonfinite_skips={cfg.optim.max_nonfinite_skips})")
                 dt = time.perf_counter() - t_last
                 tps = steps_since * tokens_per_step / dt
                 m.update(tokens_per_s=tps, mfu=tps * flops_tok / peak,
                          skipped_updates=int(total_nonfinite(state)))
                 t_last, steps_since = time.perf_counter(), 0
-                first_loss = m["loss"] if first_loss is None else first_loss
                 history.append(dict(step=step, **m))
                 writer.write(step, m)
                 if progress is not None:
@@ -137,13 +166,22 @@ def train(cfg: Config) -> dict:
                 eval_history.append(dict(step=step, **e))
                 writer.write(step, e)
                 t_last = time.perf_counter()  # evaluation time is not training throughput
+            ckpt.save(step, state, train_it, meta)
             if progress is not None:
                 progress.update(1)
+            if guard.should_stop(ckpt, step):
+                preempted = True
+                break
+        ckpt.save(step, state, train_it, meta, force=True)
+        ckpt.wait()
+        ckpt.close()
         if progress is not None:
             progress.close()
         writer.close()
 
-    last = history[-1] if history else {}
-    return {"run_dir": str(run_dir), "steps": int(state.step), "first_loss": first_loss,
-            "final_loss": last.get("loss"), "eval": eval_history[-1] if eval_history else None,
+    losses = [h["loss"] for h in history]
+    return {"run_dir": str(run_dir), "steps": step, "preempted": preempted,
+            "resumed_from": resumed_from, "first_loss": losses[0] if losses else None,
+            "final_loss": losses[-1] if losses else None,
+            "eval": eval_history[-1] if eval_history else None,
             "history": history, "state": state}
