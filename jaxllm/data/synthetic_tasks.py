@@ -130,23 +130,24 @@ def chat_examples(n: int, seed: int = 0, split: str = "train", world: World | No
     for _ in range(n):
         msgs = [{"role": "system", "content": SYSTEM_PROMPT}] if rng.random() < 0.3 else []
         turns = 1 if rng.random() < 0.6 else rng.randint(2, 3)
-        task = sample_task(rng, world)
+        last = None  # the task the previous assistant turn answered (None: not a task answer)
         for t in range(turns):
-            if t > 0 and task["kind"] == "add" and rng.random() < 0.7:
-                c, total = rng.randint(1, 9), task["a"] + task["b"]
-                task = {"kind": "add", "a": total, "b": c}
+            if last is not None and last["kind"] == "add" and rng.random() < 0.7:
+                c = rng.randint(1, 9)
+                task = {"kind": "add", "a": last["a"] + last["b"], "b": c}
                 user = f"Now add {c} to that."
-            elif t > 0 and task["kind"] == "capital" and rng.random() < 0.7:
-                kd = task["kingdom"]
+            elif last is not None and last["kind"] == "capital" and rng.random() < 0.7:
+                kd = last["kingdom"]
                 msgs += [{"role": "user", "content": f"And what is {kd} famous for?"},
                          {"role": "assistant", "content": f"{kd} is famous for its {world.export[kd]}."}]
-                task = sample_task(rng, world)
+                last = None
                 continue
             else:
-                task = sample_task(rng, world) if t > 0 else task
+                task = sample_task(rng, world)
                 user = prompt_text(task)
             msgs += [{"role": "user", "content": user},
                      {"role": "assistant", "content": good_response(task, world, rng)}]
+            last = task
         yield {"messages": msgs}
 
 
