@@ -16,11 +16,13 @@ documents; its rows are exactly rows [p*B/n, (p+1)*B/n) of every global batch, w
 So the same seed gives the same global batches on 1 process or n (any n dividing S).
 
 grain does the work: shards are interleaved with `InterleaveIterDataset` (cycle = shards per
-process); `mp_prefetch` workers split that list of shards between them (grain slices an
-interleave by its datasets), and grain interleaves worker outputs round-robin, so with
-num_workers dividing the shards per process the batches are also the same for any worker
-count. Iterator state (get_state/set_state, grain.checkpoint) restores exactly, with the same
-num_workers.
+process). With num_workers = W, `mp_prefetch` hands worker w the shards w, w+W, ... (grain
+slices an interleave by its list of datasets) and reads the workers round-robin; each worker
+stacks one batch per shard, and the stacks are transposed back into shard order. So the batches
+are also the same for any worker count dividing the shards per process (0 = in-process).
+Iterator state (get_state/set_state, grain.checkpoint) restores exactly, with the same
+num_workers. Bookkeeping counts (documents, split pieces, skipped records, padding) are in
+`iterator.stats` and are part of that state.
 """
 from __future__ import annotations
 
@@ -164,11 +166,27 @@ class _StripStatsIterator(grain.DatasetIterator):
         self.stats = dict(state["stats"])
 
 
-def _merge_shards(batches: grain.IterDataset, m: int, R: int, limit: int | None = None):
-    """m shard batches of (R, T), in shard order -> one local batch (m*R, T), shard-major."""
-    def merge(b: dict) -> dict:
-        return {k: v.reshape((m * R,) + v.shape[2:]) for k, v in b.items()}
-    ds = batches.batch(m, drop_remainder=True).map(merge)
+def _combine_shards(shards: list, workers: int, worker_buffer: int, limit: int | None = None):
+    """m shard pipelines yielding (R, T) batches -> local batches (m*R, T), shard-major.
+
+    Each worker stacks one batch from each of its shards before handing it over (one transfer
+    per worker per step instead of one per shard); worker w holds shards w, w+W, ..., so the
+    (W, m/W) stack is transposed back into shard order.
+    """
+    m, W = len(shards), max(workers, 1)
+    ds = grain.experimental.InterleaveIterDataset(shards, cycle_length=m).batch(m // W, drop_remainder=True)
+    if workers:
+        # grain's worker start-up reads absl flags, which raise unless parsed; a program not
+        # run under absl.app has not parsed them, so take their defaults.
+        from absl import flags
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
+                                                         per_worker_buffer_size=worker_buffer))
+
+    def merge(b: dict) -> dict:  # (W, m/W, R, ...) -> (m*R, ...), row order = shard order
+        return {k: v.swapaxes(0, 1).reshape((-1,) + v.shape[3:]) for k, v in b.items()}
+    ds = ds.batch(W, drop_remainder=True).map(merge)
     if limit is not None:
         ds = grain.experimental.LimitIterDataset(ds, count=limit)
     return _StripStats(ds)
@@ -192,16 +210,7 @@ def make_train_iterator(data_cfg: DataConfig, *, seq_len: int, global_batch_size
                                    num_bins=cfg.packing_bins, seed=seeds[len(sources) + s],
                                    add_bos=cfg.add_bos, add_eos=cfg.add_eos)
         shards.append(rows.batch(R, drop_remainder=True))
-    ds = grain.experimental.InterleaveIterDataset(shards, cycle_length=m)
-    if cfg.num_workers:
-        # grain's worker start-up reads absl flags, which raise unless parsed; a program not
-        # run under absl.app has not parsed them, so take their defaults.
-        from absl import flags
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=cfg.num_workers, per_worker_buffer_size=cfg.worker_buffer_size))
-    return _tracked(iter(_merge_shards(ds, m, R)))
+    return _tracked(iter(_combine_shards(shards, cfg.num_workers, cfg.worker_buffer_size)))
 
 
 def _padded_shard(docs: grain.MapDataset, tokenizer, cfg: DataConfig, seq_len: int, seed: int):
@@ -243,8 +252,7 @@ def make_eval_iterator(data_cfg: DataConfig, *, seq_len: int, global_batch_size:
         num_batches = max(1, math.ceil(max(rows_per_shard) / R))
     shards = [_padded_shard(docs[s::S], tokenizer, cfg, seq_len, shard_seeds[s])[1].batch(R)
               for s in range(p * m, (p + 1) * m)]
-    ds = grain.experimental.InterleaveIterDataset(shards, cycle_length=m)
-    return _tracked(iter(_merge_shards(ds, m, R, limit=num_batches)))
+    return _tracked(iter(_combine_shards(shards, 0, 1, limit=num_batches)))
 
 
 def to_global_batch(local_batch: dict[str, Any], mesh: jax.sharding.Mesh,
