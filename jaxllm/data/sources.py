@@ -46,7 +46,8 @@ def expand_paths(pattern: str) -> list[str]:
         files = glob.glob(pattern, recursive=True)
     files = sorted(f for f in files if os.path.isfile(f))
     if not files:
-        raise DataError(f"data source '{pattern}': no files match (cwd: {os.getcwd()})")
+        hint = " (the default corpus is written by `jaxllm data synth --out DIR`)" if "synth" in pattern else ""
+        raise DataError(f"data source '{pattern}': no files match (cwd: {os.getcwd()}){hint}")
     return files
 
 

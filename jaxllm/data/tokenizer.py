@@ -83,7 +83,8 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         p = model
     if not p.exists():
         raise FileNotFoundError(f"tokenizer not found: {p} (give a .model file or a directory "
-                                f"holding tokenizer.model)")
+                                f"holding tokenizer.model; make one with `jaxllm tokenizer train "
+                                f"--input FILES --vocab-size N --out DIR`)")
     proto = p.read_bytes()
     try:
         return Tokenizer(proto, str(p))
