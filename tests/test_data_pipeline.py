@@ -209,3 +209,33 @@ def test_to_global_batch_shards_rows_over_the_mesh(data):
         assert v.shape == (B, T) and v.sharding.spec == P(("data", "fsdp"))
         np.testing.assert_array_equal(np.asarray(v), local[k])
     assert packing.STATS_KEY not in out
+
+
+def test_parquet_text_and_array_record_sources_mix_in_one_pipeline(tmp_path, data):
+    _, tok, _ = data
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    ar = pytest.importorskip("array_record.python.array_record_module")
+    pq.write_table(pa.table({"body": [f"parquet document {i}." for i in range(20)]}), tmp_path / "p.parquet")
+    (tmp_path / "t.txt").write_text("".join(f"text document {i}.\n" for i in range(20)))
+    w = ar.ArrayRecordWriter(str(tmp_path / "r.array_record"), "group_size:1")
+    for i in range(20):
+        w.write(f"arrayrecord document {i}.".encode())
+    w.close()
+    cfg = DataConfig(kind="text", sources=[
+        {"path": str(tmp_path / "p.parquet"), "text_field": "body"},
+        {"path": str(tmp_path / "t.txt"), "text_unit": "line"},
+        {"path": str(tmp_path / "r.array_record")}])
+    firsts = collections.Counter()
+    for b in _take(cfg, tok, 3, B=4)[0]:
+        for row_t, row_s in zip(b["tokens"], b["segment_ids"]):
+            for s in range(1, row_s.max() + 1):
+                firsts[tok.decode(row_t[row_s == s]).split()[0]] += 1
+    assert set(firsts) == {"parquet", "text", "arrayrecord"}
+
+
+def test_data_config_survives_the_run_dir_yaml_round_trip(data, tmp_path):
+    from jaxllm import configlib
+    cfg = dataclasses.replace(data[0], packing="best_fit", num_workers=2)
+    configlib.dump_yaml(cfg, tmp_path / "d.yaml")
+    assert configlib.load(DataConfig, tmp_path / "d.yaml") == cfg

@@ -11,7 +11,9 @@ gcd(global_batch_size, 64)), fixed by the config and never by the machine:
   global batch k           for s = 0..S-1: rows [k*R, (k+1)*R) of shard s, R = B/S
 
 Process p of n owns shards [p*S/n, (p+1)*S/n) and reads, tokenizes and packs only their
-documents; its rows are exactly rows [p*B/n, (p+1)*B/n) of every global batch, which is what
+documents (opening a source builds its line/row index, which scans the file bytes, but only
+the process's own records are parsed and tokenized); its rows are exactly rows
+[p*B/n, (p+1)*B/n) of every global batch, which is what
 `jax.make_array_from_process_local_data` expects for a batch sharded over processes in order.
 So the same seed gives the same global batches on 1 process or n (any n dividing S).
 
@@ -124,9 +126,6 @@ def _resolve(cfg: DataConfig, tokenizer, process_index, process_count):
 class _StripStats(grain.IterDataset):
     """Last stage: drops the "_stats" rows from each batch and keeps running totals in the
     iterator state, so the counts survive a checkpoint/restore like everything else."""
-
-    def __init__(self, parent: grain.IterDataset):
-        super().__init__(parent)
 
     def __iter__(self):
         return _StripStatsIterator(self._parent.__iter__())
