@@ -98,16 +98,14 @@ class Checkpointer:
         return out["state"], dict(out["meta"] or {})
 
     def _check_compatible(self, step: int, target_state):
+        """Compare saved parameter shapes with this run's before restoring, so the error
+        names every tensor that differs (orbax would stop at the first)."""
         try:
-            meta = self.manager.item_metadata(step)
-            saved = meta["state"] if meta is not None else None
-        except Exception:  # metadata is optional; the restore itself still validates
-            saved = None
-        if saved is None:
+            md = ocp.StandardCheckpointer().metadata(self.directory / str(step) / "state")
+            saved = md.item_metadata.tree["params"]
+        except Exception:  # metadata is best-effort; the restore itself still validates
             return
-        saved_tree = saved.tree if hasattr(saved, "tree") else saved
-        target = jax.tree.map(lambda x: x, target_state)
-        diffs = _diff_shapes(_as_plain(saved_tree), _as_plain(target))
+        diffs = _diff_shapes(saved, target_state.params, prefix="params")
         if diffs:
             raise CheckpointError(f"checkpoint {self.directory}/{step} does not match this run "
                                   f"(another model shape?): " + "; ".join(diffs[:6])
@@ -115,19 +113,6 @@ class Checkpointer:
 
     def close(self):
         self.manager.close()
-
-
-def _as_plain(tree):
-    """TrainState / nested dataclasses -> nested dicts of leaves, comparable across sources."""
-    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
-        return {f.name: _as_plain(getattr(tree, f.name)) for f in dataclasses.fields(tree)}
-    if isinstance(tree, dict):
-        return {k: _as_plain(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):
-        return {str(i): _as_plain(v) for i, v in enumerate(tree)}
-    if hasattr(tree, "_fields"):  # NamedTuple optimizer states
-        return {f: _as_plain(getattr(tree, f)) for f in tree._fields}
-    return tree
 
 
 def _check_finite(state) -> None:

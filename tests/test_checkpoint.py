@@ -1,0 +1,186 @@
+"""Checkpoints: exact resume after kill -9, resharding restore, partial saves, SIGTERM,
+non-finite batches, incompatible checkpoints, init_from and convert."""
+import json
+import os
+import pathlib
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+import jaxllm
+from jaxllm.training import loop as loop_lib
+from jaxllm.training.checkpoint import CheckpointError
+from jaxllm.training.metrics import read_metrics
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+ARGS = ["model=tiny", "train.batch_size=16", "train.seq_len=128", "train.log_every=1",
+        "train.eval_every=0", "train.progress=false", "optim.warmup_steps=2", "mesh.devices=1"]
+
+
+def losses(run_dir):
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def launch(run_dir, *overrides):
+    recipe = pathlib.Path(run_dir).parent / f"{pathlib.Path(run_dir).name}.yaml"
+    recipe.write_text("model: tiny\n")   # the same defaults as load_config(None, ARGS)
+    cmd = [sys.executable, "-m", "jaxllm.cli", "train", str(recipe),
+           *ARGS, f"train.run_dir={run_dir}", *overrides]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+def wait_for(pred, proc, timeout=240):
+    t0 = time.time()
+    while not pred():
+        if proc.poll() is not None:
+            raise AssertionError(f"run exited early: {proc.stdout.read().decode()[-3000:]}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            raise AssertionError("timed out")
+        time.sleep(0.02)
+
+
+def saved_steps(run_dir):
+    d = pathlib.Path(run_dir) / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 24-step run."""
+    d = tmp_path_factory.mktemp("ref")
+    cfg = jaxllm.load_config(None, ARGS + ["train.steps=24", f"train.run_dir={d}"])
+    jaxllm.train(cfg)
+    return d
+
+
+@pytest.mark.slow
+def test_kill9_then_resume_matches_uninterrupted_bit_for_bit(tmp_path, reference):
+    kill_after = random.Random(0).randint(5, 14)
+    proc = launch(tmp_path, "train.steps=24", "checkpoint.every=4")
+    wait_for(lambda: saved_steps(tmp_path) and max(losses(tmp_path) or {0: 0}) >= kill_after
+             if (tmp_path / "metrics.jsonl").exists() else False, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert max(losses(tmp_path)) < 24, "the run finished before it was killed"
+    s = jaxllm.train(jaxllm.load_config(None, ARGS + ["train.steps=24", "checkpoint.every=4",
+                                                      f"train.run_dir={tmp_path}"]))
+    assert s["resumed_from"] is not None and s["resumed_from"] % 4 == 0
+    assert losses(tmp_path) == losses(reference)   # exact equality: data order, RNG, optimizer
+
+
+def test_resume_onto_a_different_mesh(tmp_path, reference):
+    # fsdp=8 on 8 devices for 12 steps, then data=2,tensor=2 on 4 devices for the rest.
+    sched = ["optim.decay_steps=24", "checkpoint.every=6"]
+    first = ARGS[:-1] + sched + ["train.steps=12", "mesh.fsdp=8", f"train.run_dir={tmp_path}"]
+    jaxllm.train(jaxllm.load_config(None, first))
+    second = ARGS[:-1] + sched + ["train.steps=24", "mesh.devices=4", "mesh.data=2", "mesh.fsdp=1",
+                                  "mesh.tensor=2", "mesh.preset=fsdp_tp", f"train.run_dir={tmp_path}"]
+    s = jaxllm.train(jaxllm.load_config(None, second))
+    assert s["resumed_from"] == 12
+    q = s["state"].params["layers"]["attn"]["q"]["kernel"]
+    assert len(q.sharding.device_set) == 4 and "tensor" in q.sharding.spec
+    ref, got = losses(reference), losses(tmp_path)
+    # the reference used decay_steps = train.steps = 24 too
+    assert sorted(got) == sorted(ref)
+    np.testing.assert_allclose([got[k] for k in sorted(got)], [ref[k] for k in sorted(ref)], rtol=1e-5)
+
+
+def test_partial_checkpoint_falls_back_to_previous_complete_one(tmp_path, reference):
+    args = ARGS + ["checkpoint.every=4", f"train.run_dir={tmp_path}"]
+    jaxllm.train(jaxllm.load_config(None, args + ["train.steps=8", "optim.decay_steps=24"]))
+    ck = tmp_path / "checkpoints"
+    # What a save killed midway leaves: orbax's temporary directory, never renamed to "12".
+    import shutil
+    shutil.copytree(ck / "8", ck / "12.orbax-checkpoint-tmp-1732850000000000")
+    for f in (ck / "12.orbax-checkpoint-tmp-1732850000000000").rglob("*"):
+        if f.is_file() and f.stat().st_size > 100:
+            f.write_bytes(f.read_bytes()[:50])
+    s = jaxllm.train(jaxllm.load_config(None, args + ["train.steps=24", "optim.decay_steps=24"]))
+    assert s["resumed_from"] == 8
+    assert losses(tmp_path) == losses(reference)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_at_the_current_step_and_exits_zero(tmp_path):
+    proc = launch(tmp_path, "train.steps=400", "checkpoint.every=1000")
+    wait_for(lambda: (tmp_path / "metrics.jsonl").exists() and max(losses(tmp_path) or {0: 0}) >= 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 0, out[-2000:]
+    last = max(losses(tmp_path))
+    assert last < 400 and saved_steps(tmp_path) == [last]
+    assert json.loads(out[out.index("{"):])["preempted"] is True
+
+
+def poison(monkeypatch, bad_steps):
+    """Feed token ids beyond the vocabulary at the given (1-based) steps: the embedding
+    lookup yields NaN, like corrupt data would. (eval is off, so each call is a train step.)"""
+    real = loop_lib._global
+    calls = {"n": 0}
+
+    def patched(batch, sharding):
+        calls["n"] += 1
+        if calls["n"] in bad_steps:
+            batch = dict(batch, tokens=batch["tokens"] + 10_000)
+        return real(batch, sharding)
+    monkeypatch.setattr(loop_lib, "_global", patched)
+
+
+def test_poisoned_batch_is_skipped_and_the_run_continues(tmp_path, monkeypatch):
+    poison(monkeypatch, {3})
+    s = jaxllm.train(jaxllm.load_config(None, ARGS + ["train.steps=6", "checkpoint.every=0",
+                                                      f"train.run_dir={tmp_path}"]))
+    rows = {h["step"]: h for h in s["history"]}
+    assert not np.isfinite(rows[3]["loss"]) and rows[3]["skipped_updates"] == 1
+    assert np.isfinite(rows[6]["loss"]) and s["steps"] == 6
+    chex.assert_tree_all_finite(s["state"].params)
+
+
+def test_params_unchanged_by_a_skipped_update(tmp_path, monkeypatch):
+    a = jaxllm.train(jaxllm.load_config(None, ARGS + ["train.steps=2", f"train.run_dir={tmp_path}/a"]))
+    poison(monkeypatch, {3})
+    b = jaxllm.train(jaxllm.load_config(None, ARGS + ["train.steps=3", f"train.run_dir={tmp_path}/b",
+                                                      "optim.decay_steps=2"]))
+    chex.assert_trees_all_equal(jax.device_get(a["state"].params), jax.device_get(b["state"].params))
+
+
+def test_consecutive_nonfinite_steps_stop_the_run(tmp_path, monkeypatch):
+    poison(monkeypatch, set(range(3, 100)))
+    with pytest.raises(loop_lib.NonFiniteError, match="3 consecutive non-finite"):
+        jaxllm.train(jaxllm.load_config(None, ARGS + ["train.steps=20", "optim.max_nonfinite_skips=3",
+                                                      f"train.run_dir={tmp_path}"]))
+
+
+def test_incompatible_checkpoint_names_what_differs(tmp_path):
+    args = ARGS + ["train.steps=2", f"train.run_dir={tmp_path}"]
+    jaxllm.train(jaxllm.load_config(None, args))
+    with pytest.raises(CheckpointError, match=r"does not match this run.*checkpoint shape \(2,"):
+        jaxllm.train(jaxllm.load_config(None, args + ["train.steps=4", "model.n_layers=3"]))
+
+
+def test_init_from_and_convert_round_trip(tmp_path, reference):
+    from jaxllm.interop.cli import convert
+    convert(str(reference), str(tmp_path / "hf"), "hf")
+    cfg, hf_params = jaxllm.load_hf(tmp_path / "hf")
+    convert(str(tmp_path / "hf"), str(tmp_path / "orbax"), "orbax")
+    s = jaxllm.train(jaxllm.load_config(None, ARGS + ["train.steps=1", "optim.lr=0",
+                                                      f"checkpoint.init_from={tmp_path / 'orbax'}",
+                                                      f"train.run_dir={tmp_path}/new"]))
+    assert s["resumed_from"] is None
+    chex.assert_trees_all_close(jax.device_get(s["state"].params), hf_params, atol=0)
+    assert s["first_loss"] < losses(reference)[1] - 0.1   # starts from trained weights (same batch 1)
+
+
+def test_missing_init_from_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="not a run dir, orbax checkpoint dir or HF model dir"):
+        jaxllm.train(jaxllm.load_config(None, ARGS + ["train.steps=1", f"train.run_dir={tmp_path}",
+                                                      f"checkpoint.init_from={tmp_path}/nowhere"]))
