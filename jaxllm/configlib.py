@@ -95,9 +95,18 @@ def _coerce(value: Any, tp, key: str, where: str) -> Any:
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"{where}: key '{key}' must be one of {list(choices)}, got {value!r}{hint}")
         return value
+    if dataclasses.is_dataclass(tp):  # e.g. the items of tuple[SourceConfig, ...]
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: key '{key}' expects a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, _merge(tp, {}, value, where, {}, f"{key}.", None), f"{key}.")
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: key '{key}' expects a list ({_type_name(tp)}), got {value!r}")
+            if origin is tuple and len(typing.get_args(tp)) == 2 and typing.get_args(tp)[1] is Ellipsis:
+                value = [value]   # `languages=en` means a one-element list
+            else:
+                raise ConfigError(f"{where}: key '{key}' expects a list ({_type_name(tp)}), got {value!r}")
         args = typing.get_args(tp)
         if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(v, args[0], f"{key}[{i}]", where) for i, v in enumerate(value))

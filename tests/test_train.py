@@ -16,7 +16,7 @@ from jaxllm.training.state import TrainState
 from jaxllm.training.step import make_train_step
 
 CFG = ModelConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128)
-QUIET = ["train.progress=false", "mesh.devices=1"]
+QUIET = ["train.progress=false", "mesh.devices=1", "data.kind=synthetic_tokens"]
 
 
 def fixed_batch(b=4, t=32):

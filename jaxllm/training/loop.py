@@ -15,10 +15,10 @@ import time
 
 import flax.linen as nn
 import jax
-import numpy as np
 
 from jaxllm import configlib
 from jaxllm.config import Config
+from jaxllm.data.pipeline import to_global_batch
 from jaxllm.model.api import init_params, param_logical_axes
 from jaxllm.objectives import make_objective
 from jaxllm.parallel import mesh as mesh_lib
@@ -61,7 +61,8 @@ def _data_iterators(cfg: Config, mesh):
 
 
 def _global(batch: dict, sharding) -> dict:
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+    """This process's rows -> global arrays; checks process p's rows land at [p*b, (p+1)*b)."""
+    return to_global_batch(batch, sharding.mesh, sharding.spec)
 
 
 def evaluate(eval_step, params, make_eval, sharding) -> dict:
