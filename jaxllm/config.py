@@ -53,6 +53,9 @@ class ModelConfig:
                               f"({self.n_heads}); set model.head_dim explicitly")
         if self.dim_per_head % 2:
             raise ConfigError(f"head_dim must be even for RoPE, got {self.dim_per_head}")
+        if self.attention == "cudnn" and self.compute_dtype == "float32":
+            raise ConfigError("model.attention=cudnn needs model.compute_dtype bfloat16 or float16 "
+                              "(cuDNN fused attention has no fp32 kernel)")
         if self.rope_scaling and len(self.rope_scaling) != 4:
             raise ConfigError("model.rope_scaling takes 4 numbers: (factor, low_freq_factor, "
                               f"high_freq_factor, original_max_position_embeddings), got {self.rope_scaling}")
@@ -74,6 +77,10 @@ class MeshConfig:
     rules: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     devices: int = 0                # use the first N devices (0 = all of them)
 
+    def __post_init__(self):
+        from jaxllm.parallel.rules import check_rule_overrides
+        check_rule_overrides(self.rules)
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
@@ -88,6 +95,12 @@ class OptimConfig:
     clip_norm: float = 1.0          # global-norm clipping; 0 disables
     max_nonfinite_skips: int = 5    # consecutive non-finite updates skipped before the run stops
 
+    def __post_init__(self):
+        if self.max_nonfinite_skips < 1:
+            raise ConfigError(f"optim.max_nonfinite_skips must be >= 1, got {self.max_nonfinite_skips}")
+        if self.warmup_steps < 0 or self.decay_steps < 0:
+            raise ConfigError("optim.warmup_steps and optim.decay_steps must be >= 0")
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -99,6 +112,7 @@ class TrainConfig:
     seed: int = 0
     z_loss: float = 0.0
     mlm_prob: float = 0.15
+    mlm_mask_id: int = -1           # -1: the tokenizer's <mask> (text data) or vocab_size-1
     log_every: int = 10
     eval_every: int = 50
     eval_batches: int = 4
@@ -109,6 +123,9 @@ class TrainConfig:
     disable_jit: bool = False
 
     def __post_init__(self):
+        for name in ("microbatches", "log_every", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size % self.microbatches:
             raise ConfigError(f"train.batch_size ({self.batch_size}) must be divisible by "
                               f"train.microbatches ({self.microbatches})")

@@ -98,6 +98,8 @@ def _coerce(value: Any, tp, key: str, where: str) -> Any:
     if dataclasses.is_dataclass(tp):  # e.g. the items of tuple[SourceConfig, ...]
         if isinstance(value, tp):
             return value
+        if isinstance(value, str):  # shorthand: a bare value sets the first field (a path)
+            value = {dataclasses.fields(tp)[0].name: value}
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: key '{key}' expects a mapping of {tp.__name__} fields, got {value!r}")
         return _build(tp, _merge(tp, {}, value, where, {}, f"{key}.", None), f"{key}.")
@@ -195,7 +197,11 @@ def _merge(cls, base: dict, data: dict, source: str, lines: dict, prefix: str,
                                   f"or a preset name, got {value!r}")
             out[key] = sub
         else:
-            out[key] = (_coerce(value, tp, path, _where(source, lines, path)), source, lines.get(path))
+            value = _coerce(value, tp, path, _where(source, lines, path))
+            prev = out.get(key)
+            if typing.get_origin(tp) is dict and prev is not None:
+                value = {**prev[0], **value}   # dict fields merge key by key across layers
+            out[key] = (value, source, lines.get(path))
     return out
 
 

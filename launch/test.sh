@@ -3,5 +3,5 @@
 # (e.g. `bash launch/test.sh -m "not slow"` for the quick subset).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash launch/setup.sh
+bash launch/setup.sh --beam
 exec .venv/bin/python -m pytest -q "$@"

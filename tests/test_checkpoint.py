@@ -184,3 +184,18 @@ def test_missing_init_from_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="not a run dir, orbax checkpoint dir or HF model dir"):
         jaxllm.train(jaxllm.load_config(None, ARGS + ["train.steps=1", f"train.run_dir={tmp_path}",
                                                       f"checkpoint.init_from={tmp_path}/nowhere"]))
+
+
+def test_resume_false_in_a_used_run_dir_is_refused(tmp_path):
+    args = ARGS + ["train.steps=2", f"train.run_dir={tmp_path}"]
+    jaxllm.train(jaxllm.load_config(None, args))
+    with pytest.raises(jaxllm.ConfigError, match="already holds checkpoints and checkpoint.resume=false"):
+        jaxllm.train(jaxllm.load_config(None, args + ["checkpoint.resume=false"]))
+
+
+def test_init_from_another_model_names_the_differences(tmp_path):
+    jaxllm.train(jaxllm.load_config(None, ARGS + ["train.steps=1", f"train.run_dir={tmp_path}/a"]))
+    with pytest.raises(jaxllm.ConfigError, match=r"has another model: rope_theta: 10000.0 there vs 500000.0 here"):
+        jaxllm.train(jaxllm.load_config(None, ARGS + ["train.steps=1", "model.rope_theta=5e5",
+                                                      f"checkpoint.init_from={tmp_path}/a",
+                                                      f"train.run_dir={tmp_path}/b"]))

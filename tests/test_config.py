@@ -86,3 +86,30 @@ def test_all_shipped_recipes_and_presets_load():
     for path in sorted(pathlib.Path("configs").glob("*/*.yaml")):
         if path.parent.name in ("pretrain",):
             jaxllm.load_config(path)
+
+
+def test_rule_overrides_merge_and_typos_are_caught():
+    cfg = jaxllm.load_config(None, ["mesh.rules.vocab=[tensor]", "mesh.rules.embed=[]"])
+    assert cfg.mesh.rules == {"vocab": ("tensor",), "embed": ()}
+    with pytest.raises(ConfigError, match=r"unknown logical axis 'vocabb'; did you mean 'vocab'"):
+        jaxllm.load_config(None, ["mesh.rules.vocabb=[tensor]"])
+    with pytest.raises(ConfigError, match=r"unknown mesh axis 'tensr'"):
+        jaxllm.load_config(None, ["mesh.rules.vocab=[tensr]"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.microbatches=0", "train.microbatches must be >= 1"),
+    ("train.log_every=0", "train.log_every must be >= 1"),
+    ("optim.max_nonfinite_skips=0", "optim.max_nonfinite_skips must be >= 1"),
+    ("model.attention=cudnn", "cudnn needs model.compute_dtype bfloat16"),
+])
+def test_out_of_range_values_fail_at_load(override, message):
+    with pytest.raises(ConfigError, match=message):
+        jaxllm.load_config(None, [override])
+
+
+def test_microbatch_rows_must_split_over_the_batch_axes(tmp_path):
+    cfg = jaxllm.load_config(None, ["model=tiny", "train.batch_size=8", "train.microbatches=4",
+                                    "mesh.fsdp=8", "train.steps=1", f"train.run_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"2 rows per microbatch must be divisible by mesh data\*fsdp = 8"):
+        jaxllm.train(cfg)

@@ -110,8 +110,8 @@ def test_data_config_loads_from_yaml_with_nested_sources(tmp_path):
 
 
 @pytest.mark.parametrize("yaml_text, message", [
-    ("kind: text\nsources: [{path: a, wieght: 2}]\n", r"unknown key 'data.sources\[0\].wieght'; did you mean 'weight'"),
-    ("kind: text\nsources: [{path: a, format: csv}]\n", r"format must be one of"),
+    ("kind: text\nsources: [{path: a, wieght: 2}]\n", r"line 2: unknown key 'sources\[0\].wieght'; did you mean 'sources\[0\].weight'"),
+    ("kind: text\nsources: [{path: a, format: csv}]\n", r"line 2: key 'sources\[0\].format' must be one of"),
     ("kind: text\nsources: [{path: a, weight: -1}]\n", r"weight must be a positive number"),
     ("kind: text\n", r"needs at least one entry in data.sources"),
     ("kind: text\nsources: [a]\npacking: firstfit\n", r"did you mean 'first_fit'"),

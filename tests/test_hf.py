@@ -82,3 +82,14 @@ def test_bad_checkpoints_fail_with_clear_messages(tmp_path):
     (tmp_path / "model.safetensors").write_bytes((FIX / "llama_gqa" / "model.safetensors").read_bytes())
     with pytest.raises(CheckpointFormatError, match="model.layers.2.*missing"):
         load_hf(tmp_path)
+
+
+def test_resave_into_the_same_directory_replaces_every_file(tmp_path):
+    cfg, params = load_hf(FIX / "llama_gqa")
+    save_hf(tmp_path, cfg, params, max_shard_bytes=100_000)        # sharded, with an index
+    new = jax.tree.map(lambda x: x * 2, params)
+    save_hf(tmp_path, cfg, new)                                     # now a single file
+    assert not (tmp_path / "model.safetensors.index.json").exists()
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["model.safetensors"]
+    _, loaded = load_hf(tmp_path)
+    chex.assert_trees_all_equal(loaded, new)

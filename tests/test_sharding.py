@@ -9,7 +9,7 @@ from jaxllm.parallel import rules as R
 
 BASE = ["model=tiny", "model.vocab_size=128", "train.steps=3", "train.batch_size=8",
         "train.seq_len=32", "train.log_every=1", "train.eval_every=0", "train.progress=false",
-        "optim.warmup_steps=1", "optim.lr=1e-3"]
+        "optim.warmup_steps=0", "optim.lr=1e-3"]
 
 
 def run(tmp_path, name, *overrides):
@@ -27,14 +27,21 @@ def single(tmp_path_factory):
     ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "mesh.preset=fsdp_tp"],
     ["mesh.data=1", "mesh.fsdp=8", "mesh.tensor=1", "mesh.preset=fsdp"],
     ["mesh.devices=2", "mesh.fsdp=1", "mesh.tensor=2", "mesh.preset=fsdp_tp"],
-], ids=["data2_fsdp2_tensor2", "fsdp8", "tensor2"])
+    ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "mesh.preset=fsdp_tp", "train.microbatches=2"],
+], ids=["data2_fsdp2_tensor2", "fsdp8", "tensor2", "data2_fsdp2_tensor2_microbatch2"])
 def test_sharded_step_matches_single_device(tmp_path, single, mesh):
     assert len(jax.devices()) == 8, "conftest must give 8 CPU devices"
     losses0, params0, _ = single
     losses, params, state = run(tmp_path, "sharded", *mesh)
     assert len(losses) == 3
     np.testing.assert_allclose(losses, losses0, rtol=1e-5)
-    chex.assert_trees_all_close(params, params0, rtol=1e-5, atol=1e-6)
+    # Per-tensor relative error ||p - p0|| / ||p0||. (Elementwise it is ill-posed: Adam's
+    # g / sqrt(v) turns reduction-order noise on a ~0 gradient into a full lr-sized step.)
+    for path, a, b in zip(*zip(*jax.tree_util.tree_flatten_with_path(params)[0]),
+                          jax.tree.leaves(params0)):
+        rel = np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b))
+        assert rel < 1e-5, (jax.tree_util.keystr(path), rel)
+    chex.assert_trees_all_equal_shapes(params, params0)
     # the parameters really were sharded as the rules say
     q = state.params["layers"]["attn"]["q"]["kernel"]
     if "mesh.fsdp=8" in mesh:

@@ -49,17 +49,27 @@ def test_microbatch_accumulation_equals_full_batch():
     chex.assert_trees_all_close(s1.params, s4.params, rtol=1e-5, atol=1e-7)
 
 
-def test_loss_mask_excludes_targets():
+def test_loss_mask_selects_exactly_the_marked_targets():
     loss_fn = make_clm_loss(CFG)
     params = jaxllm.init_params(CFG, jax.random.key(0))
-    batch = fixed_batch()
-    masked = dict(batch, loss_mask=batch["loss_mask"].at[:, 10:].set(0))
-    changed = dict(masked, tokens=masked["tokens"].at[:, 11:].set(3))
-    # tokens after position 10 are neither targets nor (by causality) inputs to counted targets
-    l1, s1 = loss_fn(params, masked, None)
-    l2, s2 = loss_fn(params, changed, None)
-    np.testing.assert_allclose(l1, l2, rtol=1e-6)
-    assert float(s1["weight"]) < float(jnp.sum(batch["loss_mask"]))
+    b, t = 4, 32
+    batch = {"tokens": jax.random.randint(jax.random.key(1), (b, t), 2, CFG.vocab_size),
+             "positions": jnp.broadcast_to(jnp.arange(t), (b, t)),
+             "segment_ids": jnp.ones((b, t), jnp.int32),
+             "loss_mask": jnp.zeros((b, t), jnp.int32).at[:, 10:].set(1)}
+    # targets are tokens 10..T-1 (predicted from positions 9..T-2): exactly b * (t - 10)
+    _, sums = loss_fn(params, batch, None)
+    assert float(sums["weight"]) == b * (t - 10)
+    # changing tokens 0..8 changes counted predictions (causal context), changing token 9's
+    # *target role* does not exist: token 9 is not a target, but it is context for target 10
+    logits = jaxllm.forward(params, batch["tokens"], CFG)
+    lp = jax.nn.log_softmax(logits[:, :-1])
+    nll = -jnp.take_along_axis(lp, batch["tokens"][:, 1:, None], -1)[..., 0]
+    np.testing.assert_allclose(sums["nll"], jnp.sum(nll[:, 9:]), rtol=1e-5)
+    # a document boundary removes the target at the first token of the next document
+    seg = batch["segment_ids"].at[:, 20:].set(2)
+    _, sums2 = loss_fn(params, dict(batch, segment_ids=seg), None)
+    assert float(sums2["weight"]) == b * (t - 10 - 1)
 
 
 def test_nonfinite_gradients_skip_the_update():

@@ -1,7 +1,7 @@
 """SentencePiece tokenizers: train one on documents, load ours or an HF Llama-style one.
 
 Trained models reserve fixed ids so every tokenizer we make agrees on them:
-    pad=0  unk=1  bos=2  eos=3  <|im_start|>=4  <|im_end|>=5
+    pad=0  unk=1  bos=2  eos=3  <|im_start|>=4  <|im_end|>=5  <mask>=6
 Byte fallback is on (no input is ever <unk>, 256 byte pieces are added), digits are split
 one per piece (arithmetic tokenizes consistently), and normalisation is the identity so
 decode(encode(text)) == text. Chat markers are user-defined symbols: always a single piece.
@@ -17,6 +17,7 @@ from typing import Iterable, Sequence
 import sentencepiece as spm
 
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
+MASK_TOKEN = "<mask>"   # MLM corruption symbol; never produced by encoding text
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 
@@ -38,12 +39,13 @@ class Tokenizer:
             raise ValueError(f"{path}: tokenizer defines no bos/eos piece (bos={self.bos_id}, "
                              f"eos={self.eos_id}); documents need both to be packed")
         self.special_ids: dict[str, int] = {}
-        for piece in CHAT_TOKENS:
+        for piece in CHAT_TOKENS + (MASK_TOKEN,):
             i = self.sp.piece_to_id(piece)
             if i != self.unk_id:
                 self.special_ids[piece] = i
         self.im_start_id: int | None = self.special_ids.get("<|im_start|>")
         self.im_end_id: int | None = self.special_ids.get("<|im_end|>")
+        self.mask_id: int | None = self.special_ids.get(MASK_TOKEN)
 
     # SentencePieceProcessor does not pickle; grain worker processes need a copy of us.
     def __getstate__(self):
@@ -139,7 +141,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size
             sentence_iterator=sentences(), model_writer=writer,
             model_type=model_type, vocab_size=vocab_size, byte_fallback=True, split_digits=True,
             pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-            user_defined_symbols=list(CHAT_TOKENS), character_coverage=0.9995,
+            user_defined_symbols=list(CHAT_TOKENS) + [MASK_TOKEN], character_coverage=0.9995,
             normalization_rule_name="identity", remove_extra_whitespaces=False,
             allow_whitespace_only_pieces=True, max_sentence_length=1 << 16,
             input_sentence_size=max_sentences, shuffle_input_sentence=True,

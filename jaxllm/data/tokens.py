@@ -1,6 +1,7 @@
 """A seeded synthetic token stream with learnable structure, needing no tokenizer.
 
-Each document is [BOS, x0, x1, ...] with x_k = (a + k*s) mod (V-2) + 2: after two tokens the
+Each document is [BOS, x0, x1, ...] with x_k = (a + k*s) mod (V-3) + 2 (id V-1 is left free
+for the MLM mask): after two tokens the
 rest is determined, so a model that learns the rule drives loss towards zero. Documents of
 random length are packed into rows with segment_ids/positions exactly like the text pipeline,
 so unit tests and benchmarks exercise packing without a tokenizer.
@@ -28,7 +29,7 @@ def synthetic_row(seed: int, index: int, seq_len: int, vocab_size: int, max_doc:
         a, s = rng.integers(0, vocab_size - 2), rng.integers(1, 8)
         doc += 1
         tokens[t] = BOS
-        tokens[t + 1:t + n] = (a + s * np.arange(n - 1)) % (vocab_size - 2) + 2
+        tokens[t + 1:t + n] = (a + s * np.arange(n - 1)) % (vocab_size - 3) + 2  # V-1 stays free (MLM mask)
         seg[t:t + n], pos[t:t + n] = doc, np.arange(n)
         t += n
     return {"tokens": tokens, "positions": pos, "segment_ids": seg,

@@ -10,7 +10,6 @@ the next, so a model is never held twice.
 from __future__ import annotations
 
 import json
-import math
 import pathlib
 import warnings
 
@@ -232,6 +231,9 @@ def save_hf(directory: str | pathlib.Path, cfg: ModelConfig, params, max_shard_b
     from safetensors.numpy import save_file
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    # A previous export's index or shards would shadow (or mix with) this one on load.
+    for old in list(directory.glob("model*.safetensors")) + [directory / "model.safetensors.index.json"]:
+        old.unlink(missing_ok=True)
 
     def tensors():
         for path, name, _, to_torch in _top_map(cfg):
@@ -243,8 +245,6 @@ def save_hf(directory: str | pathlib.Path, cfg: ModelConfig, params, max_shard_b
                 yield template.format(i=i), w if to_torch is None else to_torch(w)
 
     total = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(params))
-    n_shards = max(1, math.ceil(total / max_shard_bytes))
-    shards: list[tuple[str, dict]] = []
     buf: dict = {}
     size = 0
     written: list[tuple[str, list[str]]] = []
@@ -254,8 +254,8 @@ def save_hf(directory: str | pathlib.Path, cfg: ModelConfig, params, max_shard_b
         if not buf:
             return
         idx = len(written) + 1
-        fname = "model.safetensors" if n_shards == 1 else f"model-{idx:05d}-of-{{n}}.safetensors"
-        tmp = directory / (fname.replace("{n}", "XXXXX"))
+        # shard files are renamed once their count is known (it depends on tensor sizes)
+        tmp = directory / f"model-{idx:05d}.partial.safetensors"
         save_file({k: np.ascontiguousarray(v) for k, v in buf.items()}, str(tmp), metadata={"format": "pt"})
         written.append((tmp.name, list(buf)))
         buf, size = {}, 0
@@ -267,8 +267,9 @@ def save_hf(directory: str | pathlib.Path, cfg: ModelConfig, params, max_shard_b
         buf[name] = w
         size += nbytes
     flush()
-    del shards
-    if len(written) > 1 or n_shards > 1:
+    if len(written) == 1:
+        (directory / written[0][0]).rename(directory / "model.safetensors")
+    else:
         n = len(written)
         weight_map = {}
         for i, (tmp_name, names) in enumerate(written, 1):

@@ -26,6 +26,28 @@ PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 
+PARAM_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers", "norm")
+ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed",
+                   "activation_heads", "activation_mlp", "activation_vocab")
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def check_rule_overrides(rules: dict) -> None:
+    """Reject misspelt logical names or mesh axes in `mesh.rules` with the closest valid one."""
+    import difflib
+
+    from jaxllm.configlib import ConfigError
+    for name, axes in rules.items():
+        if name not in PARAM_AXES + ACTIVATION_AXES:
+            close = difflib.get_close_matches(name, PARAM_AXES + ACTIVATION_AXES, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"mesh.rules: unknown logical axis '{name}'{hint} "
+                              f"(valid: {list(PARAM_AXES + ACTIVATION_AXES)})")
+        for ax in axes:
+            if ax not in MESH_AXES:
+                raise ConfigError(f"mesh.rules.{name}: unknown mesh axis '{ax}' (valid: {list(MESH_AXES)})")
+
+
 def logical_rules(cfg: MeshConfig) -> tuple[tuple[str, tuple[str, ...] | None], ...]:
     """Flax-style rule list ((logical, mesh_axes), ...), preset then overrides."""
     table = dict(PRESETS[cfg.preset])

@@ -15,9 +15,11 @@ import time
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from jaxllm import configlib
 from jaxllm.config import Config
+from jaxllm.configlib import ConfigError
 from jaxllm.data.pipeline import to_global_batch
 from jaxllm.model.api import init_params, param_logical_axes
 from jaxllm.objectives import make_objective
@@ -28,7 +30,6 @@ from jaxllm.training.optim import lr_schedule, make_optimizer
 from jaxllm.training.checkpoint import Checkpointer, load_params
 from jaxllm.training.preemption import PreemptionGuard
 from jaxllm.training.setup import init_state
-from jaxllm.training.state import nonfinite_count, total_nonfinite
 from jaxllm.training.step import make_eval_step, make_train_step
 
 
@@ -47,7 +48,7 @@ def _data_iterators(cfg: Config, mesh):
                                      vocab_size=cfg.model.vocab_size, seed=cfg.data.seed,
                                      process_index=jax.process_index(),
                                      process_count=jax.process_count(), split=split, num_batches=n)
-        return make("train"), lambda: make("eval", t.eval_batches)
+        return make("train"), lambda: make("eval", t.eval_batches), None
     from jaxllm.data import pipeline
     tok = pipeline.load_tokenizer_for(cfg.data, cfg.model.vocab_size)
     train_it = pipeline.make_train_iterator(cfg.data, seq_len=t.seq_len, global_batch_size=t.batch_size,
@@ -55,9 +56,9 @@ def _data_iterators(cfg: Config, mesh):
 
     def make_eval():
         it = pipeline.make_eval_iterator(cfg.data, seq_len=t.seq_len, global_batch_size=t.batch_size,
-                                         seed=cfg.data.seed, tokenizer=tok)
+                                         seed=cfg.data.seed, tokenizer=tok, num_batches=t.eval_batches)
         return (b for _, b in zip(range(t.eval_batches), it))
-    return train_it, make_eval
+    return train_it, make_eval, tok
 
 
 def _global(batch: dict, sharding) -> dict:
@@ -72,7 +73,7 @@ def evaluate(eval_step, params, make_eval, sharding) -> dict:
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + float(v)
     w = max(sums.get("weight", 0.0), 1.0)
-    loss = sums.get("loss", float("nan")) / w
+    loss = sums.get("nll", sums.get("loss", float("nan"))) / w   # perplexity excludes z-loss
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)),
             "eval_accuracy": sums.get("accuracy", 0.0) / w}
 
@@ -82,40 +83,76 @@ def _truncate_metrics(path: pathlib.Path, last_step: int) -> None:
     logs them again, so metrics.jsonl reads as one uninterrupted run."""
     if not path.exists() or jax.process_index() != 0:
         return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= last_step]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                keep.append(line)
+        except (ValueError, KeyError):  # a line torn by the kill
+            continue
     path.write_text("".join(line + "\n" for line in keep))
+
+
+def _check_layout(cfg: Config, mesh) -> None:
+    per_micro = cfg.train.batch_size // cfg.train.microbatches
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if per_micro % shards:
+        raise ConfigError(f"train.batch_size / train.microbatches = {per_micro} rows per microbatch "
+                          f"must be divisible by mesh data*fsdp = {shards}")
+
+
+def _init_from(cfg: Config, state, shardings):
+    """Params of another run / checkpoint / HF model, checked against this run's model."""
+    params, src_model = load_params(cfg.checkpoint.init_from, shardings.state.params)
+    if src_model:
+        ignore = {"param_dtype", "compute_dtype", "remat", "attention", "max_seq_len", "init_std"}
+        ours = dataclasses.asdict(cfg.model)
+        diffs = [f"{k}: {src_model[k]!r} there vs {ours[k]!r} here" for k in ours
+                 if k not in ignore and k in src_model
+                 and (tuple(src_model[k]) if isinstance(src_model[k], list) else src_model[k]) != ours[k]]
+        if diffs:
+            raise ConfigError(f"checkpoint.init_from={cfg.checkpoint.init_from} has another model: "
+                              + "; ".join(diffs) + " (set model.* to match)")
+    # master weights keep this run's param dtype (an HF bf16 file must not make bf16 masters)
+    params = jax.tree.map(lambda p, ref: p.astype(ref.dtype), params, state.params)
+    return state.replace(params=params)
 
 
 def train(cfg: Config) -> dict:
     t = cfg.train
     run_dir = pathlib.Path(t.run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    if not cfg.checkpoint.resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+        raise ConfigError(f"{ckpt_dir} already holds checkpoints and checkpoint.resume=false: "
+                          f"use a new train.run_dir (or resume=true to continue that run)")
     run_dir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         configlib.dump_yaml(cfg, run_dir / "config.yaml")
 
     # Single-device debug mode: one device, NaNs raise where they appear, optionally eager.
     devices = jax.devices()[:1] if t.debug else jax.devices()[:cfg.mesh.devices or None]
-    if t.debug:
-        jax.config.update("jax_debug_nans", True)
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
+    _check_layout(cfg, mesh)
     rules = rules_lib.logical_rules(cfg.mesh)
-
     optimizer = make_optimizer(cfg.optim, t.steps)
     schedule = lr_schedule(cfg.optim, t.steps)
-    loss_fn = make_objective(t.objective, cfg.model, t)
-    no_jit = jax.disable_jit() if (t.debug and t.disable_jit) else contextlib.nullcontext()
+    debug = contextlib.ExitStack()
+    if t.debug:
+        debug.enter_context(jax.debug_nans(True))
+        if t.disable_jit:
+            debug.enter_context(jax.disable_jit())
 
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), no_jit, PreemptionGuard() as guard:
+    with debug, jax.set_mesh(mesh), nn.logical_axis_rules(rules), PreemptionGuard() as guard:
+        train_it, make_eval, tokenizer = _data_iterators(cfg, mesh)
+        loss_fn = make_objective(t.objective, cfg.model, t, tokenizer)
         state, shardings = init_state(lambda k: init_params(cfg.model, k),
                                       param_logical_axes(cfg.model), optimizer, rules, mesh, t.seed)
         step_fn = make_train_step(loss_fn, optimizer, shardings, microbatches=t.microbatches,
                                   lr_fn=schedule)
         eval_fn = make_eval_step(loss_fn, shardings=shardings)
-        train_it, make_eval = _data_iterators(cfg, mesh)
 
         # Resume from this run's latest complete checkpoint, else maybe start from other params.
-        ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
+        ckpt = Checkpointer(ckpt_dir, cfg.checkpoint)
         meta = {"model": dataclasses.asdict(cfg.model)}
         resumed_from = None
         if cfg.checkpoint.resume and ckpt.latest_step() is not None:
@@ -124,11 +161,10 @@ def train(cfg: Config) -> dict:
             resumed_from = int(state.step)
             _truncate_metrics(run_dir / "metrics.jsonl", resumed_from)
         elif cfg.checkpoint.init_from:
-            params, _ = load_params(cfg.checkpoint.init_from, shardings.state.params)
-            state = state.replace(params=params)
+            state = _init_from(cfg, state, shardings)
 
         writer = metrics_lib.MetricsWriter(run_dir)
-        peak = metrics_lib.measure_peak_flops()
+        peak = metrics_lib.measure_peak_flops(jnp.dtype(cfg.model.compute_dtype))
         flops_tok = metrics_lib.flops_per_token(cfg.model, t.seq_len)
         tokens_per_step = t.batch_size * t.seq_len
         step = int(state.step)
@@ -139,46 +175,51 @@ def train(cfg: Config) -> dict:
 
         history, eval_history = [], []
         preempted = False
+        prev_metrics = None
         t_last, steps_since = time.perf_counter(), 0
-        while step < t.steps:
-            batch = _global(next(train_it), shardings.batch)
-            state, metrics = step_fn(state, batch, None)
-            step += 1
-            steps_since += 1
-            skipped = int(nonfinite_count(state))
-            if skipped >= cfg.optim.max_nonfinite_skips:
-                raise NonFiniteError(
-                    f"{skipped} consecutive non-finite losses/gradients (updates skipped) up to step "
-                    f"{step}; stopping (optim.max_nonfinite_skips={cfg.optim.max_nonfinite_skips}). "
-                    f"The last checkpoint holds finite parameters.")
-            if step % t.log_every == 0 or step == t.steps or step == 1 or skipped:
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                dt = time.perf_counter() - t_last
-                tps = steps_since * tokens_per_step / dt
-                m.update(tokens_per_s=tps, mfu=tps * flops_tok / peak,
-                         skipped_updates=int(total_nonfinite(state)))
-                t_last, steps_since = time.perf_counter(), 0
-                history.append(dict(step=step, **m))
-                writer.write(step, m)
+        try:
+            while step < t.steps:
+                batch = _global(next(train_it), shardings.batch)
+                state, metrics = step_fn(state, batch, None)
+                step += 1
+                steps_since += 1
+                # Read the previous step's skip counter while this one runs: one step of
+                # pipelining instead of a host sync per step.
+                if prev_metrics is not None:
+                    _check_skips(prev_metrics, step - 1, cfg)
+                prev_metrics = metrics
+                if step % t.log_every == 0 or step == t.steps or step == 1:
+                    _check_skips(metrics, step, cfg)
+                    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    dt = time.perf_counter() - t_last
+                    tps = steps_since * tokens_per_step / dt
+                    m.update(tokens_per_s=tps, mfu=tps * flops_tok / peak)
+                    t_last, steps_since = time.perf_counter(), 0
+                    history.append(dict(step=step, **m))
+                    writer.write(step, m)
+                    if progress is not None:
+                        progress.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tps:,.0f}")
+                if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
+                    e = evaluate(eval_fn, state.params, make_eval, shardings.batch)
+                    eval_history.append(dict(step=step, **e))
+                    writer.write(step, e)
+                    t_last = time.perf_counter()  # evaluation time is not training throughput
+                ckpt.save(step, state, train_it, meta)
                 if progress is not None:
-                    progress.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tps:,.0f}")
-            if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
-                e = evaluate(eval_fn, state.params, make_eval, shardings.batch)
-                eval_history.append(dict(step=step, **e))
-                writer.write(step, e)
-                t_last = time.perf_counter()  # evaluation time is not training throughput
-            ckpt.save(step, state, train_it, meta)
+                    progress.update(1)
+                # multi-host: agreeing on a stop is a collective, so only at log boundaries
+                if (jax.process_count() == 1 or step % t.log_every == 0) and guard.should_stop(ckpt, step):
+                    preempted = True
+                    break
+            if prev_metrics is not None:
+                _check_skips(prev_metrics, step, cfg)
+            ckpt.save(step, state, train_it, meta, force=True)
+        finally:
+            ckpt.wait()
+            ckpt.close()
             if progress is not None:
-                progress.update(1)
-            if guard.should_stop(ckpt, step):
-                preempted = True
-                break
-        ckpt.save(step, state, train_it, meta, force=True)
-        ckpt.wait()
-        ckpt.close()
-        if progress is not None:
-            progress.close()
-        writer.close()
+                progress.close()
+            writer.close()
 
     losses = [h["loss"] for h in history]
     return {"run_dir": str(run_dir), "steps": step, "preempted": preempted,
@@ -186,3 +227,12 @@ def train(cfg: Config) -> dict:
             "final_loss": losses[-1] if losses else None,
             "eval": eval_history[-1] if eval_history else None,
             "history": history, "state": state}
+
+
+def _check_skips(metrics, step: int, cfg: Config) -> None:
+    skipped = int(metrics["skipped_in_a_row"])
+    if skipped >= cfg.optim.max_nonfinite_skips:
+        raise NonFiniteError(
+            f"{skipped} consecutive non-finite losses/gradients (updates skipped) up to step "
+            f"{step}; stopping (optim.max_nonfinite_skips={cfg.optim.max_nonfinite_skips}). "
+            f"The last checkpoint holds finite parameters.")

@@ -20,12 +20,3 @@ class TrainState:
         import jax.numpy as jnp
         return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
                    rng=jax.random.key_data(rng))
-
-
-def nonfinite_count(state: TrainState) -> jax.Array:
-    """Consecutive skipped (non-finite) updates, from optax.apply_if_finite's state."""
-    return state.opt_state.notfinite_count
-
-
-def total_nonfinite(state: TrainState) -> jax.Array:
-    return state.opt_state.total_notfinite

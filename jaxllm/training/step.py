@@ -90,6 +90,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
         metrics["grad_norm"] = optax.tree.norm(grads)
         if lr_fn is not None:
             metrics["lr"] = lr_fn(state.step)
+        if hasattr(opt_state, "notfinite_count"):   # optax.apply_if_finite
+            metrics["skipped_in_a_row"] = opt_state.notfinite_count
+            metrics["skipped_updates"] = opt_state.total_notfinite
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                                rng=jax.random.key_data(rng))
         return new_state, metrics
