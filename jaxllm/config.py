@@ -144,6 +144,17 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """jax.distributed. Leave empty on one host; on SLURM / TPU pods `auto` finds the peers."""
+    coordinator: str = ""           # "host:port" of process 0, for explicit launches
+    num_processes: int = 0
+    process_id: int = -1
+    local_device_ids: tuple[int, ...] = ()
+    cpu_collectives: Literal["gloo", "mpi"] = "gloo"
+    auto: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = ModelConfig()
     mesh: MeshConfig = MeshConfig()
@@ -151,6 +162,7 @@ class Config:
     train: TrainConfig = TrainConfig()
     data: DataConfig = DataConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    distributed: DistributedConfig = DistributedConfig()
 
 
 def load_config(path: str | pathlib.Path | None = None, overrides: Sequence[str] = ()) -> Config:

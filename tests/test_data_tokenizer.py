@@ -27,7 +27,8 @@ def test_training_is_deterministic_to_the_byte(tmp_path, tok_dir):
 def test_reserved_ids_and_chat_tokens_are_single_pieces(tok_dir):
     tok = load_tokenizer(tok_dir)
     assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2, 3)
-    assert tok.special_ids == {"<|im_start|>": 4, "<|im_end|>": 5}
+    assert tok.special_ids == {"<|im_start|>": 4, "<|im_end|>": 5, "<mask>": 6}
+    assert tok.mask_id == 6 and tok.encode("a <mask> b").count(6) == 1
     assert (tok.im_start_id, tok.im_end_id) == (4, 5)
     ids = tok.encode("<|im_start|>user\nhi<|im_end|>")
     assert ids.count(4) == 1 and ids.count(5) == 1

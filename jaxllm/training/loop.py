@@ -23,6 +23,7 @@ from jaxllm.configlib import ConfigError
 from jaxllm.data.pipeline import to_global_batch
 from jaxllm.model.api import init_params, param_logical_axes
 from jaxllm.objectives import make_objective
+from jaxllm.parallel import distributed
 from jaxllm.parallel import mesh as mesh_lib
 from jaxllm.parallel import rules as rules_lib
 from jaxllm.training import metrics as metrics_lib
@@ -119,6 +120,7 @@ def _init_from(cfg: Config, state, shardings):
 
 
 def train(cfg: Config) -> dict:
+    distributed.initialize(cfg.distributed)   # before any backend use; no-op on one host
     t = cfg.train
     run_dir = pathlib.Path(t.run_dir)
     ckpt_dir = run_dir / "checkpoints"

@@ -1,0 +1,44 @@
+"""Multi-host start-up through jax.distributed: explicit, SLURM, or TPU pod / GKE.
+
+Each process of a multi-host run executes the same command; this must run before anything
+touches a JAX backend. With no coordinator configured and no cluster environment found it does
+nothing (single process: a laptop, one GPU host, a test).
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+
+from jaxllm.config import DistributedConfig
+
+_initialized = False
+
+
+def _cluster_detected() -> bool:
+    """True where jax.distributed.initialize() can find its peers by itself."""
+    slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ
+    tpu_pod = "TPU_WORKER_HOSTNAMES" in os.environ and "," in os.environ["TPU_WORKER_HOSTNAMES"]
+    return slurm or tpu_pod or "JAX_COORDINATOR_ADDRESS" in os.environ
+
+
+def initialize(cfg: DistributedConfig) -> bool:
+    """Initialise jax.distributed if configured or detected. Returns whether it did."""
+    global _initialized
+    if _initialized:
+        return True
+    if cfg.coordinator:
+        if cfg.num_processes < 1 or not 0 <= cfg.process_id < cfg.num_processes:
+            raise ValueError(f"distributed.coordinator={cfg.coordinator} needs num_processes >= 1 and "
+                             f"0 <= process_id < num_processes (got {cfg.num_processes}, {cfg.process_id})")
+        # only affects CPU devices; must not query the backend before initialize()
+        jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
+        jax.distributed.initialize(cfg.coordinator, num_processes=cfg.num_processes,
+                                   process_id=cfg.process_id,
+                                   local_device_ids=cfg.local_device_ids or None)
+    elif cfg.auto and _cluster_detected():
+        jax.distributed.initialize()   # SLURM / TPU pod / GKE: peers from the environment
+    else:
+        return False
+    _initialized = True
+    return True
