@@ -110,6 +110,29 @@ def test_partial_checkpoint_falls_back_to_previous_complete_one(tmp_path, refere
 
 
 @pytest.mark.slow
+def test_kill9_during_an_async_save_resumes_from_the_previous_checkpoint(tmp_path):
+    # A 26M-parameter model: params + Adam moments are ~300 MB, so a save takes long enough
+    # to be caught in flight (orbax writes into "<step>.orbax-checkpoint-tmp-*" first).
+    big = ["model=25m", "train.batch_size=2", "train.seq_len=16", "checkpoint.every=3"]
+    proc = launch(tmp_path, "train.steps=60", *big)
+    ck = tmp_path / "checkpoints"
+
+    def saving_after_a_complete_one():
+        return bool(saved_steps(tmp_path)) and ck.exists() and any(
+            "tmp" in p.name for p in ck.iterdir())
+    wait_for(saving_after_a_complete_one, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = [p.name for p in ck.iterdir() if "tmp" in p.name]
+    complete = saved_steps(tmp_path)
+    assert partial and complete, (partial, complete)
+    s = jaxllm.train(jaxllm.load_config(None, ARGS + ["train.steps=60", *big, "train.log_every=30",
+                                                      f"train.run_dir={tmp_path}"]))
+    assert s["resumed_from"] == max(complete)
+    assert s["steps"] == 60 and np.isfinite(s["final_loss"])
+
+
+@pytest.mark.slow
 def test_sigterm_saves_at_the_current_step_and_exits_zero(tmp_path):
     proc = launch(tmp_path, "train.steps=400", "checkpoint.every=1000")
     wait_for(lambda: (tmp_path / "metrics.jsonl").exists() and max(losses(tmp_path) or {0: 0}) >= 3, proc)
