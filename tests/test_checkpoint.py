@@ -165,6 +165,11 @@ def test_poisoned_batch_is_skipped_and_the_run_continues(tmp_path, monkeypatch):
     rows = {h["step"]: h for h in s["history"]}
     assert not np.isfinite(rows[3]["loss"]) and rows[3]["skipped_updates"] == 1
     assert np.isfinite(rows[6]["loss"]) and s["steps"] == 6
+    # the skipped update did not advance the schedule: step 6 uses the lr of update 5
+    from jaxllm.training.optim import lr_schedule
+    cfg = jaxllm.load_config(None, ARGS + ["train.steps=6"])
+    np.testing.assert_allclose(rows[6]["lr"], float(lr_schedule(cfg.optim, 6)(4)), rtol=1e-6)
+    np.testing.assert_allclose(rows[2]["lr"], float(lr_schedule(cfg.optim, 6)(1)), rtol=1e-6)
     chex.assert_tree_all_finite(s["state"].params)
 
 

@@ -89,7 +89,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
         metrics["weight"] = sums["weight"]
         metrics["grad_norm"] = optax.tree.norm(grads)
         if lr_fn is not None:
-            metrics["lr"] = lr_fn(state.step)
+            # skipped (non-finite) updates do not advance the optimizer's schedule
+            applied = state.step - getattr(state.opt_state, "total_notfinite", 0)
+            metrics["lr"] = lr_fn(applied)
         if hasattr(opt_state, "notfinite_count"):   # optax.apply_if_finite
             metrics["skipped_in_a_row"] = opt_state.notfinite_count
             metrics["skipped_updates"] = opt_state.total_notfinite
