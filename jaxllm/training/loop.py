@@ -165,7 +165,8 @@ def train(cfg: Config) -> dict:
         elif cfg.checkpoint.init_from:
             state = _init_from(cfg, state, shardings)
 
-        writer = metrics_lib.MetricsWriter(run_dir)
+        writer = metrics_lib.MetricsWriter(
+            run_dir, purge_step=None if resumed_from is None else resumed_from + 1)
         peak = metrics_lib.measure_peak_flops(jnp.dtype(cfg.model.compute_dtype))
         flops_tok = metrics_lib.flops_per_token(cfg.model, t.seq_len)
         tokens_per_step = t.batch_size * t.seq_len

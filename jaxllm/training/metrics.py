@@ -39,7 +39,7 @@ def measure_peak_flops(dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> fl
 class MetricsWriter:
     """Appends to metrics.jsonl and TensorBoard events; only process 0 writes."""
 
-    def __init__(self, run_dir: str | pathlib.Path, enabled: bool = True):
+    def __init__(self, run_dir: str | pathlib.Path, enabled: bool = True, purge_step: int | None = None):
         self.enabled = enabled and jax.process_index() == 0
         self.path = pathlib.Path(run_dir) / "metrics.jsonl"
         self._tb = None
@@ -47,7 +47,9 @@ class MetricsWriter:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             try:
                 from tensorboardX import SummaryWriter
-                self._tb = SummaryWriter(str(pathlib.Path(run_dir) / "tb"))
+                # purge_step: on resume, TensorBoard hides the events a killed run wrote
+                # after its last checkpoint (metrics.jsonl is truncated likewise)
+                self._tb = SummaryWriter(str(pathlib.Path(run_dir) / "tb"), purge_step=purge_step)
             except ImportError:  # TensorBoard is optional; metrics.jsonl is the record
                 self._tb = None
 
