@@ -121,3 +121,24 @@ def test_init_is_deterministic():
     a = jaxllm.init_params(CFG, jax.random.key(3))
     b = jaxllm.init_params(CFG, jax.random.key(3))
     chex.assert_trees_all_equal(a, b)
+
+
+def test_mixed_matmul_gradients():
+    from jaxllm.model.matmul import mixed_matmul
+    kx, kw = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, (2, 5, 8))
+    w = jax.random.normal(kw, (8, 3, 4))
+
+    def ref(x, w):
+        return jnp.sum(jnp.sin(jnp.einsum("...a,abc->...bc", x, w)))
+
+    def ours(x, w):
+        return jnp.sum(jnp.sin(mixed_matmul(x, w, 1)))
+    gx, gw = jax.grad(ours, (0, 1))(x, w)
+    rx, rw = jax.grad(ref, (0, 1))(x, w)
+    np.testing.assert_allclose(gx, rx, rtol=1e-5, atol=1e-6)   # fp32: exactly autodiff
+    np.testing.assert_allclose(gw, rw, rtol=1e-5, atol=1e-6)
+    bx, bw = jax.grad(ours, (0, 1))(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+    assert bx.dtype == jnp.bfloat16 and bw.dtype == jnp.bfloat16
+    np.testing.assert_allclose(bx.astype(jnp.float32), rx, atol=0.1 * float(jnp.max(jnp.abs(rx))))
+    np.testing.assert_allclose(bw.astype(jnp.float32), rw, atol=0.1 * float(jnp.max(jnp.abs(rw))))

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from jaxllm.config import ModelConfig
 from jaxllm.model.attention import attention
+from jaxllm.model.matmul import mixed_matmul
 
 REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole layer
@@ -88,16 +89,12 @@ class Dense(nn.Module):
             nn.initializers.normal(cfg.init_std), self.names),
             self.in_dims + self.out_dims, _dtype(cfg.param_dtype))
         dt = _dtype(cfg.compute_dtype)
-        ni, no = len(self.in_dims), len(self.out_dims)
-        letters = "abcdefgh"
-        lhs = "..." + letters[:ni]
-        rhs = letters[:ni] + letters[ni:ni + no]
-        # bf16 operands accumulate in fp32 (the fast path on CPUs and GPUs alike).
-        y = jnp.einsum(f"{lhs},{rhs}->...{letters[ni:ni + no]}", x.astype(dt), kernel.astype(dt),
-                       preferred_element_type=jnp.float32).astype(self.out_dtype or dt)
+        # bf16 operands accumulate in fp32, forward and backward (the fast path on CPUs and GPUs)
+        y = mixed_matmul(x.astype(dt), kernel.astype(dt), len(self.in_dims))
+        y = y.astype(self.out_dtype or dt)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(
-                nn.initializers.zeros, self.names[ni:]), self.out_dims, _dtype(cfg.param_dtype))
+                nn.initializers.zeros, self.names[len(self.in_dims):]), self.out_dims, _dtype(cfg.param_dtype))
             y = y + bias.astype(dt)
         return y
 

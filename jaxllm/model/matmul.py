@@ -1,0 +1,47 @@
+"""x @ w with low-precision operands and fp32 accumulation, in the forward AND backward pass.
+
+Plain autodiff of `einsum(x_bf16, w_bf16, preferred_element_type=f32)` transposes into
+matmuls of an fp32 cotangent with a bf16 operand, which XLA runs as fp32 matmuls (plus
+converts). On CPUs with AVX512-BF16 (and on GPUs) bf16 operands with fp32 accumulation are the
+fast path, so the backward here casts the cotangent to the operands' dtype and keeps fp32
+accumulation: the usual mixed-precision recipe. For fp32 operands it is exactly autodiff.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+_LETTERS = "abcdefgh"
+
+
+def _specs(n_in: int, n_out: int):
+    i, o = _LETTERS[:n_in], _LETTERS[n_in:n_in + n_out]
+    fwd = f"...{i},{i}{o}->...{o}"
+    dx = f"...{o},{i}{o}->...{i}"
+    dw = f"...{i},...{o}->{i}{o}"
+    return fwd, dx, dw
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def mixed_matmul(x, w, n_in: int):
+    """x (..., *in) @ w (*in, *out) -> (..., *out) float32; x and w share one dtype."""
+    fwd, _, _ = _specs(n_in, w.ndim - n_in)
+    return jnp.einsum(fwd, x, w, preferred_element_type=jnp.float32)
+
+
+def _fwd(x, w, n_in):
+    return mixed_matmul(x, w, n_in), (x, w)
+
+
+def _bwd(n_in, res, g):
+    x, w = res
+    _, dx_spec, dw_spec = _specs(n_in, w.ndim - n_in)
+    g = g.astype(x.dtype)
+    dx = jnp.einsum(dx_spec, g, w, preferred_element_type=jnp.float32).astype(x.dtype)
+    dw = jnp.einsum(dw_spec, x, g, preferred_element_type=jnp.float32).astype(w.dtype)
+    return dx, dw
+
+
+mixed_matmul.defvjp(_fwd, _bwd)
