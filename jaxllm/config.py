@@ -115,7 +115,7 @@ class TrainConfig:
     mlm_mask_id: int = -1           # -1: the tokenizer's <mask> (text data) or vocab_size-1
     log_every: int = 10
     eval_every: int = 50
-    eval_batches: int = 4
+    eval_batches: int = 4           # 0: the data config decides (text data: the whole held-out set)
     run_dir: str = "runs/default"
     progress: bool = True
     # Single-device debug mode: one device, jax_debug_nans, optionally no jit (pdb steps in).

@@ -49,16 +49,18 @@ def _data_iterators(cfg: Config, mesh):
                                      vocab_size=cfg.model.vocab_size, seed=cfg.data.seed,
                                      process_index=jax.process_index(),
                                      process_count=jax.process_count(), split=split, num_batches=n)
-        return make("train"), lambda: make("eval", t.eval_batches), None
+        # the synthetic stream is endless: 0 ("the whole held-out set") means the default 4
+        return make("train"), lambda: make("eval", t.eval_batches or 4), None
     from jaxllm.data import pipeline
     tok = pipeline.load_tokenizer_for(cfg.data, cfg.model.vocab_size)
     train_it = pipeline.make_train_iterator(cfg.data, seq_len=t.seq_len, global_batch_size=t.batch_size,
                                             seed=cfg.data.seed, tokenizer=tok)
 
     def make_eval():
-        it = pipeline.make_eval_iterator(cfg.data, seq_len=t.seq_len, global_batch_size=t.batch_size,
-                                         seed=cfg.data.seed, tokenizer=tok, num_batches=t.eval_batches)
-        return (b for _, b in zip(range(t.eval_batches), it))
+        # train.eval_batches=0: the data config decides (data.eval_batches; 0 = the whole set)
+        return pipeline.make_eval_iterator(cfg.data, seq_len=t.seq_len, global_batch_size=t.batch_size,
+                                           seed=cfg.data.seed, tokenizer=tok,
+                                           num_batches=t.eval_batches or None)
     return train_it, make_eval, tok
 
 
