@@ -114,6 +114,9 @@ def test_gopher_bullet_and_ellipsis_lines():
     nine = "\n".join(["• " + line] * 9 + [line])
     assert H.gopher_quality(nine, GQ) is None                                 # 90% bullets
     assert H.gopher_quality("\n".join(["• " + line] * 10), GQ) == "too_many_bullets"
+    # datatrove counts lines starting with "•" or "-".
+    assert H.gopher_quality("\n".join(["- " + line] * 9 + [line]), GQ) is None
+    assert H.gopher_quality("\n".join(["- " + line] * 5 + ["  • " + line] * 5), GQ) == "too_many_bullets"
     ends = lambda k: "\n".join([line + " word..."] * k + [line + "."] * (10 - k))  # noqa: E731
     assert H.gopher_quality(ends(3), GQ) is None                               # 30%
     assert H.gopher_quality(ends(4), GQ) == "too_many_end_ellipsis"
@@ -123,8 +126,14 @@ def test_gopher_alphabetic_words_and_stop_words():
     assert H.gopher_quality(" ".join(["the", "and"] + ["word"] * 78 + ["1234"] * 20), GQ) is None
     assert H.gopher_quality(" ".join(["the", "and"] + ["word"] * 77 + ["1234"] * 21),
                             GQ) == "below_alpha_threshold"
-    assert H.gopher_quality(words_doc(60, stop=("the", "The", "the")), GQ) == "few_stop_words"
-    assert H.gopher_quality(words_doc(60, stop=("The", "WITH")), GQ) is None   # 2 distinct
+    # datatrove: occurrences, case-sensitive.
+    assert H.gopher_quality(words_doc(60, stop=("the", "The")), GQ) == "few_stop_words"
+    assert H.gopher_quality(words_doc(60, stop=("the", "The", "the")), GQ) is None
+    assert H.gopher_quality(words_doc(60, stop=("The", "WITH")), GQ) == "few_stop_words"
+    # Optional Gopher-paper rule: distinct, case-insensitive.
+    gd = dataclasses.replace(GQ, distinct_stop_words=True)
+    assert H.gopher_quality(words_doc(60, stop=("the", "The", "the")), gd) == "few_stop_words"
+    assert H.gopher_quality(words_doc(60, stop=("The", "WITH")), gd) is None   # 2 distinct
 
 
 # --- Gopher repetition --------------------------------------------------------------------
@@ -180,11 +189,17 @@ def test_duplicated_ngram_character_fraction():
     for n_fill in range(10, 40, 3):
         fill = [f"f{i:02d}" for i in range(n_fill)]
         text = " ".join([block] + fill[: n_fill // 2] + [block] + fill[n_fill // 2:])
-        frac = len(block) / len(text)                  # the second copy, counted once
+        # the second copy, counted once, as "".join (no spaces: datatrove's find_all_duplicate)
+        frac = len(block.replace(" ", "")) / len(text)
         got = H.gopher_repetition(text, only(dup_n_grams=((5, 0.15),)))
         assert got == ("duplicated_5_n_grams" if frac > 0.15 else None), frac
         sides.add(frac > 0.15)
     assert sides == {True, False}
+    # 15 / 115 < 0.15 < 19 / 115: passes only when the joining spaces are not counted.
+    fill = [f"f{i:02d}" for i in range(19)]
+    text = " ".join([block] + fill[:9] + [block] + fill[9:])
+    assert len(text) == 115
+    assert H.gopher_repetition(text, only(dup_n_grams=((5, 0.15),))) is None
 
 
 # --- C4 -----------------------------------------------------------------------------------

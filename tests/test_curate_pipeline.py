@@ -62,6 +62,33 @@ def test_readers_count_bad_records_instead_of_failing(tmp_path):
     assert stats == {"read/unreadable_shard": 1}
 
 
+def test_unpaired_surrogate_is_a_bad_record_not_a_crash(tmp_path):
+    raw, docs, truth = make_corpus(tmp_path)
+    ref = runner_local.run(curate_cfg(raw, tmp_path / "ref", "language.enabled=false"),
+                           log=lambda *_: None)
+    # "\ud800" is valid JSON but decodes to a lone surrogate, which UTF-8 cannot encode.
+    with open(raw / "shard1.jsonl", "ab") as f:
+        f.write(b'{"text": "lone \\ud800 surrogate here"}\n')
+    stats = Counter()
+    recs = list(io.read_shard(str(raw / "shard1.jsonl"), 1, InputConfig(), stats))
+    assert stats["read/bad_utf8"] == 1 and not any("surrogate" in r.text for r in recs)
+    for lang in ("false", "true"):
+        rep = runner_local.run(curate_cfg(raw, tmp_path / f"out-{lang}", f"language.enabled={lang}"),
+                               log=lambda *_: None)
+        assert rep["input"]["bad_records"]["bad_utf8"] == 2
+        assert rep["input"]["records"] == ref["input"]["records"] + 1
+    assert read_dir(tmp_path / "out-false") == read_dir(tmp_path / "ref")
+
+
+def test_setup_error_fails_fast_with_a_process_pool(tmp_path):
+    raw, _, _ = make_corpus(tmp_path, n=20, shards=2)
+    cfg = curate_cfg(raw, tmp_path / "out", "runner.processes=2",
+                     f"url.blocklist_files=[{tmp_path / 'missing.txt'}]")
+    # Before the fix the spawn pool respawned failing initializers forever.
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        runner_local.run(cfg, log=lambda *_: None)
+
+
 def test_parquet_input_with_nulls_and_binary_text(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -212,6 +239,16 @@ def test_cli_trains_classifier_then_curates_with_it(tmp_path, capsys):
     rep = json.loads((tmp_path / "out" / "report.json").read_text())
     st = {s["stage"]: s for s in rep["stages"]}["classifier"]
     assert st["in"] == 40 and st["removed"].get("low_score", 0) >= 18 and st["kept"] >= 18
+
+
+def test_cli_user_errors_are_one_line_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_run(["curate", str(REPO / "configs/curate/fineweb.yaml"),
+                 f"input.paths=[{tmp_path}/none*.jsonl]", f"output.dir={tmp_path / 'out'}"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jaxllm curate: error: ") and "matched no files" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_config_errors_name_the_key_and_the_fix(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from collections import Counter
 
 USAGE = """\
@@ -45,7 +46,13 @@ def curate_main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     from jaxllm.curate import config
     cfg = config.load(a.config, a.overrides)
-    rep = run(cfg)
+    try:
+        rep = run(cfg)
+    except (ValueError, OSError) as e:   # OSError covers FileNotFoundError
+        # User errors (a glob matching nothing, a missing list or model file, an unknown
+        # suffix): one line, not a traceback.
+        print(f"jaxllm curate: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from e
     print(format_report(rep))
     return 0
 

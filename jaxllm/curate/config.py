@@ -62,9 +62,12 @@ class GopherQualityConfig:
     max_bullet_lines_ratio: float = 0.9
     max_ellipsis_lines_ratio: float = 0.3
     min_alpha_words_ratio: float = 0.8         # datatrove calls it max_non_alpha_words_ratio
-    min_stop_words: int = 2
+    min_stop_words: int = 2                    # occurrences, case-sensitive (datatrove)
+    # True: count distinct stop words, case-insensitively (the Gopher paper's "at least two
+    # of"); stricter than datatrove / FineWeb.
+    distinct_stop_words: bool = False
     stop_words: tuple[str, ...] = ("the", "be", "to", "of", "and", "that", "have", "with")
-    bullets: tuple[str, ...] = ("•",)          # datatrove checks only U+2022
+    bullets: tuple[str, ...] = ("•", "-")      # datatrove: lines starting with U+2022 or "-"
 
 
 @dataclasses.dataclass(frozen=True)

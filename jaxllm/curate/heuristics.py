@@ -5,9 +5,9 @@ src/datatrove/pipeline/filters/{gopher_quality_filter,gopher_repetition_filter,c
 fineweb_quality_filter}.py), with the thresholds in config.py. A filter returns the reason
 string for a rejected document, or None. Words come from the regex tokenizer in text.py
 (callers that already tokenized pass `words`).
-Deliberate differences from datatrove, each closer to the Gopher paper:
-  * stop words are counted as distinct words, case-insensitively ("at least two of ...");
-    datatrove counts occurrences, case-sensitively;
+Deliberate differences from datatrove, each closer to the Gopher paper (or optional):
+  * stop words are counted as datatrove does (occurrences, case-sensitive) unless
+    distinct_stop_words=True (distinct words, case-insensitively: Gopher's "at least two of");
   * the alphabetic-word fraction is over word tokens only (datatrove's numerator includes
     punctuation tokens, its denominator does not);
   * Gopher's duplicate-line fractions skip blank lines.
@@ -55,7 +55,11 @@ def gopher_quality(text: str, cfg: GopherQualityConfig, words: list[str] | None 
     if sum(1 for w in ws if _HAS_ALPHA_RE.search(w)) / n < cfg.min_alpha_words_ratio:
         return "below_alpha_threshold"
     stop = set(cfg.stop_words)
-    if len(stop.intersection(w.lower() for w in ws)) < cfg.min_stop_words:
+    if cfg.distinct_stop_words:
+        n_stop = len(stop.intersection(w.lower() for w in ws))
+    else:
+        n_stop = sum(w in stop for w in ws)
+    if n_stop < cfg.min_stop_words:
         return "few_stop_words"
     return None
 
@@ -86,27 +90,28 @@ def _word_ids(ws: list[str]) -> tuple[np.ndarray, np.ndarray]:
 def _ngram_codes(w: np.ndarray, cum: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Integer codes of the word n-grams (a 64-bit polynomial of word ids: equal n-grams get
     equal codes, and collisions are negligible at document scale) and each n-gram's length
-    in characters as " ".join would make it."""
+    in characters without joining spaces ("".join); add n - 1 for " ".join."""
     m = w.size - n + 1
     code = np.zeros(m, np.uint64)
     for k in range(n):
         code = code * np.uint64(0x9E3779B97F4A7C15) + w[k:k + m] + np.uint64(1)
-    return code, cum[n:] - cum[:-n] + n - 1
+    return code, cum[n:] - cum[:-n]
 
 
-def _top_ngram_chars(code: np.ndarray, length: np.ndarray) -> int:
+def _top_ngram_chars(code: np.ndarray, length: np.ndarray, n: int) -> int:
     """Characters covered by all occurrences of the most frequent n-gram (the earliest one
-    on ties, like Counter.most_common)."""
+    on ties, like Counter.most_common), each measured as " ".join (datatrove's get_n_grams)."""
     _, first, inverse, counts = np.unique(code, return_index=True, return_inverse=True,
                                           return_counts=True)
     best = np.flatnonzero(counts == counts.max())
     top = best[np.argmin(first[best])]
-    return int(length[first[top]] * counts[top])
+    return int((length[first[top]] + n - 1) * counts[top])
 
 
 def _duplicated_ngram_chars(code: np.ndarray, length: np.ndarray, n: int) -> int:
     """Characters in repeated n-grams, skipping ahead n words after each repeat so that
-    overlapping repeats are not double counted (datatrove's find_all_duplicate)."""
+    overlapping repeats are not double counted (datatrove's find_all_duplicate, which
+    measures each n-gram as "".join: no joining spaces)."""
     seen: set[int] = set()
     codes = code.tolist()
     chars = i = 0
@@ -140,7 +145,7 @@ def gopher_repetition(text: str, cfg: GopherRepetitionConfig, words: list[str] |
     ws = T.words(text) if words is None else words
     w, cum = _word_ids(ws)
     for n, frac in cfg.top_n_grams:
-        if len(ws) >= n and _top_ngram_chars(*_ngram_codes(w, cum, n)) / n_chars > frac:
+        if len(ws) >= n and _top_ngram_chars(*_ngram_codes(w, cum, n), n) / n_chars > frac:
             return f"top_{n}_gram"
     for n, frac in sorted(cfg.dup_n_grams):
         if len(ws) < n:

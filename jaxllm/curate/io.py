@@ -94,6 +94,11 @@ def _make_record(obj, shard_index: int, i: int, stem: str, cfg: InputConfig,
     if not isinstance(text, str):
         stats["read/no_text"] += 1
         return None
+    try:
+        text.encode("utf-8")   # JSON "\ud800" decodes to an unpaired surrogate
+    except UnicodeEncodeError:
+        stats["read/bad_utf8"] += 1
+        return None
     if not text.strip():
         stats["read/empty_text"] += 1
         return None

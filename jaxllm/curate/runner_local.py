@@ -89,13 +89,17 @@ def run(cfg: CurateConfig, log=print) -> dict:
         os.remove(old)   # shards of an earlier run with more inputs would look like output
     n = len(shards)
     procs = min(cfg.runner.processes, n)
+    # Set up once here first: a missing list file, model or package then fails now, with its
+    # message, rather than in the pool's initializer (which would respawn workers forever).
+    _init(cfg)
     pool = None
     if procs > 1:
+        global _curator
+        _curator = None   # the workers build their own; the driver need not hold one
         # spawn, not fork: workers must not inherit the parent's threads (JAX, BLAS) or locks.
         pool = multiprocessing.get_context("spawn").Pool(procs, initializer=_init, initargs=(cfg,))
         pmap = lambda f, xs: pool.map(f, xs, chunksize=1)  # noqa: E731
     else:
-        _init(cfg)
         pmap = lambda f, xs: list(map(f, xs))  # noqa: E731
     try:
         results = pmap(_filter_shard, [(cfg, work, i, p) for i, p in enumerate(shards)])
