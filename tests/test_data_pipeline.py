@@ -160,6 +160,42 @@ def test_eval_covers_each_held_out_document_once_for_any_process_count(data):
     assert (last["loss_mask"][empty] == 0).all()
 
 
+def test_eval_with_no_batch_count_reads_the_set_once_and_counts_only_once(data, monkeypatch):
+    cfg, tok, _ = data
+    cfg = dataclasses.replace(cfg, eval_batches=0, seed=12345)  # a key no other test has cached
+    n_eval = len(open_source(cfg.eval_sources[0]))
+    calls = []
+    real_count = pipeline._count
+    monkeypatch.setattr(pipeline, "_count", lambda ds: calls.append(1) or real_count(ds))
+    runs = []
+    for _ in range(3):
+        it = pipeline.make_eval_iterator(cfg, seq_len=T, global_batch_size=B, process_index=0,
+                                         process_count=1, tokenizer=tok, num_batches=None)
+        runs.append(list(it))
+        assert it.stats["documents"] == n_eval
+        with pytest.raises(StopIteration):
+            next(it)
+    assert len(calls) == cfg.shard_count(B)  # counted on the first call only
+    assert all(_same(r, runs[0]) for r in runs)
+    assert runs[0][-1]["segment_ids"].sum() < runs[0][0]["segment_ids"].sum() or len(runs[0]) == 1
+
+
+def test_unpaired_surrogate_stops_with_file_and_line_or_is_skipped(tmp_path, data):
+    _, tok, _ = data
+    lines = [json.dumps({"text": f"good document {i}."}) for i in range(10)]
+    lines[4] = '{"text": "bad \\ud800 document"}'
+    (tmp_path / "s.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = DataConfig(kind="text", sources=[str(tmp_path / "s.jsonl")], shuffle=False,
+                     eval_sources=[str(tmp_path / "s.jsonl")])
+    with pytest.raises(DataError, match=r"s.jsonl:5: text is not valid UTF-8 \(unpaired surrogate\)"):
+        list(pipeline.make_eval_iterator(cfg, seq_len=T, global_batch_size=2, process_index=0,
+                                         process_count=1, tokenizer=tok))
+    it = pipeline.make_eval_iterator(dataclasses.replace(cfg, skip_bad_records=True), seq_len=T,
+                                     global_batch_size=2, process_index=0, process_count=1, tokenizer=tok)
+    list(it)
+    assert (it.stats["documents"], it.stats["skipped_records"]) == (9, 1)
+
+
 def test_bad_record_in_a_file_stops_with_file_and_line(tmp_path, data):
     _, tok, _ = data
     lines = [json.dumps({"text": f"good document {i}."}) for i in range(30)]

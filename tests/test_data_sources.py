@@ -1,11 +1,18 @@
 """Sources: every format, globs and dirs, and a clear file:line error for each kind of bad input."""
 import json
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
 
+import numpy as np
 import pytest
 
 from jaxllm import configlib
 from jaxllm.data.config import DataConfig, SourceConfig
-from jaxllm.data.sources import DataError, open_source
+from jaxllm.data.packing import Bad, GuardedSource
+from jaxllm.data.sources import DataError, _line_index, open_source
 
 
 def _texts(src):
@@ -71,6 +78,7 @@ def test_array_record_json_and_raw_records(tmp_path):
     (b'{"text": "ok"}\n{"text": "caf\xe9"}\n', r"bad.jsonl:2: undecodable bytes \(not UTF-8\)"),
     (b'{"text": 5}\n', r"bad.jsonl:1: field 'text' must be a string, got int"),
     (b'["text"]\n', r"bad.jsonl:1: expected a JSON object"),
+    (b'{"text": "ok"}\n{"text": "a \\ud800 b"}\n', r"bad.jsonl:2: text is not valid UTF-8 \(unpaired surrogate\)"),
 ])
 def test_each_bad_record_names_file_and_line(tmp_path, content, message):
     (tmp_path / "bad.jsonl").write_bytes(content)
@@ -120,3 +128,57 @@ def test_bad_data_config_is_a_clear_error(tmp_path, yaml_text, message):
     (tmp_path / "d.yaml").write_text(yaml_text)
     with pytest.raises(configlib.ConfigError, match=message):
         configlib.load(DataConfig, tmp_path / "d.yaml")
+
+
+def test_unpaired_surrogate_is_skipped_and_counted_or_raises_with_location(tmp_path):
+    p = tmp_path / "s.jsonl"
+    p.write_text('{"text": "fine"}\n{"text": "x\\udc00y"}\n')  # valid JSON, not encodable
+    src = open_source(SourceConfig(path=str(p)))
+    with pytest.raises(DataError, match=rf"s.jsonl:2: text is not valid UTF-8"):
+        GuardedSource(src, skip_bad_records=False)[1]
+    bad = GuardedSource(src, skip_bad_records=True)[1]
+    assert isinstance(bad, Bad) and bad[0] == f"{p}:2"
+    assert GuardedSource(src, skip_bad_records=True)[0].text == "fine"
+
+
+def test_line_index_in_small_chunks_matches_a_whole_file_scan(tmp_path):
+    rng = np.random.default_rng(0)
+    p = tmp_path / "f.jsonl"
+    for _ in range(300):
+        data = bytes(rng.choice(list(b"\n\r \tab{"), size=rng.integers(0, 50)))
+        p.write_bytes(data)
+        whole = _line_index(str(p))
+        for chunk in (1, 2, 3, 7):
+            assert all(np.array_equal(a, b) for a, b in zip(whole, _line_index(str(p), chunk)))
+    p.write_bytes(b'\r\n{"a"}\r\n \t\n\n{"b"}\r')
+    starts, ends, lines = _line_index(str(p), 3)
+    assert starts.tolist() == [2, 13] and ends.tolist() == [7, 18] and lines.tolist() == [2, 5]
+
+
+def test_many_files_read_under_a_low_open_file_limit(tmp_path):
+    # One open map per file once exhausted the file descriptors (>1000 input files); maps
+    # are now a bounded LRU. 300 files, soft limit 200, every record read twice, in a
+    # random order, and through a pickled copy (what a grain worker gets).
+    for i in range(300):
+        (tmp_path / f"f{i:04d}.jsonl").write_text(f'{{"text": "doc {i} a"}}\n\n{{"text": "doc {i} b"}}\n')
+    script = textwrap.dedent(f"""
+        import pickle, random, resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (200, hard))
+        from jaxllm.data.config import SourceConfig
+        from jaxllm.data.sources import open_source
+        src = open_source(SourceConfig(path={str(tmp_path)!r}))
+        assert len(src) == 600
+        order = list(range(600)) * 2
+        random.Random(0).shuffle(order)
+        for s in (src, pickle.loads(pickle.dumps(src))):
+            got = {{i: s[i] for i in order}}
+            assert all(got[2 * k].text == f"doc {{k}} a" and got[2 * k + 1].text == f"doc {{k}} b"
+                       for k in range(300))
+            assert got[599].where.endswith("f0299.jsonl:3")
+            assert len(s.files._maps) <= s.files.max_open
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         cwd=os.getcwd())
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

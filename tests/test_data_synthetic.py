@@ -16,8 +16,8 @@ def test_same_seed_same_documents_and_splits_differ():
     a = list(synthetic.pretrain_docs(200, seed=1))
     assert a == list(synthetic.pretrain_docs(200, seed=1))
     assert a != list(synthetic.pretrain_docs(200, seed=2))
-    held_out = set(synthetic.pretrain_docs(200, seed=1, split="eval"))
-    assert len(held_out & set(a)) < 20  # short counting docs may coincide; stories do not
+    held_out = set(synthetic.pretrain_docs(2000, seed=1, split="eval"))
+    assert not held_out & set(synthetic.pretrain_docs(20_000, seed=1))
     for gen in (synthetic_tasks.chat_examples, synthetic_tasks.reward_examples, synthetic_tasks.ppo_prompts):
         assert list(gen(30, 1)) == list(gen(30, 1)) != list(gen(30, 1, "eval"))
 
@@ -111,3 +111,12 @@ def test_write_corpus_writes_every_split_as_jsonl(tmp_path):
         lines = (tmp_path / rel).read_text().splitlines()
         assert len(lines) == counts[rel] > 0
         json.loads(lines[0])
+
+
+def test_written_eval_split_shares_no_document_with_train(tmp_path):
+    synthetic.write_corpus(str(tmp_path), train_docs=20_000, eval_docs=1000, tasks=False)
+    def texts(pattern):
+        return {json.loads(line)["text"] for f in tmp_path.glob(pattern) for line in f.open()}
+    train, held_out = texts("pretrain/train-*.jsonl"), texts("pretrain/eval-*.jsonl")
+    assert len(held_out) > 950 and not train & held_out
+    assert any(d.startswith("Counting") for d in held_out)

@@ -1,5 +1,6 @@
 """Tokenizer: training options, determinism, loading ours and HF-style dirs, vocab checks, CLI."""
 import io
+import json
 import pickle
 
 import pytest
@@ -69,8 +70,23 @@ def test_vocab_too_large_for_corpus_names_the_maximum(tmp_path):
 
 
 def test_vocab_below_byte_fallback_minimum_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="byte fallback alone needs 256"):
-        train_tokenizer(DOCS, tmp_path, 200)
+    with pytest.raises(ValueError, match="byte fallback alone needs 256 pieces plus 7 special ones; "
+                                         "use at least 263"):
+        train_tokenizer(DOCS, tmp_path, 262)
+
+
+def test_unpaired_surrogate_in_training_text_names_its_location(tmp_path, capsys):
+    from jaxllm.data.sources import DataError
+    with pytest.raises(DataError, match=r"training text 3: text is not valid UTF-8 \(unpaired surrogate\)"):
+        train_tokenizer(DOCS[:2] + ["bad \ud800 text"] + DOCS[2:300], tmp_path / "t", 400)
+    (tmp_path / "c.jsonl").write_text("".join('{"text": %s}\n' % json.dumps(d) for d in DOCS[:300])
+                                      + '{"text": "x \\ud800"}\n')
+    with pytest.raises(SystemExit) as e:
+        cli_main(["tokenizer", "train", "--input", str(tmp_path / "c.jsonl"), "--vocab-size", "400",
+                  "--out", str(tmp_path / "tok")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "c.jsonl:301: text is not valid UTF-8 (unpaired surrogate)" in err and "Traceback" not in err
 
 
 def test_check_vocab_fails_at_startup_when_model_is_smaller(tok_dir):

@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import atexit
 import gc
+import hashlib
 import math
+import os
 import weakref
 from typing import Any
 
@@ -229,6 +231,14 @@ def _count(ds: grain.IterDataset) -> int:
     return n
 
 
+_EVAL_BATCHES: dict[tuple, int] = {}  # eval batch counts already computed in this process
+
+
+def _file_stamp(path: str) -> tuple:
+    st = os.stat(path)
+    return path, st.st_size, st.st_mtime_ns
+
+
 def make_eval_iterator(data_cfg: DataConfig, *, seq_len: int, global_batch_size: int, seed: int = 0,
                        process_index: int | None = None, process_count: int | None = None,
                        tokenizer: Tokenizer | None = None, num_batches: int | None = None):
@@ -246,9 +256,16 @@ def make_eval_iterator(data_cfg: DataConfig, *, seq_len: int, global_batch_size:
     shard_seeds = _seeds(cfg, seed, S)
     num_batches = num_batches or cfg.eval_batches
     if not num_batches:
-        rows_per_shard = [_count(_padded_shard(docs[s::S], tokenizer, cfg, seq_len, shard_seeds[s])[0])
-                          for s in range(S)]
-        num_batches = max(1, math.ceil(max(rows_per_shard) / R))
+        # Counting tokenizes every shard; an eval loop calls this each time, so count once per
+        # (config, shape, seed, tokenizer, file versions) in this process.
+        key = (cfg, seq_len, global_batch_size, seed, hashlib.sha1(tokenizer._proto).hexdigest()
+               if hasattr(tokenizer, "_proto") else id(tokenizer),
+               tuple(_file_stamp(path) for _, src in sources for path in src.files.paths))
+        if key not in _EVAL_BATCHES:
+            rows_per_shard = [_count(_padded_shard(docs[s::S], tokenizer, cfg, seq_len, shard_seeds[s])[0])
+                              for s in range(S)]
+            _EVAL_BATCHES[key] = max(1, math.ceil(max(rows_per_shard) / R))
+        num_batches = _EVAL_BATCHES[key]
     shards = [_padded_shard(docs[s::S], tokenizer, cfg, seq_len, shard_seeds[s])[1].batch(R)
               for s in range(p * m, (p + 1) * m)]
     return _tracked(iter(_combine_shards(shards, 0, 1, limit=num_batches)))

@@ -12,11 +12,13 @@ pipeline turns that into skip-and-count when `skip_bad_records` is set.
 from __future__ import annotations
 
 import bisect
+import collections
 import functools
 import glob
 import json
 import mmap
 import os
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -90,45 +92,111 @@ def _field_text(raw: bytes, field: str, where: str) -> str:
 def _check_text(text: str, where: str) -> Doc:
     if not text.strip():
         raise DataError(f"{where}: empty document")
+    check_utf8(text, where)
     return Doc(text, where)
 
 
-class _Files:
-    """Lazily opened, read-only memory maps; not pickled, so grain workers reopen their own."""
+def check_utf8(text: str, where: str) -> None:
+    """JSON "\\ud800" escapes decode to unpaired surrogates, which no tokenizer can encode
+    (SentencePiece raises a bare RuntimeError); refuse them here, with the location."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"{where}: text is not valid UTF-8 (unpaired surrogate)") from None
 
-    def __init__(self, paths):
+
+class _Files:
+    """Lazily opened, read-only memory maps, at most `max_open` at a time (least recently used
+    closed first: every map holds a file descriptor). Not pickled: grain workers reopen their
+    own. Reads copy the bytes out under a lock, so an eviction never closes a map in use."""
+
+    def __init__(self, paths, max_open: int = 64):
         self.paths = list(paths)
-        self._maps: dict[int, mmap.mmap | bytes] = {}
+        self.max_open = max(1, int(max_open))
+        self._maps: collections.OrderedDict[int, mmap.mmap | bytes] = collections.OrderedDict()
+        self._lock = threading.Lock()
 
     def __getstate__(self):
-        return {"paths": self.paths}
+        return {"paths": self.paths, "max_open": self.max_open}
 
     def __setstate__(self, state):
-        self.__init__(state["paths"])
+        self.__init__(state["paths"], state.get("max_open", 64))
 
-    def get(self, i: int):
-        if i not in self._maps:
-            with open(self.paths[i], "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                self._maps[i] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
-        return self._maps[i]
+    def _get(self, i: int):
+        m = self._maps.get(i)
+        if m is not None:
+            self._maps.move_to_end(i)
+            return m
+        with open(self.paths[i], "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+        self._maps[i] = m
+        while len(self._maps) > self.max_open:
+            _, old = self._maps.popitem(last=False)
+            if isinstance(old, mmap.mmap):
+                old.close()
+        return m
+
+    def read(self, i: int, start: int = 0, end: int | None = None) -> bytes:
+        """Bytes [start, end) of file i (a copy)."""
+        with self._lock:
+            m = self._get(i)
+            return bytes(m[start:len(m) if end is None else end])
+
+    def close(self) -> None:
+        with self._lock:
+            for m in self._maps.values():
+                if isinstance(m, mmap.mmap):
+                    m.close()
+            self._maps.clear()
 
 
-def _line_index(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(start, end, 1-based line number) of every non-blank line, vectorised over the bytes."""
+_NON_WS = np.ones(256, dtype=np.uint8)
+_NON_WS[[9, 10, 13, 32]] = 0
+
+
+def _line_index(path: str, chunk_size: int = 1 << 24) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(start, end, 1-based line number) of every non-blank line. Reads the file in chunks, so
+    memory is one chunk plus ~9 bytes per line, whatever the file size."""
+    nl_parts, cr_parts, solid_parts = [], [], []
+    buf = bytearray(chunk_size)
+    pos, prev_byte, open_solid = 0, -1, False  # open_solid: the unfinished line has a non-space
     with open(path, "rb") as f:
-        data = f.read()
-    buf = np.frombuffer(data, dtype=np.uint8)
-    nl = np.flatnonzero(buf == 10)
-    starts = np.concatenate([[0], nl + 1])
-    ends = np.concatenate([nl, [len(buf)]])
-    # Drop a trailing "\r" so CRLF files work.
-    if len(buf):
-        ends = ends - ((ends > starts) & (buf[np.maximum(ends - 1, 0)] == 13))
-    # Whitespace-only lines are not records (JSONL writers often leave them); count the
-    # non-whitespace bytes in each line with one cumulative sum.
-    solid = np.concatenate([[0], np.cumsum(~np.isin(buf, (9, 10, 13, 32)))])
-    keep = solid[ends] > solid[starts]
+        while True:
+            got = f.readinto(buf)
+            if not got:
+                break
+            c = np.frombuffer(buf, dtype=np.uint8, count=got)
+            local = np.flatnonzero(c == 10)
+            nl_parts.append(local + pos)
+            # A "\r" before the newline is not part of the line (CRLF files).
+            before = c[np.maximum(local - 1, 0)]
+            if len(local) and local[0] == 0:
+                before[0] = prev_byte if prev_byte >= 0 else 0
+            cr_parts.append(before == 13)
+            # Segments of this chunk: [0, nl0], [nl0+1, nl1], ..., [nl_last+1, end); the first
+            # continues the line left open by the previous chunk. Whitespace-only lines are
+            # not records (JSONL writers often leave them).
+            seg = np.concatenate([[0], local + 1])
+            seg = seg[seg < got]
+            solid = np.maximum.reduceat(_NON_WS[c], seg).astype(bool) if len(seg) else np.zeros(0, bool)
+            if len(solid):
+                solid[0] |= open_solid
+            closed = len(local)
+            if len(solid) > closed:  # the last segment runs to the end of the chunk: still open
+                solid_parts.append(solid[:closed])
+                open_solid = bool(solid[closed])
+            else:
+                solid_parts.append(solid)
+                open_solid = False
+            prev_byte = int(c[-1])
+            pos += got
+    nl = np.concatenate(nl_parts) if nl_parts else np.zeros(0, np.int64)
+    starts = np.concatenate([[0], nl + 1]).astype(np.int64)
+    ends = np.concatenate([nl, [pos]]).astype(np.int64)
+    last_cr = pos > starts[-1] and prev_byte == 13
+    ends = ends - np.concatenate(cr_parts + [[last_cr]]).astype(np.int64) if cr_parts else ends - int(last_cr)
+    keep = np.concatenate(solid_parts + [[open_solid]]).astype(bool)
     lines = np.arange(1, len(starts) + 1)
     return starts[keep], ends[keep], lines[keep]
 
@@ -166,7 +234,7 @@ class JsonlSource(_RecordSource):
         f, j = self._locate(index)
         starts, ends, lines = self.index[f]
         where = f"{self.files.paths[f]}:{lines[j]}"
-        raw = self.files.get(f)[starts[j]:ends[j]]
+        raw = self.files.read(f, int(starts[j]), int(ends[j]))
         return _check_text(_field_text(raw, self.cfg.text_field, where), where)
 
 
@@ -183,9 +251,9 @@ class TextSource(_RecordSource):
         if self.by_line:
             starts, ends, lines = self.index[f]
             where = f"{path}:{lines[j]}"
-            raw = self.files.get(f)[starts[j]:ends[j]]
+            raw = self.files.read(f, int(starts[j]), int(ends[j]))
         else:
-            where, raw = f"{path}:1", bytes(self.files.get(f)[:])
+            where, raw = f"{path}:1", self.files.read(f)
         return _check_text(_decode(raw, where), where)
 
 

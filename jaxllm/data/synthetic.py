@@ -98,8 +98,10 @@ def arithmetic(rng: random.Random, world: World) -> str:
     return "\n".join(lines)
 
 
-def counting(rng: random.Random, world: World) -> str:
-    start, step = rng.randint(0, 80), rng.choice([1, 1, 1, 2, 5, 10])
+def counting(rng: random.Random, world: World, held_out: bool = False) -> str:
+    # Train counts start in [0, 80], held-out splits in [81, 160]: the few thousand possible
+    # sequences would otherwise reappear verbatim in eval.
+    start, step = rng.randint(81, 160) if held_out else rng.randint(0, 80), rng.choice([1, 1, 1, 2, 5, 10])
     n = rng.randint(5, 15)
     return f"Counting by {step} from {start}: " + ", ".join(str(start + i * step) for i in range(n)) + "."
 
@@ -121,21 +123,32 @@ KINDS = (("story", 0.45), ("arithmetic", 0.2), ("facts", 0.15), ("counting", 0.1
 _SPLIT_SALT = {"train": 0, "eval": 1_000_003}
 
 
-def pretrain_docs(n: int, seed: int = 0, split: str = "train", world: World | None = None) -> Iterator[str]:
-    """`n` documents of the pretraining corpus; a different `split` draws disjoint randomness."""
+def pretrain_docs(n: int, seed: int = 0, split: str = "train", world: World | None = None,
+                  exclude: set[str] | frozenset[str] = frozenset()) -> Iterator[str]:
+    """`n` documents of the pretraining corpus; a different `split` draws disjoint randomness,
+    and held-out counting documents use their own start range, so no held-out document equals
+    a train one. Documents in `exclude` (e.g. the train texts) are skipped and redrawn."""
     if split not in _SPLIT_SALT:
         raise ValueError(f"split must be one of {list(_SPLIT_SALT)}, got {split!r}")
     world = world or World()
     rng = random.Random(seed * 7919 + _SPLIT_SALT[split])
     kinds, weights = zip(*KINDS)
-    for _ in range(n):
+    held_out = split != "train"
+    made = 0
+    while made < n:
         kind = rng.choices(kinds, weights)[0]
         if kind == "story":
-            yield story(rng, world)
+            doc = story(rng, world)
         elif kind == "book":
-            yield "\n\n".join(story(rng, world, episodes=rng.randint(4, 8)) for _ in range(rng.randint(3, 6)))
+            doc = "\n\n".join(story(rng, world, episodes=rng.randint(4, 8)) for _ in range(rng.randint(3, 6)))
+        elif kind == "counting":
+            doc = counting(rng, world, held_out)
         else:
-            yield {"arithmetic": arithmetic, "facts": facts, "counting": counting}[kind](rng, world)
+            doc = {"arithmetic": arithmetic, "facts": facts}[kind](rng, world)
+        if doc in exclude:
+            continue
+        made += 1
+        yield doc
 
 
 def write_jsonl(path: str, records) -> int:
@@ -163,7 +176,8 @@ def write_corpus(out_dir: str, *, train_docs: int = 20_000, eval_docs: int = 1_0
         rel = f"pretrain/train-{s:05d}.jsonl"
         counts[rel] = write_jsonl(os.path.join(out_dir, rel), docs[s::shards])
     counts["pretrain/eval-00000.jsonl"] = write_jsonl(
-        os.path.join(out_dir, "pretrain/eval-00000.jsonl"), pretrain_docs(eval_docs, seed, "eval", world))
+        os.path.join(out_dir, "pretrain/eval-00000.jsonl"), pretrain_docs(eval_docs, seed, "eval", world,
+                                                                     exclude=set(docs)))
     if tasks:
         for split, n in (("train", max(train_docs // 4, 1)), ("eval", max(eval_docs // 4, 1))):
             for name, gen in (("chat", synthetic_tasks.chat_examples),

@@ -16,6 +16,8 @@ from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
+from jaxllm.data.sources import check_utf8
+
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
 MASK_TOKEN = "<mask>"   # MLM corruption symbol; never produced by encoding text
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -111,10 +113,11 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size
     and write out_dir/tokenizer.model (+ tokenizer.vocab). Same texts and seed -> the same bytes."""
     if model_type not in ("bpe", "unigram"):
         raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
-    minimum = 256 + len(CHAT_TOKENS) + 4 + 1
+    specials = 4 + len(CHAT_TOKENS) + 1  # pad/unk/bos/eos, chat markers, <mask>
+    minimum = 256 + specials
     if vocab_size < minimum:
         raise ValueError(f"vocab_size {vocab_size} is too small: byte fallback alone needs 256 "
-                         f"pieces plus {len(CHAT_TOKENS) + 4} special ones; use at least {minimum} "
+                         f"pieces plus {specials} special ones; use at least {minimum} "
                          f"(and enough to hold the corpus's characters)")
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,7 +128,9 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size
 
     def sentences():
         try:
-            for doc in texts:
+            for k, doc in enumerate(texts):
+                # An unpaired surrogate would make SentencePiece fail with a bare RuntimeError.
+                check_utf8(doc, f"training text {k + 1}")
                 for line in doc.split("\n"):
                     if line.strip():
                         yield line
