@@ -1,7 +1,6 @@
 """Sources: every format, globs and dirs, and a clear file:line error for each kind of bad input."""
 import json
 import os
-import pickle
 import subprocess
 import sys
 import textwrap
