@@ -168,7 +168,3 @@ class Config:
 def load_config(path: str | pathlib.Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Load a run config from YAML plus `a.b=c` overrides; every error names key and file."""
     return configlib.load(Config, path, overrides)
-
-
-def replace(cfg, **sections):
-    return dataclasses.replace(cfg, **sections)

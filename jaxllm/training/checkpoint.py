@@ -16,7 +16,6 @@ import pathlib
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxllm.config import CheckpointConfig
