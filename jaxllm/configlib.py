@@ -18,10 +18,12 @@ from typing import Any
 
 import yaml
 
+from jaxllm.errors import UserError
+
 REPO_CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file or override is invalid; the message says where and what would be valid."""
 
 

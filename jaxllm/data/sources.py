@@ -24,9 +24,10 @@ from typing import NamedTuple
 import numpy as np
 
 from jaxllm.data.config import SourceConfig
+from jaxllm.errors import UserError
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A problem with user data; the message starts with the file and line it came from."""
 
 

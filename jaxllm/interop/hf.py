@@ -18,11 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import ModelConfig
+from jaxllm.errors import UserError
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(UserError):
     pass
 
 

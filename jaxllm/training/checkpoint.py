@@ -19,9 +19,10 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxllm.config import CheckpointConfig
+from jaxllm.errors import RunError
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RunError):
     pass
 
 
