@@ -43,15 +43,27 @@ def test_url_domain_blocklist_covers_subdomains_but_not_lookalikes(tmp_path):
 
 
 def test_url_banned_words_match_tokens_soft_words_need_threshold(tmp_path):
-    f = tmp_path / "words.txt"
-    f.write_text("casino\n")
-    u = UrlFilter(UrlConfig(banned_word_files=(str(f),)))
+    for name, text in {"words": "casino\n", "soft": "hot\ngirls\n", "sub": "xvideos\n"}.items():
+        (tmp_path / f"{name}.txt").write_text(text)
+    u = UrlFilter(UrlConfig(use_default_lists=False, banned_word_files=(str(tmp_path / "words.txt"),),
+                            soft_word_files=(str(tmp_path / "soft.txt"),),
+                            banned_subword_files=(str(tmp_path / "sub.txt"),)))
     assert u.reason("https://example.org/best-casino-games") == "banned_word"
     assert u.reason("https://example.org/casinos-history") is None  # token, not substring
     assert u.reason("https://example.org/hot-weather") is None        # one soft word
     assert u.reason("https://example.org/hot-girls") == "soft_words"  # two soft words
     assert u.reason("https://example.org/myxvideosclips") == "banned_subword"
     assert UrlFilter(UrlConfig(use_default_lists=False)).reason("https://pornhub.com/") is None
+
+
+def test_url_compound_tokens_split_only_into_listed_words():
+    u = UrlFilter(UrlConfig())
+    assert u.reason("https://luckyslots.example/") == "compound"
+    assert u.reason("https://royalvegascasino.example/") == "compound"
+    assert u.reason("https://online-poker-rooms.example/") == "compound"   # one hyphenated label
+    assert u.reason("https://example.org/online-poker-rooms") is None      # path words stay apart
+    for whole in ("therapist", "essex", "sussex", "analytics", "scunthorpe", "penisland", "cocktail"):
+        assert u.reason(f"https://{whole}.example/") is None, whole
 
 
 # --- language -----------------------------------------------------------------------------
