@@ -14,6 +14,7 @@ import pytest
 from jaxllm import configlib
 from jaxllm.curate import classifier, config, io, runner_local, synthetic
 from jaxllm.curate.config import ClassifierConfig, InputConfig, OutputConfig
+from jaxllm.errors import UserError
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -57,9 +58,8 @@ def test_readers_count_bad_records_instead_of_failing(tmp_path):
     assert [(r.text, r.url, r.id, r.order) for r in recs] == [("good one", "u", "a-0", 3 << 32)]
     assert stats == {"read/records": 6, "read/empty_text": 1, "read/no_text": 1,
                      "read/bad_json": 2, "read/bad_utf8": 1}
-    stats = Counter()
-    assert list(io.read_shard(str(tmp_path / "missing.jsonl"), 0, InputConfig(), stats)) == []
-    assert stats == {"read/unreadable_shard": 1}
+    with pytest.raises(io.BadShardError, match="missing.jsonl"):
+        list(io.read_shard(str(tmp_path / "missing.jsonl"), 0, InputConfig(), Counter()))
 
 
 def test_unpaired_surrogate_is_a_bad_record_not_a_crash(tmp_path):
@@ -85,7 +85,7 @@ def test_setup_error_fails_fast_with_a_process_pool(tmp_path):
     cfg = curate_cfg(raw, tmp_path / "out", "runner.processes=2",
                      f"url.blocklist_files=[{tmp_path / 'missing.txt'}]")
     # Before the fix the spawn pool respawned failing initializers forever.
-    with pytest.raises(FileNotFoundError, match="missing.txt"):
+    with pytest.raises(UserError, match="missing.txt"):
         runner_local.run(cfg, log=lambda *_: None)
 
 
@@ -99,9 +99,8 @@ def test_parquet_input_with_nulls_and_binary_text(tmp_path):
     assert [(r.text, r.url) for r in recs] == [("hello there", "a"), ("again", "d")]
     assert stats == {"read/records": 4, "read/no_text": 1, "read/bad_utf8": 1}
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
-    stats = Counter()
-    assert list(io.read_shard(str(tmp_path / "broken.parquet"), 0, InputConfig(), stats)) == []
-    assert stats["read/unreadable_shard"] == 1
+    with pytest.raises(io.BadShardError, match="broken.parquet"):
+        list(io.read_shard(str(tmp_path / "broken.parquet"), 0, InputConfig(), Counter()))
 
 
 def test_local_runner_end_to_end_report_and_process_invariance(tmp_path):

@@ -17,8 +17,13 @@ import numpy as np
 from jaxllm.curate import dedup
 from jaxllm.curate import text as T
 from jaxllm.curate.config import ClassifierConfig
+from jaxllm.errors import UserError
 
 FORMAT_VERSION = 1
+
+
+class ModelFileError(UserError):
+    """classifier.model_path is missing or is not a model this version reads."""
 
 
 @dataclasses.dataclass
@@ -74,20 +79,28 @@ class QualityModel:
 
     @staticmethod
     def load(path: str | pathlib.Path) -> "QualityModel":
-        if not pathlib.Path(path).exists():
-            raise FileNotFoundError(f"quality classifier model not found: {path} "
-                                    f"(train one with `jaxllm curate train-classifier`)")
-        z = np.load(path)
-        if int(z["version"]) != FORMAT_VERSION:
-            raise ValueError(f"{path}: model format {int(z['version'])}, expected {FORMAT_VERSION}")
-        return QualityModel(z["w"], float(z["b"]), int(z["n_features"]), int(z["ngrams"]))
+        retrain = "train one with `jaxllm curate train-classifier` and set classifier.model_path"
+        if not pathlib.Path(path).is_file():
+            raise ModelFileError(f"quality classifier model not found: {path} ({retrain})")
+        try:
+            z = np.load(path)
+            version = int(z["version"])
+            fields = z["w"], float(z["b"]), int(z["n_features"]), int(z["ngrams"])
+        except (OSError, ValueError, KeyError, EOFError) as e:   # not an .npz, or not ours
+            raise ModelFileError(f"{path} is not a quality classifier model "
+                                 f"({type(e).__name__}: {e}); {retrain}") from None
+        if version != FORMAT_VERSION:
+            raise ModelFileError(f"{path}: model format {version}, this jaxllm reads "
+                                 f"{FORMAT_VERSION}; {retrain}")
+        return QualityModel(*fields)
 
 
 def train(positives: list[str], negatives: list[str], cfg: ClassifierConfig) -> QualityModel:
     """Fit P(positive | text) on positives (label 1: reference) vs negatives (label 0: crawl)."""
     if not positives or not negatives:
-        raise ValueError(f"train-classifier needs documents of both classes, got "
-                         f"{len(positives)} high-quality and {len(negatives)} crawl")
+        raise UserError(f"train-classifier needs documents of both classes, got "
+                        f"{len(positives)} high-quality (--hq) and {len(negatives)} crawl "
+                        f"(--crawl); point both at files with records")
     texts = list(positives) + list(negatives)
     y = np.concatenate([np.ones(len(positives)), np.zeros(len(negatives))])
     f = featurize(texts, cfg.n_features, cfg.ngrams)

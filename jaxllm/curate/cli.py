@@ -1,14 +1,21 @@
 """`jaxllm curate CONFIG [key=value ...]` and `jaxllm curate train-classifier ...`.
 
 jaxllm/cli.py calls `register(subparsers)`; everything after `curate` is parsed here, so
-the two forms can share one sub-command.
+the two forms can share one sub-command. Every expected failure is one line on stderr,
+`jaxllm curate: error: <what, where, what to do>`, and an exit status: 2 for a UserError
+(config, input, missing package), 1 for a RunError or an OS-level failure while running
+(disk full, permission denied). `jaxllm --traceback` or JAXLLM_TRACEBACK=1 shows the
+traceback instead.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from collections import Counter
+
+from jaxllm.errors import RunError, UserError
 
 USAGE = """\
 jaxllm curate CONFIG [key=value ...]
@@ -33,9 +40,27 @@ def register(subparsers) -> None:
 
 def main(args: argparse.Namespace) -> int:
     argv = list(args.argv)
-    if argv and argv[0] == "train-classifier":
-        return train_classifier_main(argv[1:])
-    return curate_main(argv)
+    if not argv:
+        print(f"usage:\n{USAGE}", file=sys.stderr, end="")
+        raise SystemExit(2)
+    try:
+        if argv[0] == "train-classifier":
+            return train_classifier_main(argv[1:])
+        return curate_main(argv)
+    except (UserError, RunError, OSError) as e:
+        if getattr(args, "traceback", False) or os.environ.get("JAXLLM_TRACEBACK", "") not in ("", "0"):
+            raise
+        print(f"jaxllm curate: error: {_one_line(e)}", file=sys.stderr)
+        raise SystemExit(getattr(e, "exit_code", 1)) from None
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and not isinstance(e, (UserError, RunError)) and e.filename:
+        msg = (f"{e.strerror or e}: {e.filename}; check that path's permissions and free space "
+               f"(or choose another output.dir / runner.work_dir)")
+    else:
+        msg = str(e)
+    return " ".join(msg.split())
 
 
 def curate_main(argv: list[str]) -> int:
@@ -45,14 +70,7 @@ def curate_main(argv: list[str]) -> int:
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     a = p.parse_args(argv)
     from jaxllm.curate import config
-    cfg = config.load(a.config, a.overrides)
-    try:
-        rep = run(cfg)
-    except (ValueError, OSError) as e:   # OSError covers FileNotFoundError
-        # User errors (a glob matching nothing, a missing list or model file, an unknown
-        # suffix): one line, not a traceback.
-        print(f"jaxllm curate: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from e
+    rep = run(config.load(a.config, a.overrides))
     print(format_report(rep))
     return 0
 
@@ -60,10 +78,8 @@ def curate_main(argv: list[str]) -> int:
 def run(cfg) -> dict:
     """Run the configured runner."""
     if cfg.runner.kind == "beam":
-        try:
-            import apache_beam  # noqa: F401
-        except ImportError as e:
-            raise SystemExit("runner.kind=beam needs apache-beam: pip install 'jaxllm[curate]'") from e
+        from jaxllm.curate import checks
+        checks.require_beam()
         from jaxllm.curate import runner_beam
         return runner_beam.run(cfg)
     from jaxllm.curate import runner_local
@@ -78,20 +94,33 @@ def format_report(rep: dict) -> str:
     for s in rep["stages"]:
         lines.append(f"{s['stage']:<20}{s['in']:>10}{sum(s['removed'].values()):>10}{s['kept']:>10}  "
                      f"{s['removed']}")
+    for sk in rep["input"]["skipped_shards"]:
+        lines.append(f"skipped unreadable input {sk['path']}: {sk['error']}")
     lines.append(f"output: {rep['output']['docs']} documents in {rep['output']['shards']} shards")
     return "\n".join(lines)
 
 
 def read_texts(patterns: list[str], cfg, max_docs: int) -> list[str]:
-    from jaxllm.curate import io
+    from jaxllm.curate import checks, io
     inp = dataclasses.replace(cfg.input, paths=tuple(patterns))
     texts: list[str] = []
     bad: Counter = Counter()
-    for i, path in enumerate(io.list_shards(inp)):
-        for rec in io.read_shard(path, i, inp, bad):
-            texts.append(rec.text)
-            if max_docs and len(texts) >= max_docs:
-                return texts
+    shards = io.list_shards(inp)
+    checks.check_input_packages(shards, inp)
+    for i, path in enumerate(shards):
+        shard_texts: list[str] = []
+        try:
+            for rec in io.read_shard(path, i, inp, bad):
+                shard_texts.append(rec.text)
+                if max_docs and len(texts) + len(shard_texts) >= max_docs:
+                    return texts + shard_texts
+        except io.BadShardError as e:
+            if not inp.skip_bad_shards:
+                raise
+            print(f"train-classifier: skipped input {path} ({e.cause}) as "
+                  f"input.skip_bad_shards=true asks")
+            continue
+        texts += shard_texts
     skipped = {k: v for k, v in bad.items() if k != "read/records"}
     if skipped:
         print(f"train-classifier: skipped bad records in {patterns}: {skipped}")

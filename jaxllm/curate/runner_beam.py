@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 
-from jaxllm.curate import dedup, io, report
+from jaxllm.curate import checks, dedup, io, report
 from jaxllm.curate.config import CurateConfig
 from jaxllm.curate.report import Stats
 from jaxllm.curate.stages import Curator, keys_for
@@ -34,7 +34,7 @@ def _list_shards(cfg: CurateConfig) -> list[str]:
         return io.list_shards(cfg.input)   # the same glob rules as the local runner
     found = sorted({m.path for r in FileSystems.match(list(cfg.input.paths)) for m in r.metadata_list})
     if not found:
-        raise ValueError(f"input.paths {list(cfg.input.paths)} matched no files")
+        raise io.InputError(f"input.paths {list(cfg.input.paths)} matched no files")
     return found
 
 
@@ -71,10 +71,18 @@ def run(cfg: CurateConfig, log=print) -> dict:
         def process(self, task):
             i, path = task
             stats = Stats()
-            for rec in io.read_shard(path, i, self.cfg.input, stats.counts, _beam_open):
-                kept = self.curator.process(rec, stats)
-                if kept is not None:
-                    yield kept
+            kept = []   # held until the shard is read to its end: a damaged one gives nothing
+            try:
+                for rec in io.read_shard(path, i, self.cfg.input, stats.counts, _beam_open):
+                    doc = self.curator.process(rec, stats)
+                    if doc is not None:
+                        kept.append(doc)
+            except io.BadShardError as e:
+                if not self.cfg.input.skip_bad_shards:
+                    raise
+                stats, kept = Stats(), []
+                stats.skip(path, e.cause)
+            yield from kept
             yield beam.pvalue.TaggedOutput("stats", stats)
 
     def write_shard(kv, n: int):
@@ -88,15 +96,19 @@ def run(cfg: CurateConfig, log=print) -> dict:
         return stats
 
     shards = _list_shards(cfg)
+    checks.preflight(cfg, shards)
     n = len(shards)
     try:
         FileSystems.mkdirs(cfg.output.dir)
     except IOError:
         pass   # already there
+    # Shards of an earlier run would look like output; only names this runner makes go.
     stale = [m.path for r in FileSystems.match([FileSystems.join(cfg.output.dir, "part-*")])
-             for m in r.metadata_list]
+             for m in r.metadata_list if io.is_output_name(m.path.rstrip("/").rsplit("/", 1)[-1])]
     if stale:
-        FileSystems.delete(stale)   # shards of an earlier run would look like output
+        FileSystems.delete(stale)
+        log(f"curate (beam): removed {len(stale)} part-*-of-* shards of an earlier run "
+            f"from {cfg.output.dir}")
     opts = PipelineOptions([f"--runner={cfg.runner.beam_runner}", *cfg.runner.beam_options])
     d = cfg.dedup
     with beam.Pipeline(options=opts) as p:
@@ -143,6 +155,9 @@ def run(cfg: CurateConfig, log=print) -> dict:
              | "Report" >> beam.Map(_write_report, beam.pvalue.AsSingleton(near), n, cfg))
     with _beam_open(FileSystems.join(cfg.output.dir, "report.json"), "rb") as f:
         rep = json.loads(f.read())
+    for sk in rep["input"]["skipped_shards"]:
+        log(f"curate (beam): skipped input {sk['path']} ({sk['error']}) as "
+            f"input.skip_bad_shards=true asks")
     log(f"curate (beam): {rep['input']['records']} records -> {rep['output']['docs']} documents; "
         f"report in {cfg.output.dir}/report.json")
     return rep
