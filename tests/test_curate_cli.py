@@ -2,7 +2,9 @@
 one-line errors with their exit codes, recipe-relative paths, the report's counts and plot."""
 import gzip
 import json
+import os
 import pathlib
+import subprocess
 import sys
 
 import pytest
@@ -10,7 +12,7 @@ import pytest
 from jaxllm.curate import checks, config, io, report, runner_local
 from jaxllm.curate.report import Stats
 from jaxllm.errors import RunError, UserError
-from test_curate_pipeline import REPO, cli_run, curate_cfg, make_corpus, write_jsonl
+from test_curate_pipeline import REPO, _beam_python, cli_run, curate_cfg, make_corpus, write_jsonl
 
 QUIET = {"log": lambda *_: None}
 FAST = ("language.enabled=false", "report.histograms=false")
@@ -116,6 +118,22 @@ def test_skipped_shards_are_named_and_contribute_nothing(tmp_path):
     out = [d["text"] for p in sorted((tmp_path / "skip").glob("part-*")) for d in io.read_output_shard(str(p))]
     assert not any(t.startswith("record ") for t in out)
     assert funnel(rep)[0] == funnel(rep)[1]
+
+
+@pytest.mark.skipif(_beam_python() is None, reason="apache-beam is not importable and no Beam venv "
+                    "was found (set JAXLLM_BEAM_PYTHON or create .venv-beam)")
+def test_beam_runner_skips_damaged_shards_and_keeps_user_files_like_the_local_runner(tmp_path):
+    raw = damaged_inputs(tmp_path)
+    args = [f"input.paths=[{raw}/*]", "input.skip_bad_shards=true", *FAST]
+    local = runner_local.run(config.load(None, [*args, f"output.dir={tmp_path / 'local'}"]), **QUIET)
+    (tmp_path / "beam").mkdir()
+    (tmp_path / "beam" / "part-mine.jsonl").write_bytes(b"mine\n")
+    code = ("import sys; from jaxllm.curate import config, runner_beam; "
+            "runner_beam.run(config.load(None, sys.argv[1:]), log=lambda *_: None)")
+    subprocess.run([_beam_python(), "-c", code, *args, f"output.dir={tmp_path / 'beam'}", "runner.kind=beam"],
+                   check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=240)
+    assert json.loads((tmp_path / "beam" / "report.json").read_text()) == local
+    assert (tmp_path / "beam" / "part-mine.jsonl").read_bytes() == b"mine\n"
 
 
 def test_bom_is_stripped_and_the_funnel_adds_up(tmp_path):
