@@ -29,7 +29,7 @@ def data(tmp_path_factory):
     return cfg, load_tokenizer(paths["tokenizer"]), d
 
 
-def _take(cfg, tok, n, *, p=0, nproc=1, seed=0, state=None, B=B):
+def _take(cfg, tok, n, *, p=0, nproc=1, seed=0, state=None, B=B, T=T):
     it = pipeline.make_train_iterator(cfg, seq_len=T, global_batch_size=B, seed=seed, process_index=p,
                                       process_count=nproc, tokenizer=tok)
     if state is not None:

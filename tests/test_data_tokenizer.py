@@ -112,8 +112,8 @@ def test_loads_hf_llama_style_checkpoint_dir(tmp_path):
 
 
 def test_missing_tokenizer_errors_are_clear(tmp_path):
-    (tmp_path / "tokenizer.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match="no tokenizer.model in this directory.*not SentencePiece"):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="neither tokenizer.model nor tokenizer.json in this directory"):
         load_tokenizer(tmp_path)
     with pytest.raises(FileNotFoundError, match="tokenizer not found"):
         load_tokenizer(tmp_path / "nope.model")

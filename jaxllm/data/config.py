@@ -10,6 +10,14 @@ A recipe states only what differs, e.g.
         - {path: "data/wiki/*.parquet", text_field: body, weight: 1}
       eval_sources:
         - {path: "data/synth/eval-*.jsonl"}
+
+SFT on conversations (see chat.py for the record formats and the loss mask):
+
+    data:
+      kind: chat
+      tokenizer: checkpoints/qwen2.5-0.5b      # its tokenizer.json + chat_template, or ours
+      sources: [{path: "data/synth/chat/train.jsonl"}]
+      eval_sources: [{path: "data/synth/chat/eval.jsonl"}]
 """
 from __future__ import annotations
 
@@ -72,16 +80,25 @@ def _as_sources(items, key: str) -> tuple[SourceConfig, ...]:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     # "synthetic_tokens": a seeded token stream with learnable structure (no tokenizer; unit
-    # tests and benchmarks). "text": documents -> sentencepiece -> grain packing.
-    kind: Literal["synthetic_tokens", "text"] = "synthetic_tokens"
+    # tests and benchmarks). "text": documents -> tokenizer -> grain packing. "chat":
+    # conversations -> chat template -> tokens + loss mask (assistant turns only) -> packing.
+    kind: Literal["synthetic_tokens", "text", "chat"] = "synthetic_tokens"
     seed: int = 0
 
-    # --- kind: text -------------------------------------------------------------------------
+    # --- kind: text and chat ----------------------------------------------------------------
     sources: tuple[SourceConfig, ...] = ()       # the training mixture
     eval_sources: tuple[SourceConfig, ...] = ()  # held-out documents, read once, in order
-    tokenizer: str = ""                          # .model file or a dir with tokenizer.model
+    # A .model file or a dir with tokenizer.model (SentencePiece), or a tokenizer.json or a
+    # checkpoint dir holding one (HF tokenizers; needs the `hf` extra).
+    tokenizer: str = ""
+    # kind=text: bos/eos around each document. (kind=chat: the template decides; built-in
+    # ChatML starts with bos when the tokenizer has one.)
     add_bos: bool = True
     add_eos: bool = True
+    # kind=text: documents longer than this many characters are read, tokenized and packed in
+    # pieces of at most this size (nothing is lost; counted in stats["doc_pieces"]), so memory
+    # per record stays bounded. 0: no limit.
+    max_doc_chars: int = 1_000_000
     # How tokenized documents are put into fixed-length rows (grain's packers). Documents
     # longer than a row are split into row-sized pieces first, never dropped.
     packing: Literal["first_fit", "best_fit"] = "first_fit"
@@ -99,11 +116,31 @@ class DataConfig:
     skip_bad_records: bool = False
     eval_batches: int = 0          # 0: the whole held-out set once (last batch padded)
 
+    # --- kind: chat -------------------------------------------------------------------------
+    # "": the tokenizer's own chat_template (an imported checkpoint's), else built-in ChatML;
+    # "chatml"; or a Jinja template file / a tokenizer_config.json holding chat_template.
+    chat_template: str = ""
+    # Examples longer than a row: "truncate" drops the earliest turns (then cuts the prompt
+    # from the left), always keeping the last assistant answer; "drop" leaves them out.
+    long_examples: Literal["truncate", "drop"] = "truncate"
+    # A bad chat record (no assistant turn, unknown role, non-string content, malformed JSON):
+    # false -> skipped, counted, the first few printed at start-up; true -> an error naming it.
+    # (kind=text reads skip_bad_records instead, strict by default.)
+    strict: bool = False
+
     def __post_init__(self):
         object.__setattr__(self, "sources", _as_sources(self.sources, "data.sources"))
         object.__setattr__(self, "eval_sources", _as_sources(self.eval_sources, "data.eval_sources"))
-        if self.kind == "text" and not self.sources:
-            raise ValueError("data.kind=text needs at least one entry in data.sources")
+        if self.kind in ("text", "chat") and not self.sources:
+            raise ValueError(f"data.kind={self.kind} needs at least one entry in data.sources")
+        if self.chat_template and self.kind != "chat":
+            raise ValueError(f"data.chat_template applies to data.kind=chat, not {self.kind}; remove it")
+        if self.long_examples not in ("truncate", "drop"):
+            raise ValueError(f"data.long_examples must be 'truncate' or 'drop', got {self.long_examples!r}")
+        if self.strict and self.skip_bad_records:
+            raise ValueError("data.strict=true and data.skip_bad_records=true contradict each other")
+        if self.max_doc_chars and self.max_doc_chars < 64:
+            raise ValueError(f"data.max_doc_chars must be 0 (no limit) or at least 64, got {self.max_doc_chars}")
         if self.packing_bins < 1:
             raise ValueError(f"data.packing_bins must be >= 1, got {self.packing_bins}")
         if self.num_shards < 0 or self.num_workers < 0 or self.eval_batches < 0:

@@ -1,4 +1,5 @@
-"""Training and eval batches from text files: grain all the way, sharded per host, resumable.
+"""Training and eval batches from text or chat files: grain all the way, sharded per host,
+resumable. (data.kind=text: packing.py's chain per shard; data.kind=chat: chat.py's.)
 
 How the global batch sequence is made independent of the number of processes
 -----------------------------------------------------------------------------
@@ -25,6 +26,9 @@ are also the same for any worker count dividing the shards per process (0 = in-p
 Iterator state (get_state/set_state, grain.checkpoint) restores exactly, with the same
 num_workers. Bookkeeping counts (documents, split pieces, skipped records, padding) are in
 `iterator.stats` and are part of that state.
+
+Chat data is first rendered once in full (chat.scan): process 0 prints one line of counts
+(examples, truncated, dropped, bad records), and no usable example is an error.
 """
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxllm.data import packing
+from jaxllm.data import chat, packing
 from jaxllm.data.config import DataConfig
 from jaxllm.data.sources import open_source
 from jaxllm.data.tokenizer import Tokenizer, check_vocab, load_tokenizer
@@ -86,12 +90,25 @@ def _seeds(cfg: DataConfig, seed: int, n: int) -> list[int]:
     return [int(x) for x in ss.generate_state(n) & 0x7FFFFFFF]
 
 
+def _open(cfg: DataConfig, configs) -> list:
+    """(source config, source) pairs: documents for text, whole records for chat."""
+    if cfg.kind == "chat":
+        return [(c, chat.open_chat_source(c)) for c in configs]
+    return [(c, open_source(c)) for c in configs]
+
+
 def _doc_stream(sources, cfg: DataConfig, seeds: list[int], *, shuffle: bool, repeat: bool):
     """The global document MapDataset: per-source shuffle (reshuffled each epoch) + repeat,
-    mixed by weight. Without repeat (eval) sources are concatenated in order."""
+    mixed by weight. Without repeat (eval) sources are concatenated in order. Text documents
+    are references, read where they are tokenized; chat records are read whole (bad ones
+    become `Bad`, already reported by the start-up scan)."""
     parts = []
     for i, (src_cfg, src) in enumerate(sources):
-        ds = grain.MapDataset.source(packing.GuardedSource(src, cfg.skip_bad_records))
+        if cfg.kind == "chat":
+            src = packing.GuardedSource(src, not cfg.strict, max_warnings=0)
+        else:
+            src = packing.LazyDocs(src)
+        ds = grain.MapDataset.source(src)
         if shuffle:
             ds = ds.shuffle(seed=seeds[i])
         parts.append(ds.repeat(None) if repeat else ds)
@@ -103,21 +120,33 @@ def _doc_stream(sources, cfg: DataConfig, seeds: list[int], *, shuffle: bool, re
 
 
 def load_tokenizer_for(data_cfg: DataConfig, model_vocab_size: int | None = None) -> Tokenizer:
-    """The configured tokenizer, checked against the model at start-up (not mid-run)."""
+    """The configured tokenizer, checked against the model and the data config at start-up
+    (not mid-run)."""
     if not data_cfg.tokenizer:
         raise ValueError("data.tokenizer is empty: give the tokenizer .model file or directory "
                          "(train one with `jaxllm tokenizer train`)")
     tok = load_tokenizer(data_cfg.tokenizer)
     if model_vocab_size is not None:
         check_vocab(tok, model_vocab_size)
+    _check_tokenizer(data_cfg, tok)
     return tok
 
 
-def _resolve(cfg: DataConfig, tokenizer, process_index, process_count):
+def _check_tokenizer(cfg: DataConfig, tok) -> None:
     if cfg.kind != "text":
-        raise ValueError(f"make_train_iterator reads text (data.kind=text); got data.kind={cfg.kind!r}")
+        return
+    for flag, name, i in ((cfg.add_bos, "bos", tok.bos_id), (cfg.add_eos, "eos", tok.eos_id)):
+        if flag and i is None:
+            raise ValueError(f"data.add_{name}=true but the tokenizer {tok.path} defines no {name} "
+                             f"token; set data.add_{name}=false")
+
+
+def _resolve(cfg: DataConfig, tokenizer, process_index, process_count):
+    if cfg.kind not in ("text", "chat"):
+        raise ValueError(f"the grain pipeline reads files (data.kind=text or chat); got data.kind={cfg.kind!r}")
     if tokenizer is None:
         tokenizer = load_tokenizer_for(cfg)
+    _check_tokenizer(cfg, tokenizer)
     p = jax.process_index() if process_index is None else process_index
     n = jax.process_count() if process_count is None else process_count
     if not 0 <= p < n:
@@ -136,19 +165,20 @@ class _StripStats(grain.IterDataset):
 class _StripStatsIterator(grain.DatasetIterator):
     def __init__(self, parent):
         super().__init__(parent)
-        self.stats = {"batches": 0, "documents": 0, "split_pieces": 0, "skipped_records": 0,
-                      "tokens": 0, "padding_tokens": 0}
+        self.stats = {"batches": 0, **{k: 0 for k in packing.STATS_NAMES}, "tokens": 0,
+                      "padding_tokens": 0}
 
     def __next__(self) -> dict:
         self._assert_not_closed()
         batch = next(self._parent)
-        docs, pieces, skipped = batch.pop(packing.STATS_KEY).reshape(-1, 3).sum(0).tolist()
+        counts = batch.pop(packing.STATS_KEY).reshape(-1, len(packing.STATS_NAMES)).sum(0).tolist()
+        # a truncated chat example is still a packed example
+        counts[packing.DOC] += counts[packing.TRUNCATED]
         real = int(batch["segment_ids"].astype(bool).sum())
         s = self.stats
         s["batches"] += 1
-        s["documents"] += docs
-        s["split_pieces"] += pieces
-        s["skipped_records"] += skipped
+        for name, n in zip(packing.STATS_NAMES, counts):
+            s[name] += n
         s["tokens"] += real
         s["padding_tokens"] += batch["tokens"].size - real
         return batch
@@ -193,32 +223,50 @@ def _combine_shards(shards: list, workers: int, worker_buffer: int, limit: int |
     return _StripStats(ds)
 
 
+def _chat_encoder(cfg: DataConfig, sources, tokenizer, seq_len: int, *, label: str, verbose: bool):
+    """kind=chat: (the encoder every shard uses, the start-up scan's counts); else (None, None)."""
+    if cfg.kind != "chat":
+        return None, None
+    encoder = chat.ChatEncode(tokenizer, chat.load_template(cfg.chat_template, tokenizer), seq_len,
+                              cfg.long_examples, cfg.strict)
+    return encoder, chat.scan(sources, encoder, label=label, verbose=verbose)
+
+
+def _rows(cfg: DataConfig, docs: grain.MapDataset, tokenizer, encoder, *, seq_len: int, seed: int,
+          shuffle_bins: bool = True) -> grain.IterDataset:
+    """One shard's packed rows, by data.kind."""
+    if encoder is not None:
+        return chat.chat_rows(docs, encoder, mode=cfg.packing, num_bins=cfg.packing_bins, seed=seed,
+                              shuffle_bins=shuffle_bins)
+    return packing.packed_rows(docs, tokenizer, seq_len=seq_len, mode=cfg.packing, num_bins=cfg.packing_bins,
+                               seed=seed, add_bos=cfg.add_bos, add_eos=cfg.add_eos, shuffle_bins=shuffle_bins,
+                               max_doc_chars=cfg.max_doc_chars, skip_bad_records=cfg.skip_bad_records)
+
+
 def make_train_iterator(data_cfg: DataConfig, *, seq_len: int, global_batch_size: int, seed: int,
                         process_index: int | None = None, process_count: int | None = None,
                         tokenizer: Tokenizer | None = None) -> grain.DatasetIterator:
     """Infinite iterator of this process's rows of each global batch: dict of int32
     (global_batch_size // process_count, seq_len) arrays tokens/positions/segment_ids/loss_mask.
-    Running counts (documents, split pieces, skipped records, padding) are in `it.stats`."""
+    Running counts (documents, split pieces, skipped records, chat examples truncated or
+    dropped, padding) are in `it.stats`; for chat, the start-up scan's counts in `it.scan`."""
     cfg = data_cfg
     tokenizer, p, n = _resolve(cfg, tokenizer, process_index, process_count)
     S, R, m = _layout(cfg, global_batch_size, n)
-    sources = [(c, open_source(c)) for c in cfg.sources]
+    sources = _open(cfg, cfg.sources)
+    encoder, scan = _chat_encoder(cfg, sources, tokenizer, seq_len, label="train", verbose=p == 0)
     seeds = _seeds(cfg, seed, len(sources) + S)
     docs = _doc_stream(sources, cfg, seeds, shuffle=cfg.shuffle, repeat=True)
-    shards = []
-    for s in range(p * m, (p + 1) * m):
-        rows = packing.packed_rows(docs[s::S], tokenizer, seq_len=seq_len, mode=cfg.packing,
-                                   num_bins=cfg.packing_bins, seed=seeds[len(sources) + s],
-                                   add_bos=cfg.add_bos, add_eos=cfg.add_eos)
-        shards.append(rows.batch(R, drop_remainder=True))
-    return _tracked(iter(_combine_shards(shards, cfg.num_workers, cfg.worker_buffer_size)))
+    shards = [_rows(cfg, docs[s::S], tokenizer, encoder, seq_len=seq_len, seed=seeds[len(sources) + s])
+              .batch(R, drop_remainder=True) for s in range(p * m, (p + 1) * m)]
+    it = _tracked(iter(_combine_shards(shards, cfg.num_workers, cfg.worker_buffer_size)))
+    it.scan = scan
+    return it
 
 
-def _padded_shard(docs: grain.MapDataset, tokenizer, cfg: DataConfig, seq_len: int, seed: int):
+def _padded_shard(docs: grain.MapDataset, tokenizer, encoder, cfg: DataConfig, seq_len: int, seed: int):
     """An eval shard: its rows once, in order, then padding rows forever (cut by the caller)."""
-    rows = packing.packed_rows(docs, tokenizer, seq_len=seq_len, mode=cfg.packing,
-                               num_bins=cfg.packing_bins, seed=seed, add_bos=cfg.add_bos,
-                               add_eos=cfg.add_eos, shuffle_bins=False)
+    rows = _rows(cfg, docs, tokenizer, encoder, seq_len=seq_len, seed=seed, shuffle_bins=False)
     pad = grain.MapDataset.source([packing.empty_row(seq_len, tokenizer.pad_id)]).repeat(None)
     # An interleave with cycle length 1 is grain's concatenation of iterables.
     return rows, grain.experimental.InterleaveIterDataset([rows, pad.to_iter_dataset()], cycle_length=1)
@@ -251,24 +299,36 @@ def make_eval_iterator(data_cfg: DataConfig, *, seq_len: int, global_batch_size:
         raise ValueError("make_eval_iterator needs data.eval_sources (held-out files)")
     tokenizer, p, n = _resolve(cfg, tokenizer, process_index, process_count)
     S, R, m = _layout(cfg, global_batch_size, n)
-    sources = [(c, open_source(c)) for c in cfg.eval_sources]
+    sources = _open(cfg, cfg.eval_sources)
+    encoder, scan = _chat_encoder(cfg, sources, tokenizer, seq_len, label="eval", verbose=p == 0)
     docs = _doc_stream(sources, cfg, [], shuffle=False, repeat=False)
     shard_seeds = _seeds(cfg, seed, S)
     num_batches = num_batches or cfg.eval_batches
     if not num_batches:
         # Counting tokenizes every shard; an eval loop calls this each time, so count once per
         # (config, shape, seed, tokenizer, file versions) in this process.
-        key = (cfg, seq_len, global_batch_size, seed, hashlib.sha1(tokenizer._proto).hexdigest()
-               if hasattr(tokenizer, "_proto") else id(tokenizer),
-               tuple(_file_stamp(path) for _, src in sources for path in src.files.paths))
+        files = [path for _, src in sources for path in getattr(src, "source", src).files.paths]
+        key = (cfg, seq_len, global_batch_size, seed, _fingerprint(tokenizer),
+               tuple(_file_stamp(path) for path in files))
         if key not in _EVAL_BATCHES:
-            rows_per_shard = [_count(_padded_shard(docs[s::S], tokenizer, cfg, seq_len, shard_seeds[s])[0])
-                              for s in range(S)]
+            rows_per_shard = [_count(_padded_shard(docs[s::S], tokenizer, encoder, cfg, seq_len,
+                                                   shard_seeds[s])[0]) for s in range(S)]
             _EVAL_BATCHES[key] = max(1, math.ceil(max(rows_per_shard) / R))
         num_batches = _EVAL_BATCHES[key]
-    shards = [_padded_shard(docs[s::S], tokenizer, cfg, seq_len, shard_seeds[s])[1].batch(R)
+    shards = [_padded_shard(docs[s::S], tokenizer, encoder, cfg, seq_len, shard_seeds[s])[1].batch(R)
               for s in range(p * m, (p + 1) * m)]
-    return _tracked(iter(_combine_shards(shards, 0, 1, limit=num_batches)))
+    it = _tracked(iter(_combine_shards(shards, 0, 1, limit=num_batches)))
+    it.scan = scan
+    return it
+
+
+def _fingerprint(tokenizer) -> str | int:
+    """What identifies a tokenizer's behaviour (its model bytes), for caches."""
+    for attr in ("_proto", "_json"):
+        data = getattr(tokenizer, attr, None)
+        if data is not None:
+            return hashlib.sha1(data if isinstance(data, bytes) else data.encode()).hexdigest()
+    return id(tokenizer)
 
 
 def to_global_batch(local_batch: dict[str, Any], mesh: jax.sharding.Mesh,

@@ -8,6 +8,10 @@ globally, shard by index and resume from an index without re-reading what came b
 Opening a source only builds an index (line offsets, row counts); documents are decoded and
 validated lazily, in whichever grain worker reads them. Bad records raise `DataError`; the
 pipeline turns that into skip-and-count when `skip_bad_records` is set.
+
+Besides `src[i]`, a source gives `src.read_pieces(i, max_chars)` (a long document in bounded
+pieces, see doc_pieces.py), `src.where(i)` (its location, without reading it) and, opened with
+`records=True`, `src.record(i)`: the whole JSON object (chat data, chat.py).
 """
 from __future__ import annotations
 
@@ -19,10 +23,11 @@ import json
 import mmap
 import os
 import threading
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
+from jaxllm.data import doc_pieces
 from jaxllm.data.config import SourceConfig
 from jaxllm.errors import UserError
 
@@ -33,6 +38,12 @@ class DataError(UserError):
 
 class Doc(NamedTuple):
     text: str
+    where: str
+
+
+class Record(NamedTuple):
+    """A whole JSON object (a chat example): JSONL line, Parquet row or ArrayRecord record."""
+    obj: dict
     where: str
 
 
@@ -72,15 +83,20 @@ def _decode(raw: bytes, where: str) -> str:
                         f"{raw[max(0, e.start - 8):e.end + 8]!r}") from None
 
 
-def _field_text(raw: bytes, field: str, where: str) -> str:
-    """One JSON object -> its text field, with an error for each way it can be wrong."""
+def _json_object(raw: bytes, where: str, expected: str) -> dict:
     line = _decode(raw, where)
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno}): {line[:80]!r}") from None
     if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object with field '{field}', got {type(obj).__name__}")
+        raise DataError(f"{where}: expected a JSON object with {expected}, got {type(obj).__name__}")
+    return obj
+
+
+def _field_text(raw: bytes, field: str, where: str) -> str:
+    """One JSON object -> its text field, with an error for each way it can be wrong."""
+    obj = _json_object(raw, where, f"field '{field}'")
     if field not in obj:
         raise DataError(f"{where}: missing field '{field}' (fields present: {sorted(obj)[:10]}); "
                         f"set text_field in the source config")
@@ -137,6 +153,11 @@ class _Files:
             if isinstance(old, mmap.mmap):
                 old.close()
         return m
+
+    def scan(self, i: int, fn):
+        """fn(memory map of file i), under the lock: searching a long record in place."""
+        with self._lock:
+            return fn(self._get(i))
 
     def read(self, i: int, start: int = 0, end: int | None = None) -> bytes:
         """Bytes [start, end) of file i (a copy)."""
@@ -203,7 +224,9 @@ def _line_index(path: str, chunk_size: int = 1 << 24) -> tuple[np.ndarray, np.nd
 
 
 class _RecordSource:
-    """Records spread over several files: global index -> (file, index within file)."""
+    """Records spread over several files: global index -> (file, index within file).
+    Subclasses take (cfg, files, records): `records` (whole JSON objects wanted) only changes
+    what Parquet checks when opening."""
 
     def __init__(self, cfg: SourceConfig, files: list[str], counts: list[int]):
         self.cfg = cfg
@@ -225,49 +248,98 @@ class _RecordSource:
     def __repr__(self):
         return f"{type(self).__name__}({self.cfg.path!r}, {len(self)} records)"
 
+    def where(self, index: int) -> str:
+        """"file:line" (or row / record) of a record, without reading it."""
+        return self._span(index)[3]
+
+    def _line_span(self, f: int, j: int) -> tuple[int, int, int, str]:
+        """(file, start byte, end byte, "file:line") of line record j of file f."""
+        starts, ends, lines = self.index[f]
+        return f, int(starts[j]), int(ends[j]), f"{self.files.paths[f]}:{lines[j]}"
+
+    def record(self, index: int) -> Record:
+        """The whole JSON object of a record (chat data; open_source(..., records=True))."""
+        raise NotImplementedError
+
+    def read_pieces(self, index: int, max_chars: int, start: int = 0) -> Iterator[str]:
+        """The record's text in pieces of at most `max_chars` characters, from piece `start`
+        (see doc_pieces.py): cut in the file bytes where the format allows and the record is
+        long, else read whole and cut in memory."""
+        streamed = self._streamed_pieces(index, max_chars, start)
+        if streamed is None:
+            yield from doc_pieces.text_pieces(self[index].text, max_chars, start)
+            return
+        pieces, where = streamed
+        for piece in pieces:
+            check_utf8(piece, where)
+            yield piece
+
+    def _streamed_pieces(self, index: int, max_chars: int, start: int):
+        """(pieces read from the file bytes, where), or None: read the record whole."""
+        return None
+
 
 class JsonlSource(_RecordSource):
-    def __init__(self, cfg, files):
+    def __init__(self, cfg, files, records: bool = False):
         self.index = [_line_index(p) for p in files]
         super().__init__(cfg, files, [len(s) for s, _, _ in self.index])
 
+    def _span(self, index: int) -> tuple[int, int, int, str]:
+        return self._line_span(*self._locate(index))
+
     def __getitem__(self, index: int) -> Doc:
-        f, j = self._locate(index)
-        starts, ends, lines = self.index[f]
-        where = f"{self.files.paths[f]}:{lines[j]}"
-        raw = self.files.read(f, int(starts[j]), int(ends[j]))
-        return _check_text(_field_text(raw, self.cfg.text_field, where), where)
+        f, a, b, where = self._span(index)
+        return _check_text(_field_text(self.files.read(f, a, b), self.cfg.text_field, where), where)
+
+    def record(self, index: int) -> Record:
+        f, a, b, where = self._span(index)
+        return Record(_json_object(self.files.read(f, a, b), where, "'messages' or 'prompt'/'completion'"),
+                      where)
+
+    def _streamed_pieces(self, index: int, max_chars: int, start: int):
+        f, a, b, where = self._span(index)
+        if b - a <= max_chars:  # a character takes at least one byte: it fits in one piece
+            return None
+        return doc_pieces.json_field_pieces(
+            functools.partial(self.files.scan, f), functools.partial(self.files.read, f), a, b,
+            functools.partial(_field_text, field=self.cfg.text_field, where=where), where, max_chars,
+            start, DataError), where
 
 
 class TextSource(_RecordSource):
-    def __init__(self, cfg, files):
+    def __init__(self, cfg, files, records: bool = False):
         self.by_line = cfg.text_unit == "line"
         self.index = [_line_index(p) for p in files] if self.by_line else None
         counts = [len(ix[0]) for ix in self.index] if self.by_line else [1] * len(files)
         super().__init__(cfg, files, counts)
 
-    def __getitem__(self, index: int) -> Doc:
+    def _span(self, index: int) -> tuple[int, int, int | None, str]:
         f, j = self._locate(index)
-        path = self.files.paths[f]
-        if self.by_line:
-            starts, ends, lines = self.index[f]
-            where = f"{path}:{lines[j]}"
-            raw = self.files.read(f, int(starts[j]), int(ends[j]))
-        else:
-            where, raw = f"{path}:1", self.files.read(f)
-        return _check_text(_decode(raw, where), where)
+        return self._line_span(f, j) if self.by_line else (f, 0, None, f"{self.files.paths[f]}:1")
+
+    def __getitem__(self, index: int) -> Doc:
+        f, a, b, where = self._span(index)
+        return _check_text(_decode(self.files.read(f, a, b), where), where)
+
+    def _streamed_pieces(self, index: int, max_chars: int, start: int):
+        f, a, b, where = self._span(index)
+        b = os.path.getsize(self.files.paths[f]) if b is None else b
+        if b - a <= max_chars:
+            return None
+        return doc_pieces.byte_pieces(functools.partial(self.files.read, f), a, b, max_chars, start,
+                                      lambda raw, at: _decode(raw, f"{where} (byte {at - a})")), where
 
 
 class ParquetSource(_RecordSource):
     """Rows of one string column; reads (and caches) a row group at a time."""
 
-    def __init__(self, cfg, files):
+    def __init__(self, cfg, files, records: bool = False):
         import pyarrow.parquet as pq  # optional dependency: the `data` extra
         groups, counts = [], []
         for p in files:
             meta = pq.ParquetFile(p).metadata
             names = [meta.schema.column(i).name for i in range(meta.num_columns)]
-            if cfg.text_field not in names:
+            if not records and cfg.text_field not in names:
                 raise DataError(f"{p}: no column '{cfg.text_field}' (columns: {names[:10]}); "
                                 f"set text_field in the source config")
             sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
@@ -277,16 +349,26 @@ class ParquetSource(_RecordSource):
         super().__init__(cfg, files, counts)
 
     @functools.lru_cache(maxsize=4)
-    def _group(self, f: int, g: int) -> list:
+    def _group(self, f: int, g: int, whole_rows: bool = False) -> list:
         import pyarrow.parquet as pq
-        table = pq.ParquetFile(self.files.paths[f]).read_row_group(g, columns=[self.cfg.text_field])
-        return table.column(0).to_pylist()
+        columns = None if whole_rows else [self.cfg.text_field]
+        table = pq.ParquetFile(self.files.paths[f]).read_row_group(g, columns=columns)
+        return table.to_pylist() if whole_rows else table.column(0).to_pylist()
 
-    def __getitem__(self, index: int) -> Doc:
+    def where(self, index: int) -> str:
+        f, j = self._locate(index)
+        return f"{self.files.paths[f]}:row {j}"
+
+    def _row(self, index: int, whole_rows: bool = False):
         f, j = self._locate(index)
         g = bisect.bisect_right(self.groups[f], j) - 1
-        where = f"{self.files.paths[f]}:row {j}"
-        text = self._group(f, g)[j - self.groups[f][g]]
+        return self._group(f, g, whole_rows)[j - self.groups[f][g]], f"{self.files.paths[f]}:row {j}"
+
+    def record(self, index: int) -> Record:
+        return Record(*self._row(index, whole_rows=True))
+
+    def __getitem__(self, index: int) -> Doc:
+        text, where = self._row(index)
         if not isinstance(text, str):
             raise DataError(f"{where}: column '{self.cfg.text_field}' must hold strings, got {text!r:.40}")
         return _check_text(text, where)
@@ -295,7 +377,7 @@ class ParquetSource(_RecordSource):
 class ArrayRecordSource(_RecordSource):
     """Records are a JSON object (like a JSONL line, if they start with '{') or raw UTF-8 text."""
 
-    def __init__(self, cfg, files):
+    def __init__(self, cfg, files, records: bool = False):
         from array_record.python import array_record_data_source as ards  # optional dependency
         self._readers = None
         counts = []
@@ -308,13 +390,23 @@ class ArrayRecordSource(_RecordSource):
     def __getstate__(self):
         return dict(self.__dict__, _readers=None)
 
-    def __getitem__(self, index: int) -> Doc:
+    def where(self, index: int) -> str:
         f, j = self._locate(index)
+        return f"{self.files.paths[f]}:record {j}"
+
+    def _raw(self, index: int) -> tuple[bytes, str]:
+        where = self.where(index)
         if self._readers is None:
             from array_record.python import array_record_data_source as ards
             self._readers = ards.ArrayRecordDataSource(self.files.paths)
-        raw = self._readers[index]
-        where = f"{self.files.paths[f]}:record {j}"
+        return self._readers[index], where
+
+    def record(self, index: int) -> Record:
+        raw, where = self._raw(index)
+        return Record(_json_object(raw, where, "'messages' or 'prompt'/'completion'"), where)
+
+    def __getitem__(self, index: int) -> Doc:
+        raw, where = self._raw(index)
         if raw[:1] == b"{":
             return _check_text(_field_text(raw, self.cfg.text_field, where), where)
         return _check_text(_decode(raw, where), where)
@@ -324,14 +416,19 @@ _SOURCES = {"jsonl": JsonlSource, "text": TextSource, "parquet": ParquetSource,
             "arrayrecord": ArrayRecordSource}
 
 
-def open_source(cfg: SourceConfig) -> _RecordSource:
-    """All files of one source config (same format required) as one random-access source."""
+def open_source(cfg: SourceConfig, records: bool = False) -> _RecordSource:
+    """All files of one source config (same format required) as one random-access source.
+    `records`: read whole JSON objects (`record(i)`, chat data) rather than a text field."""
     files = expand_paths(cfg.path)
     formats = {_format_of(cfg, p) for p in files}
     if len(formats) > 1:
         raise DataError(f"data source '{cfg.path}' mixes formats {sorted(formats)}; "
                         f"split it into one source per format")
-    return _SOURCES[formats.pop()](cfg, files)
+    fmt = formats.pop()
+    if records and fmt == "text":
+        raise DataError(f"data source '{cfg.path}' is plain text; chat records must be JSON objects "
+                        f"in JSONL, Parquet or ArrayRecord files")
+    return _SOURCES[fmt](cfg, files, records=records)
 
 
 def iter_texts(patterns, text_field: str = "text", text_unit: str = "file",

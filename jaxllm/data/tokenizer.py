@@ -1,4 +1,5 @@
 """SentencePiece tokenizers: train one on documents, load ours or an HF Llama-style one.
+(`load_tokenizer` also opens an HF tokenizer.json: see hf_tokenizer.py.)
 
 Trained models reserve fixed ids so every tokenizer we make agrees on them:
     pad=0  unk=1  bos=2  eos=3  <|im_start|>=4  <|im_end|>=5  <mask>=6
@@ -14,6 +15,7 @@ import pathlib
 import re
 from typing import Iterable, Sequence
 
+import numpy as np
 import sentencepiece as spm
 
 from jaxllm.data.sources import check_utf8
@@ -48,6 +50,11 @@ class Tokenizer:
         self.im_start_id: int | None = self.special_ids.get("<|im_start|>")
         self.im_end_id: int | None = self.special_ids.get("<|im_end|>")
         self.mask_id: int | None = self.special_ids.get(MASK_TOKEN)
+        self.chat_template: str | None = None  # ours render chat as built-in ChatML
+        # Control pieces are not parsed from text by SentencePiece; a Jinja template may write
+        # them as text ({{ bos_token }}), so encode_with_offsets maps their text to their ids.
+        self._control_text = {self.sp.id_to_piece(i): i for i in (self.bos_id, self.eos_id)}
+        self._sp_render = None  # built on first use: see encode_with_offsets
 
     # SentencePieceProcessor does not pickle; grain worker processes need a copy of us.
     def __getstate__(self):
@@ -56,11 +63,46 @@ class Tokenizer:
     def __setstate__(self, state):
         self.__init__(state["model_proto"], state["path"])
 
-    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        return self.sp.encode(text, out_type=int, add_bos=add_bos, add_eos=add_eos)
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False,
+               continues: bool = False) -> list[int]:
+        """`continues`: the text goes on from an earlier piece of the same document, so no
+        dummy-prefix "▁" is put before it (a piece cut before a space then gets the tokens it
+        has inside the whole document)."""
+        sp = self._renderer() if continues else self.sp
+        return sp.encode(text, out_type=int, add_bos=add_bos, add_eos=add_eos)
 
     def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
         return self.sp.encode(list(texts), out_type=int, num_threads=num_threads)
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        """ids of `text` (which may hold special-token text: a rendered chat template) and the
+        character offset at which each token starts. Unlike `encode`, no dummy-prefix "▁" is
+        put before the text: a rendering is not a document."""
+        ids, starts, pos = [], [], 0
+        controls = re.finditer("|".join(map(re.escape, self._control_text)), text)
+        for m in [*controls, None]:
+            end = m.start() if m else len(text)
+            if end > pos:
+                raw = np.frombuffer(text[pos:end].encode("utf-8"), np.uint8)
+                # character index of each byte (a continuation byte: its character's)
+                char_of = np.append(np.cumsum((raw & 0xC0) != 0x80) - 1, -1)
+                for piece in self._renderer().encode(text[pos:end], return_type="proto").pieces:
+                    ids.append(piece.id)
+                    starts.append(pos + int(char_of[piece.begin]) if piece.begin < len(raw) else end)
+            if m:
+                ids.append(self._control_text[m.group()])
+                starts.append(m.start())
+                pos = m.end()
+        return ids, starts
+
+    def _renderer(self) -> spm.SentencePieceProcessor:
+        if self._sp_render is None:
+            from sentencepiece import sentencepiece_model_pb2  # protobuf: grain/orbax need it too
+            m = sentencepiece_model_pb2.ModelProto()
+            m.ParseFromString(self._proto)
+            m.normalizer_spec.add_dummy_prefix = False
+            self._sp_render = spm.SentencePieceProcessor(model_proto=m.SerializeToString())
+        return self._sp_render
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
@@ -72,22 +114,25 @@ class Tokenizer:
         return f"Tokenizer({self.path!r}, vocab_size={self.vocab_size})"
 
 
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """`path` is a .model file, or a directory holding tokenizer.model (ours or an HF Llama
-    checkpoint's)."""
+def load_tokenizer(path: str | os.PathLike):
+    """`path` is a .model file or a directory holding tokenizer.model (SentencePiece: ours or an
+    HF Llama-2-style checkpoint's), or a tokenizer.json file or a directory holding one (an HF
+    fast tokenizer, e.g. Qwen2's or Llama 3's: an `HFTokenizer`). A directory with both is read
+    through tokenizer.json, as transformers does."""
     p = pathlib.Path(path)
+    if (p.is_dir() and (p / "tokenizer.json").exists()) or (p.suffix == ".json" and p.is_file()):
+        from jaxllm.data.hf_tokenizer import load_hf_tokenizer
+        return load_hf_tokenizer(p)
     if p.is_dir():
         model = p / "tokenizer.model"
         if not model.exists():
             found = sorted(x.name for x in p.iterdir())[:12]
-            hint = (" (tokenizer.json-only tokenizers, e.g. Llama 3's, are not SentencePiece and are "
-                    "not supported)" if "tokenizer.json" in found else "")
-            raise FileNotFoundError(f"{p}: no tokenizer.model in this directory{hint}; found {found}. "
-                                    f"Train one with `jaxllm tokenizer train`.")
+            raise FileNotFoundError(f"{p}: neither tokenizer.model nor tokenizer.json in this directory; "
+                                    f"found {found}. Train one with `jaxllm tokenizer train`.")
         p = model
     if not p.exists():
-        raise FileNotFoundError(f"tokenizer not found: {p} (give a .model file or a directory "
-                                f"holding tokenizer.model; make one with `jaxllm tokenizer train "
+        raise FileNotFoundError(f"tokenizer not found: {p} (give a .model file, a tokenizer.json or a "
+                                f"directory holding one; make one with `jaxllm tokenizer train "
                                 f"--input FILES --vocab-size N --out DIR`)")
     proto = p.read_bytes()
     try:
@@ -96,7 +141,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         raise ValueError(f"{p}: not a valid SentencePiece model ({e})") from None
 
 
-def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
+def check_vocab(tokenizer, model_vocab_size: int) -> None:
     """Fail at start-up, not with an index error mid-run, if ids can exceed the embedding."""
     if model_vocab_size < tokenizer.vocab_size:
         raise ValueError(
