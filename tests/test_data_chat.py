@@ -338,7 +338,7 @@ def test_synthetic_chat_data_goes_through_without_skips(corpus, capfd):
     assert it.stats["skipped_records"] == 0 and it.stats["documents"] > 0
     assert all(b["loss_mask"].sum() > 0 for b in batches)
     it.close()
-    assert f"chat train data: {n_train} records in 1 sources -> {n_train} examples" in capfd.readouterr().err
+    assert f"chat train data: {n_train} records in 1 source -> {n_train} examples" in capfd.readouterr().err
     rows, stats, scan = _eval_pass(cfg, tok, seq_len=256)
     assert stats["documents"] == scan["records"] and stats["skipped_records"] == 0
 
@@ -361,6 +361,12 @@ def test_prompt_completion_records_and_parquet_sources(toks, tmp_path):
 def test_chat_config_is_checked(toks, tmp_path):
     with pytest.raises(ValueError, match="data.chat_template applies to data.kind=chat"):
         DataConfig(kind="text", sources=["x"], chat_template="chatml")
+    with pytest.raises(ValueError, match="data.long_examples applies to data.kind=chat, not text"):
+        DataConfig(kind="text", sources=["x"], long_examples="drop")
+    with pytest.raises(ValueError, match="data.add_eos applies to data.kind=text, not chat.*templates decide"):
+        DataConfig(kind="chat", sources=["x"], add_eos=False)
+    with pytest.raises(ValueError, match="data.max_doc_chars applies to data.kind=text, not chat"):
+        DataConfig(kind="chat", sources=["x"], max_doc_chars=0)
     with pytest.raises(ValueError, match="data.kind=chat needs at least one entry"):
         DataConfig(kind="chat")
     with pytest.raises(ValueError, match="contradict"):

@@ -46,7 +46,7 @@ import numpy as np
 from jaxllm.data import packing
 from jaxllm.data.hf_tokenizer import require
 from jaxllm.data.sources import DataError, Record, check_utf8, open_source
-from jaxllm.data.tokenizer import MASK_TOKEN
+from jaxllm.data.tokenizer import MASK_TOKEN, fingerprint
 from jaxllm.errors import UserError
 
 ROLES = ("system", "user", "assistant")
@@ -435,7 +435,7 @@ def scan(sources: list, encoder: ChatEncode, *, label: str, verbose: bool = True
     first `show` bad locations. strict: the first bad record raises. No usable example raises.
     Prints one line when `verbose` (process 0). Cached per process by file versions."""
     paths = [p for _, src in sources for p in src.source.files.paths]
-    key = (label, tuple(c for c, _ in sources), encoder.template, encoder.tok.path, encoder.tok.vocab_size,
+    key = (label, tuple(c for c, _ in sources), encoder.template, fingerprint(encoder.tok),
            encoder.seq_len, encoder.long_examples, encoder.strict, tuple(_stamp(p) for p in paths))
     if key not in _SCANS:
         counts = {"records": 0, "examples": 0, "truncated": 0, "dropped": 0, "bad": 0}
@@ -465,7 +465,8 @@ def scan(sources: list, encoder: ChatEncode, *, label: str, verbose: bool = True
         _SCANS[key] = counts
     counts = _SCANS[key]
     if verbose:
-        line = (f"chat {label} data: {counts['records']} records in {len(sources)} sources -> "
+        line = (f"chat {label} data: {counts['records']} records in {len(sources)} "
+                f"source{'s' if len(sources) > 1 else ''} -> "
                 f"{counts['examples']} examples ({counts['truncated']} truncated to seq_len={encoder.seq_len}), "
                 f"{counts['dropped']} dropped as longer (data.long_examples={encoder.long_examples}), "
                 f"{counts['bad']} bad records skipped")

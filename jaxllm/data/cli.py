@@ -64,7 +64,8 @@ def register(subparsers) -> None:
     tr.add_argument("--seed", type=int, default=0)
     tr.set_defaults(func=_tokenizer_train)
     en = tsub.add_parser("encode", help="print the ids and pieces of a text (or stdin)")
-    en.add_argument("--tokenizer", required=True, help=".model file or directory with tokenizer.model")
+    en.add_argument("--tokenizer", required=True,
+                    help=".model file, tokenizer.json, or a directory holding either (HF: the `hf` extra)")
     en.add_argument("text", nargs="?", default=None)
     en.set_defaults(func=_tokenizer_encode)
 

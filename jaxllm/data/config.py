@@ -133,8 +133,14 @@ class DataConfig:
         object.__setattr__(self, "eval_sources", _as_sources(self.eval_sources, "data.eval_sources"))
         if self.kind in ("text", "chat") and not self.sources:
             raise ValueError(f"data.kind={self.kind} needs at least one entry in data.sources")
-        if self.chat_template and self.kind != "chat":
-            raise ValueError(f"data.chat_template applies to data.kind=chat, not {self.kind}; remove it")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        only = {"chat": ("chat_template", "long_examples"), "text": ("add_bos", "add_eos", "max_doc_chars")}
+        for kind, keys in only.items():
+            changed = [k for k in keys if getattr(self, k) != defaults[k]]
+            if changed and self.kind != kind:
+                raise ValueError(f"data.{changed[0]} applies to data.kind={kind}, not {self.kind}; remove it"
+                                 + (" (chat templates decide bos/eos: built-in ChatML starts with bos "
+                                    "when the tokenizer has one)" if kind == "text" else ""))
         if self.long_examples not in ("truncate", "drop"):
             raise ValueError(f"data.long_examples must be 'truncate' or 'drop', got {self.long_examples!r}")
         if self.strict and self.skip_bad_records:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import atexit
 import gc
-import hashlib
 import math
 import os
 import weakref
@@ -48,7 +47,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxllm.data import chat, packing
 from jaxllm.data.config import DataConfig
 from jaxllm.data.sources import open_source
-from jaxllm.data.tokenizer import Tokenizer, check_vocab, load_tokenizer
+from jaxllm.data.tokenizer import Tokenizer, check_vocab, fingerprint, load_tokenizer
 
 
 # grain iterators own prefetch threads; closing them only from __del__ during interpreter
@@ -308,7 +307,7 @@ def make_eval_iterator(data_cfg: DataConfig, *, seq_len: int, global_batch_size:
         # Counting tokenizes every shard; an eval loop calls this each time, so count once per
         # (config, shape, seed, tokenizer, file versions) in this process.
         files = [path for _, src in sources for path in getattr(src, "source", src).files.paths]
-        key = (cfg, seq_len, global_batch_size, seed, _fingerprint(tokenizer),
+        key = (cfg, seq_len, global_batch_size, seed, fingerprint(tokenizer),
                tuple(_file_stamp(path) for path in files))
         if key not in _EVAL_BATCHES:
             rows_per_shard = [_count(_padded_shard(docs[s::S], tokenizer, encoder, cfg, seq_len,
@@ -320,15 +319,6 @@ def make_eval_iterator(data_cfg: DataConfig, *, seq_len: int, global_batch_size:
     it = _tracked(iter(_combine_shards(shards, 0, 1, limit=num_batches)))
     it.scan = scan
     return it
-
-
-def _fingerprint(tokenizer) -> str | int:
-    """What identifies a tokenizer's behaviour (its model bytes), for caches."""
-    for attr in ("_proto", "_json"):
-        data = getattr(tokenizer, attr, None)
-        if data is not None:
-            return hashlib.sha1(data if isinstance(data, bytes) else data.encode()).hexdigest()
-    return id(tokenizer)
 
 
 def to_global_batch(local_batch: dict[str, Any], mesh: jax.sharding.Mesh,

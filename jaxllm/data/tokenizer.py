@@ -9,6 +9,7 @@ decode(encode(text)) == text. Chat markers are user-defined symbols: always a si
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import pathlib
@@ -139,6 +140,14 @@ def load_tokenizer(path: str | os.PathLike):
         return Tokenizer(proto, str(p))
     except RuntimeError as e:
         raise ValueError(f"{p}: not a valid SentencePiece model ({e})") from None
+
+
+def fingerprint(tokenizer) -> str:
+    """What identifies a tokenizer's behaviour (a hash of its model bytes), for caches."""
+    data = getattr(tokenizer, "_proto", None) or getattr(tokenizer, "_json", None)
+    if data is None:
+        return f"{type(tokenizer).__name__}@{id(tokenizer)}"
+    return hashlib.sha1(data if isinstance(data, bytes) else data.encode()).hexdigest()
 
 
 def check_vocab(tokenizer, model_vocab_size: int) -> None:
