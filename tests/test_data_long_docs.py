@@ -173,3 +173,29 @@ def test_max_doc_chars_is_checked():
     with pytest.raises(ValueError, match="data.max_doc_chars must be 0 .* or at least 64"):
         DataConfig(kind="text", sources=["x"], max_doc_chars=10)
     assert packing.STATS_NAMES.index("doc_pieces") == packing.DOC_PIECE
+
+
+def test_reading_resumes_exactly_at_every_piece_and_after_a_bad_record(tmp_path):
+    import grain
+    text = "a b " * 1000
+    good = [json.dumps({"text": f"document {i}."}) for i in range(3)]
+    lines = good[:1] + [json.dumps({"text": text})] + ['{"text": "' + text + '\\x ' + text + '"}'] + good[1:]
+    (tmp_path / "r.jsonl").write_text("\n".join(lines) + "\n")
+    src = open_source(SourceConfig(path=str(tmp_path / "r.jsonl")))
+
+    def reader():
+        ds = grain.MapDataset.source(packing.LazyDocs(src)).to_iter_dataset()
+        return iter(packing.ReadPieces(ds, 1000, skip=True))
+
+    def key(x):
+        return (type(x).__name__,) + tuple(x)
+
+    it, states, outs = reader(), [], []
+    for x in it:
+        states.append(it.get_state())
+        outs.append(key(x))
+    assert [o[0] for o in outs].count("Bad") == 1 and len(outs) > 10
+    for i, state in enumerate(states):
+        again = reader()
+        again.set_state(json.loads(json.dumps(state)))
+        assert [key(x) for x in again] == outs[i + 1:], i

@@ -167,8 +167,7 @@ class _ReadPiecesIterator(grain.DatasetIterator):
                     self._warned += 1
                     _log.warning("skipping bad record (skip_bad_records=true)%s: %s",
                                  f" after {self._done} pieces" if self._done else "", e)
-                self._pieces = iter(())
-                self._done += 1
+                self._pieces = None  # the record is finished: a restore resumes after it
                 return Bad(*str(e).split(": ", 1)) if ": " in str(e) else Bad("?", str(e))
             self._done += 1
             return piece
