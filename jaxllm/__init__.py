@@ -1,13 +1,16 @@
 """jaxllm: the LLM training pipeline in one small JAX codebase."""
 from jaxllm.config import Config, ModelConfig, load_config  # noqa: F401
 from jaxllm.configlib import ConfigError  # noqa: F401
-from jaxllm.model import forward, init_params, param_logical_axes  # noqa: F401
+from jaxllm.errors import RunError, UserError  # noqa: F401
+from jaxllm.model import (forward, init_cache, init_params, param_logical_axes,  # noqa: F401
+                          token_stats, trunk, unembed)
 
 
-def train(cfg: Config) -> dict:
-    """Run any objective from a config; returns a summary (losses, eval, final state)."""
-    from jaxllm.training.loop import train as _train
-    return _train(cfg)
+def train(cfg: Config, batches=None) -> dict:
+    """Run the recipe of cfg.train.objective; returns a summary (losses, eval, final state).
+    `batches`: an iterator of this process's rows to train on instead of cfg.data."""
+    from jaxllm.training.pretrain import train as _train
+    return _train(cfg, batches)
 
 
 def __getattr__(name):

@@ -1,17 +1,23 @@
-"""`jaxllm <verb>`: train, generate, tokenizer, data, convert, curate, demo."""
+"""`jaxllm <verb>`: train, demo, data, tokenizer, convert, curate.
+
+An expected failure prints one line (`jaxllm: error: what, where, what to do`) and exits 2
+(bad config or input) or 1 (the run cannot go on); `--traceback` or JAXLLM_TRACEBACK=1 shows
+the stack as well.
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
 import json
+import os
 import sys
 
-from jaxllm.configlib import ConfigError
+from jaxllm.errors import RunError, UserError
 
 
 def _train(args):
     from jaxllm.config import load_config
-    from jaxllm.training.loop import train
+    from jaxllm.training.pretrain import train
     cfg = load_config(args.config, args.overrides)
     summary = train(cfg)
     summary.pop("state", None)
@@ -21,15 +27,21 @@ def _train(args):
 
 def _demo(args):
     from jaxllm.config import load_config
-    from jaxllm.training.loop import train
+    from jaxllm.training.pretrain import train
     cfg = load_config(args.config, args.overrides)
-    summary = train(cfg)
-    print(f"demo: loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f} "
-          f"over {summary['steps']} steps; run dir {summary['run_dir']}")
+    s = train(cfg)
+    if s["first_loss"] is None:
+        print(f"demo: nothing trained; run dir {s['run_dir']}")
+        return
+    done = " (already finished earlier)" if s.get("already_finished") else ""
+    print(f"demo: loss {s['first_loss']:.3f} -> {s['final_loss']:.3f} over {s['steps']} steps{done}; "
+          f"run dir {s['run_dir']}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jaxllm", description=__doc__)
+    p = argparse.ArgumentParser(prog="jaxllm", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--traceback", action="store_true", help="show the stack of an expected failure")
     sub = p.add_subparsers(dest="verb", required=True)
     tr = sub.add_parser("train", help="train any objective from a YAML recipe")
     tr.add_argument("config")
@@ -49,13 +61,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _expected(e: BaseException) -> int | None:
+    """Exit code of an expected failure, None for a bug (which keeps its traceback)."""
+    if isinstance(e, UserError):
+        return 2
+    if isinstance(e, (RunError, OSError)):
+        return 1
+    cause = e.__cause__ or e.__context__
+    # grain re-raises errors from its reader threads/workers wrapped in its own types
+    return _expected(cause) if cause is not None and cause is not e else None
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    show = "--traceback" in argv or os.environ.get("JAXLLM_TRACEBACK") == "1"
+    args = build_parser().parse_args([a for a in argv if a != "--traceback"])
     try:
         args.func(args)
-    except ConfigError as e:
-        print(f"jaxllm: config error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # noqa: BLE001 - the one place that turns failures into exit codes
+        code = _expected(e)
+        if code is None or show:
+            raise
+        root = e
+        while not isinstance(root, (UserError, RunError, OSError)) and (root.__cause__ or root.__context__):
+            root = root.__cause__ or root.__context__
+        print(f"jaxllm: error: {root}", file=sys.stderr)
+        return code
     return 0
 
 

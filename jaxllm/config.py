@@ -11,6 +11,7 @@ from typing import Literal, Sequence
 from jaxllm import configlib
 from jaxllm.configlib import ConfigError
 from jaxllm.data.config import DataConfig
+from jaxllm.parallel.axes import check_rule_overrides
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
@@ -40,6 +41,11 @@ class ModelConfig:
     compute_dtype: Dtype = "float32"
     remat: RematPolicy = "none"
     attention: Literal["xla", "cudnn"] = "xla"
+    # Attention-output and MLP-down kernels start at init_std / sqrt(2 * n_layers) (GPT-2).
+    scale_residual_init: bool = True
+    # The LM head's loss is computed this many sequence positions at a time, so the full
+    # (B, T, vocab) fp32 logits never exist in a training step (0: all at once).
+    logits_chunk: int = 512
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
@@ -56,6 +62,10 @@ class ModelConfig:
         if self.attention == "cudnn" and self.compute_dtype == "float32":
             raise ConfigError("model.attention=cudnn needs model.compute_dtype bfloat16 or float16 "
                               "(cuDNN fused attention has no fp32 kernel)")
+        if self.logits_chunk < 0:
+            raise ConfigError(f"model.logits_chunk must be >= 0, got {self.logits_chunk}")
+        if not self.init_std > 0:
+            raise ConfigError(f"model.init_std must be positive, got {self.init_std}")
         if self.rope_scaling and len(self.rope_scaling) != 4:
             raise ConfigError("model.rope_scaling takes 4 numbers: (factor, low_freq_factor, "
                               f"high_freq_factor, original_max_position_embeddings), got {self.rope_scaling}")
@@ -76,10 +86,16 @@ class MeshConfig:
     preset: Literal["dp", "fsdp", "fsdp_tp"] = "fsdp"
     rules: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     devices: int = 0                # use the first N devices (0 = all of them)
+    # Start-up refuses a layout where more than this fraction of parameter bytes that the
+    # preset means to shard ends up replicated (a mesh axis that does not divide a dim).
+    replication_tolerance: float = 0.05
 
     def __post_init__(self):
-        from jaxllm.parallel.rules import check_rule_overrides
         check_rule_overrides(self.rules)
+        if self.devices < 0:
+            raise ConfigError(f"mesh.devices must be >= 0 (0 = all devices), got {self.devices}")
+        if not 0 <= self.replication_tolerance <= 1:
+            raise ConfigError(f"mesh.replication_tolerance must be in [0, 1], got {self.replication_tolerance}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +112,13 @@ class OptimConfig:
     max_nonfinite_skips: int = 5    # consecutive non-finite updates skipped before the run stops
 
     def __post_init__(self):
+        import math
+        for name in ("lr", "b1", "b2", "eps", "weight_decay", "clip_norm", "min_lr_ratio"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v < 0:
+                raise ConfigError(f"optim.{name} must be a finite number >= 0, got {v}")
+        if not (self.b1 < 1 and self.b2 < 1):
+            raise ConfigError(f"optim.b1 and optim.b2 must be < 1, got {self.b1}, {self.b2}")
         if self.max_nonfinite_skips < 1:
             raise ConfigError(f"optim.max_nonfinite_skips must be >= 1, got {self.max_nonfinite_skips}")
         if self.warmup_steps < 0 or self.decay_steps < 0:
@@ -131,16 +154,39 @@ class TrainConfig:
                               f"train.microbatches ({self.microbatches})")
         if self.steps < 0 or self.seq_len < 2:
             raise ConfigError("train.steps must be >= 0 and train.seq_len >= 2")
+        if not 0 < self.mlm_prob < 1:
+            raise ConfigError(f"train.mlm_prob must be in (0, 1), got {self.mlm_prob}")
+        if self.eval_every < 0 or self.eval_batches < 0:
+            raise ConfigError(f"train.eval_every and train.eval_batches must be >= 0, got "
+                              f"{self.eval_every}, {self.eval_batches}")
+        if not self.run_dir.strip():
+            raise ConfigError("train.run_dir is empty: give a directory for checkpoints and metrics")
+        if self.z_loss < 0:
+            raise ConfigError(f"train.z_loss must be >= 0, got {self.z_loss}")
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    every: int = 0            # save every N steps (0: only at the end / on preemption)
+    every: int = 500          # save every N steps (0: only at the end / on preemption)
     keep: int = 3             # keep the last K checkpoints ...
     keep_every: int = 0       # ... plus every M-th step forever (0: none)
     async_save: bool = True
     resume: bool = True       # resume from the latest complete checkpoint in run_dir
     init_from: str = ""       # start a NEW run from these params: a run dir, checkpoint dir or HF dir
+    # Resume refuses a changed config that changes the trajectory (model, optimizer, data,
+    # seed, batch) naming each key; true accepts the change (said in one line per key).
+    allow_config_change: bool = False
+    # The newest checkpoint cannot be read: false stops naming it and the newest intact one;
+    # true restores that one instead (with a warning).
+    fallback: bool = False
+
+    def __post_init__(self):
+        if self.every < 0 or self.keep_every < 0:
+            raise ConfigError(f"checkpoint.every and checkpoint.keep_every must be >= 0, got "
+                              f"{self.every}, {self.keep_every}")
+        if self.keep < 1:
+            raise ConfigError(f"checkpoint.keep must be >= 1 (the checkpoints to keep), got {self.keep}; "
+                              "to save nothing periodically set checkpoint.every=0")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -141,27 +141,24 @@ def test_sigterm_saves_at_the_current_step_and_exits_zero(tmp_path):
     assert proc.returncode == 0, out[-2000:]
     last = max(losses(tmp_path))
     assert last < 400 and saved_steps(tmp_path) == [last]
-    assert json.loads(out[out.index("{"):])["preempted"] is True
+    assert json.loads(out[out.index("{\n \"run_dir\""):])["preempted"] is True
 
 
-def poison(monkeypatch, bad_steps):
-    """Feed token ids beyond the vocabulary at the given (1-based) steps: the embedding
-    lookup yields NaN, like corrupt data would. (eval is off, so each call is a train step.)"""
-    real = loop_lib._global
-    calls = {"n": 0}
-
-    def patched(batch, sharding):
-        calls["n"] += 1
-        if calls["n"] in bad_steps:
-            batch = dict(batch, tokens=batch["tokens"] + 10_000)
-        return real(batch, sharding)
-    monkeypatch.setattr(loop_lib, "_global", patched)
+def poisoned(cfg, bad_steps):
+    """The configured batches, with token ids beyond the vocabulary at the given (1-based)
+    steps: the embedding lookup yields NaN, like corrupt data would."""
+    from jaxllm.training.pretrain import data_iterators
+    for i, batch in enumerate(data_iterators(cfg)[0], start=1):
+        yield dict(batch, tokens=batch["tokens"] + 10_000) if i in bad_steps else batch
 
 
-def test_poisoned_batch_is_skipped_and_the_run_continues(tmp_path, monkeypatch):
-    poison(monkeypatch, {3})
-    s = jaxllm.train(jaxllm.load_config(None, ARGS + ["train.steps=6", "checkpoint.every=0",
-                                                      f"train.run_dir={tmp_path}"]))
+def train_poisoned(bad_steps, *overrides):
+    cfg = jaxllm.load_config(None, ARGS + list(overrides))
+    return jaxllm.train(cfg, batches=poisoned(cfg, bad_steps))
+
+
+def test_poisoned_batch_is_skipped_and_the_run_continues(tmp_path):
+    s = train_poisoned({3}, "train.steps=6", "checkpoint.every=0", f"train.run_dir={tmp_path}")
     rows = {h["step"]: h for h in s["history"]}
     assert not np.isfinite(rows[3]["loss"]) and rows[3]["skipped_updates"] == 1
     assert np.isfinite(rows[6]["loss"]) and s["steps"] == 6
@@ -173,26 +170,29 @@ def test_poisoned_batch_is_skipped_and_the_run_continues(tmp_path, monkeypatch):
     chex.assert_tree_all_finite(s["state"].params)
 
 
-def test_params_unchanged_by_a_skipped_update(tmp_path, monkeypatch):
+def test_params_unchanged_by_a_skipped_update(tmp_path):
     a = jaxllm.train(jaxllm.load_config(None, ARGS + ["train.steps=2", f"train.run_dir={tmp_path}/a"]))
-    poison(monkeypatch, {3})
-    b = jaxllm.train(jaxllm.load_config(None, ARGS + ["train.steps=3", f"train.run_dir={tmp_path}/b",
-                                                      "optim.decay_steps=2"]))
+    b = train_poisoned({3}, "train.steps=3", f"train.run_dir={tmp_path}/b", "optim.decay_steps=2")
     chex.assert_trees_all_equal(jax.device_get(a["state"].params), jax.device_get(b["state"].params))
 
 
-def test_consecutive_nonfinite_steps_stop_the_run(tmp_path, monkeypatch):
-    poison(monkeypatch, set(range(3, 100)))
-    with pytest.raises(loop_lib.NonFiniteError, match="3 consecutive non-finite"):
-        jaxllm.train(jaxllm.load_config(None, ARGS + ["train.steps=20", "optim.max_nonfinite_skips=3",
-                                                      f"train.run_dir={tmp_path}"]))
+def test_consecutive_nonfinite_steps_stop_the_run(tmp_path):
+    with pytest.raises(loop_lib.NonFiniteError, match="3 consecutive non-finite.*no checkpoint was written"):
+        train_poisoned(set(range(3, 100)), "train.steps=20", "optim.max_nonfinite_skips=3",
+                       "checkpoint.every=0", f"train.run_dir={tmp_path}")
+    with pytest.raises(loop_lib.NonFiniteError, match=r"the last checkpoint \(step 4\) holds finite"):
+        train_poisoned(set(range(3, 100)), "train.steps=20", "optim.max_nonfinite_skips=3",
+                       "checkpoint.every=2", "checkpoint.async_save=false", f"train.run_dir={tmp_path}/b")
 
 
 def test_incompatible_checkpoint_names_what_differs(tmp_path):
     args = ARGS + ["train.steps=2", f"train.run_dir={tmp_path}"]
     jaxllm.train(jaxllm.load_config(None, args))
-    with pytest.raises(CheckpointError, match=r"does not match this run.*checkpoint shape \(2,"):
+    with pytest.raises(jaxllm.ConfigError, match=r"trained with another config: model.n_layers: 2 -> 3"):
         jaxllm.train(jaxllm.load_config(None, args + ["train.steps=4", "model.n_layers=3"]))
+    with pytest.raises(CheckpointError, match=r"does not match this run.*checkpoint shape \(2,"):
+        jaxllm.train(jaxllm.load_config(None, args + ["train.steps=4", "model.n_layers=3",
+                                                      "checkpoint.allow_config_change=true"]))
 
 
 def test_init_from_and_convert_round_trip(tmp_path, reference):
@@ -209,7 +209,7 @@ def test_init_from_and_convert_round_trip(tmp_path, reference):
 
 
 def test_missing_init_from_is_a_clear_error(tmp_path):
-    with pytest.raises(CheckpointError, match="not a run dir, orbax checkpoint dir or HF model dir"):
+    with pytest.raises(jaxllm.UserError, match="not a run dir, orbax checkpoint dir or HF model dir"):
         jaxllm.train(jaxllm.load_config(None, ARGS + ["train.steps=1", f"train.run_dir={tmp_path}",
                                                       f"checkpoint.init_from={tmp_path}/nowhere"]))
 

@@ -46,16 +46,45 @@ def test_sharded_step_matches_single_device(tmp_path, single, mesh):
     q = state.params["layers"]["attn"]["q"]["kernel"]
     if "mesh.fsdp=8" in mesh:
         assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None, None)
-        mu = state.opt_state.inner_state[1][0].mu["layers"]["attn"]["q"]["kernel"]
+        mu = state.opt_state.inner[1][0].mu["layers"]["attn"]["q"]["kernel"]
         assert mu.sharding.spec == q.sharding.spec  # Adam moments follow their parameter
     if "mesh.tensor=2" in mesh:
         assert "tensor" in q.sharding.spec
 
 
-def test_rules_drop_mesh_axes_that_do_not_divide():
+def test_rules_drop_mesh_axes_that_do_not_divide_and_the_report_says_so():
     mesh = jax.make_mesh((1, 1, 8), ("data", "fsdp", "tensor"),
                          axis_types=(jax.sharding.AxisType.Auto,) * 3)
     rules = R.logical_rules(jaxllm.config.MeshConfig(preset="fsdp_tp"))
     spec = R.logical_to_mesh_spec(jax.sharding.PartitionSpec("embed", "kv_heads", "head_dim"),
                                   (64, 2, 16), rules, mesh)
     assert spec == jax.sharding.PartitionSpec(None, None, None)  # 2 kv heads cannot split 8 ways
+    cfg = jaxllm.ModelConfig(vocab_size=128, d_model=64, n_heads=8, n_kv_heads=2, d_ff=128)
+    rep = R.sharding_report(jaxllm.param_logical_axes(cfg),
+                            jax.eval_shape(lambda: jaxllm.init_params(cfg, jax.random.key(0))), rules, mesh)
+    dropped = " ".join(rep["dropped"])
+    assert "layers/attn/k/kernel" in dropped and "layers/attn/v/kernel" in dropped
+    assert "layers/attn/q/kernel" not in dropped                 # 8 heads split 8 ways
+    k_bytes = 2 * (2 * 64 * 2 * 8) * 4     # k and v kernels: (layers, d, kv_heads, head_dim), fp32
+    np.testing.assert_allclose(rep["replicated_fraction"], k_bytes / rep["total_bytes"])
+
+
+def test_silent_replication_is_refused(tmp_path, capsys):
+    # d_model=100 cannot split over fsdp=8: every matrix and its Adam moments would be
+    # replicated on all 8 devices while the preset says "shard"
+    args = BASE + [f"train.run_dir={tmp_path}", "model.d_model=100", "model.n_heads=2",
+                   "mesh.fsdp=8"]
+    with pytest.raises(jaxllm.ConfigError, match=r"(99|100)% of parameter bytes .* would be replicated"):
+        jaxllm.train(jaxllm.load_config(None, args))
+    assert "not divisible by mesh fsdp=8" in capsys.readouterr().err
+    # raising the tolerance accepts it, and the table still says what happened
+    s = jaxllm.train(jaxllm.load_config(None, args + ["mesh.replication_tolerance=1", "train.steps=1"]))
+    assert s["steps"] == 1
+    err = capsys.readouterr().err
+    assert "layers/mlp/up/kernel" in err and "MiB/device" in err
+
+
+def test_idle_mesh_axis_is_said(tmp_path, capsys):
+    jaxllm.train(jaxllm.load_config(None, BASE + [f"train.run_dir={tmp_path}", "train.steps=1",
+                                                  "mesh.fsdp=4", "mesh.tensor=2", "mesh.preset=fsdp"]))
+    assert "mesh.tensor=2 shards nothing under mesh.preset=fsdp" in capsys.readouterr().err

@@ -5,6 +5,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import jaxllm
@@ -82,7 +83,23 @@ def test_nonfinite_gradients_skip_the_update():
         return loss * jnp.nan, m
     state, m = make_train_step(poisoned, opt)(state, fixed_batch(), None)
     chex.assert_trees_all_equal(jax.device_get(state.params), before)
-    assert int(state.opt_state.notfinite_count) == 1
+    assert int(state.opt_state.skipped) == 1 and int(state.opt_state.applied) == 0
+
+
+def test_nonfinite_update_with_finite_gradients_is_skipped():
+    # eps=0, b2=0: an untouched embedding row has g = 0, so Adam's update is 0/0 = NaN while
+    # every gradient is finite (optax.apply_if_finite, which checks gradients only, applies it)
+    opt = make_optimizer(OptimConfig(lr=1e-3, eps=0.0, b2=0.0, clip_norm=0.0), 10)
+    state = new_state(opt)
+    before = jax.device_get(state.params)
+    grads = jax.grad(lambda p: make_clm_loss(CFG)(p, fixed_batch(), None)[0])(state.params)
+    adam = optax.adamw(1e-3, b2=0.0, eps=0.0)
+    inner_updates, _ = adam.update(grads, adam.init(state.params), state.params)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+    assert not all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(inner_updates))
+    state, _ = make_train_step(make_clm_loss(CFG), opt)(state, fixed_batch(), None)
+    chex.assert_trees_all_equal(jax.device_get(state.params), before)
+    assert int(state.opt_state.skipped) == 1 and int(state.opt_state.skipped_in_a_row) == 1
 
 
 def test_loss_falls_on_synthetic_stream_and_run_dir_is_written(tmp_path):
@@ -102,7 +119,8 @@ def test_loss_falls_on_synthetic_stream_and_run_dir_is_written(tmp_path):
 
 def test_mlm_loss_falls(tmp_path):
     cfg = jaxllm.load_config("configs/pretrain/tiny.yaml",
-                             QUIET + ["train.objective=mlm", "train.steps=120", "train.eval_every=0",
+                             QUIET + ["train.objective=mlm", "train.mlm_mask_id=511", "train.steps=120",
+                                      "train.eval_every=0",
                                       "train.log_every=10", f"train.run_dir={tmp_path}"])
     s = jaxllm.train(cfg)
     assert s["final_loss"] < 0.75 * s["first_loss"]
@@ -112,7 +130,8 @@ def test_mlm_masks_fifteen_percent_with_80_10_10():
     from jaxllm.objectives.mlm import mask_tokens
     toks = jnp.full((64, 256), 5, jnp.int32)
     seg = jnp.ones_like(toks).at[:, 200:].set(0)
-    corrupted, sel = mask_tokens(toks, seg, jax.random.key(0), vocab_size=1000, mask_id=999, mask_prob=0.15)
+    replacements = jnp.arange(10, 1000)    # real tokens only: never 0..9 (specials) or the mask
+    corrupted, sel = mask_tokens(toks, seg, jax.random.key(0), replacements, mask_id=999, mask_prob=0.15)
     assert not bool(jnp.any(sel[:, 200:]))
     frac = float(jnp.mean(sel[:, :200]))
     assert 0.14 < frac < 0.16
@@ -120,6 +139,8 @@ def test_mlm_masks_fifteen_percent_with_80_10_10():
     as_mask = float(jnp.sum(sel & (corrupted == 999))) / n
     kept = float(jnp.sum(sel & (corrupted == 5))) / n
     assert 0.77 < as_mask < 0.83 and 0.08 < kept < 0.12
+    replaced = corrupted[sel & (corrupted != 999) & (corrupted != 5)]
+    assert replaced.size > 0 and bool(jnp.all(replaced >= 10))  # drawn from real tokens only
 
 
 def test_same_seed_same_run(tmp_path):

@@ -1,16 +1,30 @@
 """Pure functions over plain parameter pytrees: what research code imports.
 
     params = init_params(model_cfg, jax.random.key(0))
-    logits_btv = forward(params, tokens_bt, model_cfg, positions=None, segment_ids=None)
+    hidden_btd, cache = trunk(params, tokens_bt, model_cfg)          # one pass feeds every head
+    logits_btv = unembed(params, hidden_btd, model_cfg)              # (B, T, vocab) float32
+    logits_btv = forward(params, tokens_bt, model_cfg)               # both, for convenience
+
+The parameter tree (HF names in interop/hf.py):
+    embed/embedding (vocab, d)   layers/... stacked on a leading n_layers axis
+    final_norm/scale (d,)        lm_head/kernel (d, vocab)  (absent with tied embeddings)
 """
 from __future__ import annotations
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from jaxllm.config import ModelConfig
-from jaxllm.model.transformer import Transformer
+from jaxllm.model.matmul import mixed_matmul
+from jaxllm.model.transformer import Block, constrain, rms_norm
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole layer
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
 
 
 def positions_from_segments(segment_ids_bt: jax.Array) -> jax.Array:
@@ -35,46 +49,149 @@ def _inputs(tokens_bt, positions, segment_ids):
     return tokens_bt, jnp.asarray(positions), None if segment_ids is None else jnp.asarray(segment_ids)
 
 
-def _boxed_init(cfg: ModelConfig, key, causal: bool = True):
-    tokens = jnp.zeros((1, 2), jnp.int32)
-    # Empty logical rules: no sharding constraints inside init (Flax would constrain flattened
-    # kernels); callers place the result with jit out_shardings instead.
+# ---------------------------------------------------------------------------- parameters
+def _layer_init(cfg: ModelConfig, key, causal: bool = True):
+    """One layer's boxed params (Flax `Partitioned` leaves carrying logical names)."""
+    x = jnp.zeros((1, 2, cfg.d_model), jnp.dtype(cfg.compute_dtype))
+    pos = jnp.zeros((1, 2), jnp.int32)
+    # Empty logical rules: no sharding constraints inside init; callers place the result
+    # with jit out_shardings instead.
     with nn.logical_axis_rules(()):
-        return Transformer(cfg, causal).init(key, tokens, tokens, None)["params"]
+        return Block(cfg, causal).init(key, x, pos, None)["params"]
 
 
 def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
-    """A plain pytree of arrays (no Flax boxes). Stacked layers have a leading n_layers axis."""
-    boxed = _boxed_init(cfg, key)
-    with nn.logical_axis_rules(()):
-        return nn.meta.unbox(boxed)
+    """A plain pytree of arrays (no Flax boxes). Layers are stacked on a leading axis, each
+    initialised from its own key, so the values do not depend on jit, eager or sharding."""
+    k_embed, k_layers, k_head = jax.random.split(key, 3)
+    pdt = jnp.dtype(cfg.param_dtype)
+
+    def layer(k):
+        with nn.logical_axis_rules(()):
+            return nn.meta.unbox(_layer_init(cfg, k))
+    params = {
+        "embed": {"embedding": (cfg.init_std * jax.random.normal(
+            k_embed, (cfg.vocab_size, cfg.d_model), jnp.float32)).astype(pdt)},
+        "layers": jax.vmap(layer)(jax.random.split(k_layers, cfg.n_layers)),
+        "final_norm": {"scale": jnp.ones((cfg.d_model,), pdt)},
+    }
+    if not cfg.tie_embeddings:
+        params["lm_head"] = {"kernel": (cfg.init_std * jax.random.normal(
+            k_head, (cfg.d_model, cfg.vocab_size), jnp.float32)).astype(pdt)}
+    return params
 
 
 def param_logical_axes(cfg: ModelConfig) -> dict:
     """Pytree (same structure as params) of PartitionSpecs of logical axis names."""
-    boxed = jax.eval_shape(lambda: _boxed_init(cfg, jax.random.key(0)))
-    return nn.get_partition_spec(boxed)
+    boxed = jax.eval_shape(lambda: _layer_init(cfg, jax.random.key(0)))
+    layer_specs = nn.get_partition_spec(boxed)
+    specs = {
+        "embed": {"embedding": P("vocab", "embed")},
+        "layers": jax.tree.map(lambda s: P("layers", *s), layer_specs,
+                               is_leaf=lambda x: isinstance(x, P)),
+        "final_norm": {"scale": P("norm")},
+    }
+    if not cfg.tie_embeddings:
+        specs["lm_head"] = {"kernel": P("embed", "vocab")}
+    return specs
 
 
 def param_shapes(cfg: ModelConfig) -> dict:
     return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
 
 
-def forward(params: dict, tokens_bt, cfg: ModelConfig, positions=None, segment_ids=None,
-            causal: bool = True) -> jax.Array:
-    """Logits (B, T, vocab) in float32. segment_ids: attention never crosses segments
-    (0 = padding); positions drive RoPE (default: per-segment positions, else 0..T-1)."""
-    tokens_bt, positions, segment_ids = _inputs(tokens_bt, positions, segment_ids)
-    return Transformer(cfg, causal).apply({"params": params}, tokens_bt, positions, segment_ids)
-
-
-def hidden_states(params: dict, tokens_bt, cfg: ModelConfig, positions=None, segment_ids=None,
-                  causal: bool = True) -> jax.Array:
-    """Final-norm hidden states (B, T, d_model): the input to value and reward heads."""
-    tokens_bt, positions, segment_ids = _inputs(tokens_bt, positions, segment_ids)
-    return Transformer(cfg, causal).apply({"params": params}, tokens_bt, positions, segment_ids,
-                                          return_hidden=True)
-
-
 def count_params(params) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+# ---------------------------------------------------------------------------- KV cache
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+    """An empty KV cache: k/v (n_layers, B, max_len, kv_heads, head_dim) in the compute dtype,
+    the segment id of each slot (0 = empty or padding) and the next slot to write."""
+    dt = jnp.dtype(dtype or cfg.compute_dtype)
+    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.dim_per_head)
+    return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt),
+            "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
+            "index": jnp.zeros((), jnp.int32)}
+
+
+# ---------------------------------------------------------------------------- the trunk
+def _eager() -> bool:
+    return bool(jax.config.jax_disable_jit)
+
+
+def trunk(params: dict, tokens_bt, cfg: ModelConfig, *, positions=None, segment_ids=None,
+          causal: bool = True, cache: dict | None = None):
+    """Final-norm hidden states (B, T, d_model) in the compute dtype, and the updated cache.
+
+    segment_ids: attention never crosses segments (0 = padding); positions drive RoPE
+    (default: per-segment positions, else 0..T-1). With a cache (init_cache), the T tokens
+    are written at slots [index, index + T) and attend to every filled slot before them;
+    their segment id defaults to 1 (pass 0 for left padding of a prompt).
+    Under jax.disable_jit (debug mode) the layers run as a Python loop without remat, so a
+    debugger sees concrete arrays inside every layer.
+    """
+    tokens_bt, positions, segment_ids = _inputs(tokens_bt, positions, segment_ids)
+    dt = jnp.dtype(cfg.compute_dtype)
+    x_btd = jnp.take(params["embed"]["embedding"].astype(dt), tokens_bt, axis=0)
+    x_btd = constrain(x_btd, ("activation_batch", "activation_length", "activation_embed"))
+
+    kv_seg, index, layer_caches = None, None, None
+    if cache is not None:
+        index = cache["index"]
+        q_seg = jnp.ones_like(tokens_bt, jnp.int32) if segment_ids is None else segment_ids
+        kv_seg = jax.lax.dynamic_update_slice(cache["segment_ids"], q_seg.astype(jnp.int32), (0, index))
+        segment_ids = q_seg
+        layer_caches = {"k": cache["k"], "v": cache["v"]}
+    block = Block(cfg, causal)
+
+    def layer(x, xs):
+        p, c = xs
+        if c is not None:
+            c = dict(c, index=index)
+        return block.apply({"params": p}, x, positions, segment_ids, c, kv_seg)
+
+    if _eager():
+        new = []
+        for i in range(cfg.n_layers):
+            x_btd, c = layer(x_btd, jax.tree.map(lambda a: a[i], (params["layers"], layer_caches)))
+            new.append(c)
+        new_caches = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *new)
+    else:
+        if cfg.remat != "none":
+            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        x_btd, new_caches = jax.lax.scan(layer, x_btd, (params["layers"], layer_caches))
+    x_btd = rms_norm(x_btd, params["final_norm"]["scale"], cfg.norm_eps)
+    new_cache = None
+    if cache is not None:
+        new_cache = {"k": new_caches["k"], "v": new_caches["v"], "segment_ids": kv_seg,
+                     "index": index + tokens_bt.shape[1]}
+    return x_btd, new_cache
+
+
+# ---------------------------------------------------------------------------- the LM head
+def unembed_matrix(params: dict, cfg: ModelConfig) -> jax.Array:
+    """(d_model, vocab) in the compute dtype: lm_head, or the embedding when tied."""
+    dt = jnp.dtype(cfg.compute_dtype)
+    if cfg.tie_embeddings:
+        return params["embed"]["embedding"].astype(dt).T
+    return params["lm_head"]["kernel"].astype(dt)
+
+
+def unembed(params: dict, hidden_btd: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Logits (..., vocab) in float32 even under bf16 compute: bf16 rounding of logits over a
+    large vocabulary would add ~0.1 of noise to the cross-entropy."""
+    w_dv = unembed_matrix(params, cfg)
+    logits = mixed_matmul(hidden_btd.astype(w_dv.dtype), w_dv, 1)
+    if logits.ndim == 3:
+        logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+    return logits
+
+
+def forward(params: dict, tokens_bt, cfg: ModelConfig, positions=None, segment_ids=None,
+            causal: bool = True) -> jax.Array:
+    """Logits (B, T, vocab) in float32: trunk then unembed. Training losses use
+    model.heads.token_stats instead, which never holds the whole logits tensor."""
+    hidden_btd, _ = trunk(params, tokens_bt, cfg, positions=positions, segment_ids=segment_ids,
+                          causal=causal)
+    return unembed(params, hidden_btd, cfg)

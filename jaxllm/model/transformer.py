@@ -1,8 +1,9 @@
-"""Decoder-only Llama-family transformer in Flax linen.
+"""The decoder layer of a Llama-family transformer, in Flax linen.
 
-Embedding -> n_layers x [RMSNorm -> GQA attention with RoPE -> residual,
-RMSNorm -> SwiGLU MLP -> residual] (stacked with nn.scan) -> RMSNorm -> LM head.
-Every parameter carries logical axis names; parallel/rules.py maps them onto the mesh.
+One layer: RMSNorm -> GQA attention with RoPE (optionally reading/writing a KV cache) ->
+residual, RMSNorm -> SwiGLU MLP -> residual. The stack of layers, the embedding and the heads
+are pure functions over the parameter pytree in model/api.py and model/heads.py; this module
+holds what has parameters with logical axis names (parallel/rules.py maps them onto the mesh).
 """
 from __future__ import annotations
 
@@ -16,12 +17,6 @@ from jaxllm.config import ModelConfig
 from jaxllm.model.attention import attention
 from jaxllm.model.matmul import mixed_matmul
 
-REMAT_POLICIES = {
-    "full": None,  # save nothing, recompute the whole layer
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
-
 
 def _dtype(name: str):
     return jnp.dtype(name)
@@ -32,6 +27,13 @@ def constrain(x, names):
     return nn.with_logical_constraint(x, names)
 
 
+def rms_norm(x, scale, eps: float):
+    """RMSNorm in fp32 whatever the compute dtype; returns x's dtype."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
 class RMSNorm(nn.Module):
     eps: float
     param_dtype: str = "float32"
@@ -40,9 +42,7 @@ class RMSNorm(nn.Module):
     def __call__(self, x):
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
                            (x.shape[-1],), _dtype(self.param_dtype))
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * scale.astype(jnp.float32)).astype(x.dtype)
+        return rms_norm(x, scale, self.eps)
 
 
 def rope_frequencies(cfg: ModelConfig) -> jax.Array:
@@ -80,18 +80,18 @@ class Dense(nn.Module):
     names: tuple[str, ...]          # logical names of kernel axes (in_dims + out_dims)
     cfg: ModelConfig
     use_bias: bool = False
-    out_dtype: str | None = None    # default: the compute dtype
+    init_std: float | None = None   # default: cfg.init_std
 
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
+        std = cfg.init_std if self.init_std is None else self.init_std
         kernel = self.param("kernel", nn.with_logical_partitioning(
-            nn.initializers.normal(cfg.init_std), self.names),
+            nn.initializers.normal(std), self.names),
             self.in_dims + self.out_dims, _dtype(cfg.param_dtype))
         dt = _dtype(cfg.compute_dtype)
         # bf16 operands accumulate in fp32, forward and backward (the fast path on CPUs and GPUs)
-        y = mixed_matmul(x.astype(dt), kernel.astype(dt), len(self.in_dims))
-        y = y.astype(self.out_dtype or dt)
+        y = mixed_matmul(x.astype(dt), kernel.astype(dt), len(self.in_dims)).astype(dt)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(
                 nn.initializers.zeros, self.names[len(self.in_dims):]), self.out_dims, _dtype(cfg.param_dtype))
@@ -99,12 +99,22 @@ class Dense(nn.Module):
         return y
 
 
+def residual_init_std(cfg: ModelConfig) -> float:
+    """GPT-2 / nanoGPT / Megatron: projections that write into the residual stream (attention
+    output, MLP down) start at std / sqrt(2 * n_layers), so the residual's variance does not
+    grow with depth at init."""
+    return cfg.init_std / math.sqrt(2 * cfg.n_layers) if cfg.scale_residual_init else cfg.init_std
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
     causal: bool = True
 
     @nn.compact
-    def __call__(self, x_btd, positions_bt, segment_ids_bt):
+    def __call__(self, x_btd, positions_bt, segment_ids_bt, cache=None, kv_segment_ids=None):
+        """cache: None, or this layer's {"k", "v": (B, S, K, H), "index": ()} — the new keys
+        and values are written at slots [index, index + T) and the queries read all S slots
+        (kv_segment_ids (B, S): which slots hold real tokens of which segment)."""
         cfg = self.cfg
         d, h, n, k = cfg.d_model, cfg.dim_per_head, cfg.n_heads, cfg.n_kv_heads
         q = Dense((d,), (n, h), ("embed", "heads", "head_dim"), cfg, cfg.qkv_bias, name="q")(x_btd)
@@ -113,9 +123,27 @@ class Attention(nn.Module):
         q = constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
         inv = rope_frequencies(cfg)
         q, kk = apply_rope(q, positions_bt, inv), apply_rope(kk, positions_bt, inv)
-        out_btnh = attention(q, kk, v, segment_ids_bt=segment_ids_bt, causal=self.causal,
-                             implementation=cfg.attention)
-        return Dense((n, h), (d,), ("heads", "head_dim", "embed"), cfg, name="o")(out_btnh)
+        if cache is None:
+            out_btnh = attention(q, kk, v, q_segment_ids=segment_ids_bt,
+                                 kv_segment_ids=segment_ids_bt, causal=self.causal,
+                                 implementation=cfg.attention)
+            new_cache = None
+        else:
+            b, t = x_btd.shape[:2]
+            idx = cache["index"]
+            k_all = jax.lax.dynamic_update_slice(cache["k"], kk.astype(cache["k"].dtype), (0, idx, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, idx, 0, 0))
+            s = k_all.shape[1]
+            q_slots = jnp.broadcast_to(idx + jnp.arange(t, dtype=jnp.int32), (b, t))
+            kv_slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+            out_btnh = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype),
+                                 q_positions=q_slots, kv_positions=kv_slots,
+                                 q_segment_ids=segment_ids_bt, kv_segment_ids=kv_segment_ids,
+                                 causal=self.causal, implementation=cfg.attention)
+            new_cache = {"k": k_all, "v": v_all}
+        out = Dense((n, h), (d,), ("heads", "head_dim", "embed"), cfg,
+                    init_std=residual_init_std(cfg), name="o")(out_btnh)
+        return out, new_cache
 
 
 class MLP(nn.Module):
@@ -128,54 +156,23 @@ class MLP(nn.Module):
         gate = Dense((d,), (f,), ("embed", "mlp"), cfg, name="gate")(x_btd)
         up = Dense((d,), (f,), ("embed", "mlp"), cfg, name="up")(x_btd)
         hidden = constrain(nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
-        return Dense((f,), (d,), ("mlp", "embed"), cfg, name="down")(hidden)
+        return Dense((f,), (d,), ("mlp", "embed"), cfg, init_std=residual_init_std(cfg),
+                     name="down")(hidden)
 
 
 class Block(nn.Module):
-    """One pre-norm decoder layer. Signature fits nn.scan: (carry, broadcast...) -> (carry, None)."""
+    """One pre-norm decoder layer: (x, positions, segments, cache) -> (x, new cache)."""
     cfg: ModelConfig
     causal: bool = True
 
     @nn.compact
-    def __call__(self, x_btd, positions_bt, segment_ids_bt):
+    def __call__(self, x_btd, positions_bt, segment_ids_bt, cache=None, kv_segment_ids=None):
         cfg = self.cfg
         x_btd = constrain(x_btd, ("activation_batch", "activation_length", "activation_embed"))
         h = RMSNorm(cfg.norm_eps, cfg.param_dtype, name="attn_norm")(x_btd)
-        x_btd = x_btd + Attention(cfg, self.causal, name="attn")(h, positions_bt, segment_ids_bt)
+        a, new_cache = Attention(cfg, self.causal, name="attn")(h, positions_bt, segment_ids_bt,
+                                                               cache, kv_segment_ids)
+        x_btd = x_btd + a
         h = RMSNorm(cfg.norm_eps, cfg.param_dtype, name="mlp_norm")(x_btd)
         x_btd = x_btd + MLP(cfg, name="mlp")(h)
-        return x_btd, None
-
-
-class Transformer(nn.Module):
-    cfg: ModelConfig
-    causal: bool = True
-
-    @nn.compact
-    def __call__(self, tokens_bt, positions_bt, segment_ids_bt, return_hidden: bool = False):
-        cfg = self.cfg
-        embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=_dtype(cfg.compute_dtype),
-                         param_dtype=_dtype(cfg.param_dtype), name="embed",
-                         embedding_init=nn.with_logical_partitioning(
-                             nn.initializers.normal(cfg.init_std), ("vocab", "embed")))
-        x_btd = embed(tokens_bt)
-        block = Block
-        if cfg.remat != "none":
-            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
-                         metadata_params={nn.PARTITION_NAME: "layers"})
-        x_btd, _ = layers(cfg, self.causal, name="layers")(x_btd, positions_bt, segment_ids_bt)
-        x_btd = RMSNorm(cfg.norm_eps, cfg.param_dtype, name="final_norm")(x_btd)
-        if return_hidden:
-            return x_btd
-        # Logits stay fp32 even under bf16 compute: bf16 rounding of logits over a large
-        # vocabulary would add ~0.1 of noise to the cross-entropy.
-        if cfg.tie_embeddings:
-            table = embed.embedding.astype(_dtype(cfg.compute_dtype))
-            logits = jnp.einsum("btd,vd->btv", x_btd, table, preferred_element_type=jnp.float32)
-        else:
-            logits = Dense((cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), cfg,
-                           out_dtype="float32", name="lm_head")(x_btd)
-        logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
-        return logits.astype(jnp.float32)
+        return x_btd, new_cache

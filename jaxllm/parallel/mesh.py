@@ -9,9 +9,7 @@ from jax.sharding import AxisType, Mesh
 
 from jaxllm.config import MeshConfig
 from jaxllm.configlib import ConfigError
-
-AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+from jaxllm.parallel.axes import BATCH_AXES, MESH_AXES as AXES  # noqa: F401
 
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:

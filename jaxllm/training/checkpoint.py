@@ -3,30 +3,33 @@
 One checkpoint holds three items:
   state   the TrainState (trainable params, optimizer state, step, PRNG key data),
   data    the grain iterator state (so the resumed run reads the next batch it would have),
-  meta    JSON: the model config and any objective controller state (e.g. an adaptive KL coef).
+  meta    JSON: the model config, the resolved run config, and controller state (e.g. an
+          adaptive KL coefficient, the lr schedule's horizon).
 Orbax writes each checkpoint to a temporary directory and renames it when complete, so a
 save killed midway is never listed: resume falls back to the previous complete one.
-Restores go straight into target shardings, so a checkpoint saved on one mesh loads onto
-another mesh shape or device count without gathering the model on one host.
+Every restore goes straight into target shardings on the current devices, so a checkpoint
+saved on one mesh or device count loads onto another without gathering the model on a host.
 """
 from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from jaxllm.config import CheckpointConfig
-from jaxllm.errors import RunError
+from jaxllm.errors import RunError, UserError
 
 
 class CheckpointError(RunError):
     pass
 
 
-def _abstract(tree):
+def abstract_like(tree):
+    """ShapeDtypeStructs carrying each leaf's sharding: an orbax restore target."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
@@ -46,13 +49,23 @@ def _diff_shapes(saved, target, prefix="") -> list[str]:
     return out
 
 
+def _one_line(e: BaseException) -> str:
+    """Orbax/tensorstore errors run to dozens of lines; the first informative one names the
+    file that is missing or corrupt."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:400]
+
+
 class Checkpointer:
-    def __init__(self, directory: str | pathlib.Path, cfg: CheckpointConfig):
+    def __init__(self, directory: str | pathlib.Path, cfg: CheckpointConfig, read_only: bool = False):
         self.directory = pathlib.Path(directory).absolute()
         self.cfg = cfg
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.keep, keep_period=cfg.keep_every or None,
-            enable_async_checkpointing=cfg.async_save, create=True)
+        if read_only:
+            options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+        else:
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=cfg.keep, keep_period=cfg.keep_every or None,
+                enable_async_checkpointing=cfg.async_save, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     # ------------------------------------------------------------------ save
@@ -80,36 +93,77 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def restore(self, target_state, data_iter=None, step: int | None = None):
-        """Restore into `target_state`'s shapes and shardings. -> (state, meta dict)."""
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def read_meta(self, step: int) -> dict:
+        """The JSON item alone (cheap): read before anything is built, to check the config."""
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001 - orbax raises many types; name the checkpoint
+            raise CheckpointError(f"cannot read {self.directory}/{step}/meta: {_one_line(e)}") from e
+        return dict(out["meta"] or {})
+
+    def restore(self, abstract_state, data_iter=None, step: int | None = None):
+        """Restore into `abstract_state`'s shapes, dtypes and shardings. -> (state, meta)."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no complete checkpoint in {self.directory}")
-        self._check_compatible(step, target_state)
-        items = {"state": ocp.args.StandardRestore(_abstract(target_state)),
-                 "meta": ocp.args.JsonRestore()}
+        self._check_compatible(step, abstract_state)
+        items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
         if data_iter is not None:
             import grain
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(**items))
-        except Exception as e:  # orbax raises many types; name the checkpoint in every case
-            raise CheckpointError(f"cannot restore {self.directory}/{step}: {type(e).__name__}: {e}") from e
+        except Exception as e:  # noqa: BLE001 - orbax raises many types; name the checkpoint
+            raise CheckpointError(f"cannot restore {self.directory}/{step}: {_one_line(e)}") from e
         return out["state"], dict(out["meta"] or {})
 
-    def _check_compatible(self, step: int, target_state):
+    def restore_newest_intact(self, abstract_state, data_iter=None, *, fallback: bool,
+                              log: Callable[[str], None] = print):
+        """Restore the newest checkpoint; if it cannot be read, name it and the newest one
+        that can, and restore that one only when `fallback` (checkpoint.fallback=true).
+        -> (state, meta, step)."""
+        steps = self.all_steps()[::-1]
+        try:
+            state, meta = self.restore(abstract_state, data_iter, steps[0])
+            return state, meta, steps[0]
+        except CheckpointError as newest_error:
+            if "does not match this run" in str(newest_error):
+                raise
+            for older in steps[1:]:
+                try:
+                    state, meta = self.restore(abstract_state, data_iter, older)
+                except CheckpointError:
+                    continue
+                if not fallback:
+                    raise CheckpointError(
+                        f"{newest_error}; the newest intact checkpoint is step {older}: set "
+                        f"checkpoint.fallback=true to resume from it (or delete "
+                        f"{self.directory}/{steps[0]})") from None
+                log(f"warning: checkpoint step {steps[0]} is unreadable ({_one_line(newest_error)}); "
+                    f"resuming from step {older} (checkpoint.fallback=true)")
+                return state, meta, older
+            raise CheckpointError(f"{newest_error}; no older intact checkpoint in {self.directory}") from None
+
+    def _check_compatible(self, step: int, abstract_state):
         """Compare saved parameter shapes with this run's before restoring, so the error
         names every tensor that differs (orbax would stop at the first)."""
         try:
-            md = ocp.StandardCheckpointer().metadata(self.directory / str(step) / "state")
-            saved = md.item_metadata.tree["params"]
-        except Exception:  # metadata is best-effort; the restore itself still validates
+            saved = self.saved_params_metadata(step)
+        except Exception:  # noqa: BLE001 - metadata is best-effort; the restore still validates
             return
-        diffs = _diff_shapes(saved, target_state.params, prefix="params")
+        diffs = _diff_shapes(saved, abstract_state.params, prefix="params")
         if diffs:
             raise CheckpointError(f"checkpoint {self.directory}/{step} does not match this run "
                                   f"(another model shape?): " + "; ".join(diffs[:6])
                                   + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else ""))
+
+    def saved_params_metadata(self, step: int):
+        """Shapes and dtypes of the saved params (a pytree of array metadata), read from disk."""
+        md = ocp.StandardCheckpointer().metadata(self.directory / str(step) / "state")
+        return md.item_metadata.tree["params"]
 
     def close(self):
         self.manager.close()
@@ -118,31 +172,74 @@ class Checkpointer:
 def _check_finite(state) -> None:
     """Never write a non-finite parameter: it would poison every resume."""
     leaves = jax.tree.leaves(state.params)
-    bad = [i for i, x in enumerate(leaves) if jax.numpy.issubdtype(x.dtype, jax.numpy.floating)
-           and not bool(jax.numpy.all(jax.numpy.isfinite(x)))]
+    bad = [i for i, x in enumerate(leaves) if jnp.issubdtype(x.dtype, jnp.floating)
+           and not bool(jnp.all(jnp.isfinite(x)))]
     if bad:
         raise CheckpointError(f"refusing to save: {len(bad)} parameter tensors are non-finite")
 
 
-def load_params(path: str | pathlib.Path, shardings: Any | None = None):
-    """Params only, from a run dir (its checkpoints/), a checkpoint dir, or an HF directory.
-    -> (params, model config dict or None). `shardings` places the params when given."""
+# ---------------------------------------------------------------------- params of another run
+def is_hf_dir(path: pathlib.Path) -> bool:
+    return (path / "config.json").exists() and any(path.glob("*.safetensors*"))
+
+
+def _checkpoint_root(path: pathlib.Path) -> pathlib.Path:
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if not root.is_dir():
+        raise UserError(f"{path}: not a run dir, orbax checkpoint dir or HF model dir")
+    return root
+
+
+def source_model_config(path: str | pathlib.Path) -> dict | None:
+    """The model config (as a dict) of a run dir, checkpoint dir or HF directory."""
     path = pathlib.Path(path)
-    if (path / "config.json").exists() and any(path.glob("*.safetensors*")):
+    if is_hf_dir(path):
+        import json
+
+        from jaxllm.interop.hf import config_from_hf
+        return dataclasses.asdict(config_from_hf(json.loads((path / "config.json").read_text()),
+                                                 str(path / "config.json")))
+    ck = Checkpointer(_checkpoint_root(path), CheckpointConfig(), read_only=True)
+    try:
+        step = ck.latest_step()
+        if step is None:
+            raise CheckpointError(f"no complete checkpoint under {ck.directory}")
+        return ck.read_meta(step).get("model")
+    finally:
+        ck.close()
+
+
+def load_params(path: str | pathlib.Path, abstract_params: Any | None = None):
+    """Params only (never optimizer state), from a run dir (its checkpoints/), a checkpoint
+    dir, or an HF directory. -> (params, model config dict or None).
+
+    abstract_params: ShapeDtypeStructs with shardings (the caller's target layout); default:
+    the saved shapes and dtypes on this process's first device, so a checkpoint written on
+    any device count loads here."""
+    path = pathlib.Path(path)
+    if is_hf_dir(path):
         from jaxllm.interop.hf import load_hf
+        shardings = None if abstract_params is None else jax.tree.map(lambda a: a.sharding, abstract_params)
         cfg, params = load_hf(path, shardings=shardings)
         return params, dataclasses.asdict(cfg)
-    root = path / "checkpoints" if (path / "checkpoints").exists() else path
-    if not root.exists():
-        raise CheckpointError(f"{path}: not a run dir, orbax checkpoint dir or HF model dir")
-    mngr = ocp.CheckpointManager(root.absolute(), options=ocp.CheckpointManagerOptions(
-        read_only=True, create=False, save_interval_steps=0))
-    step = mngr.latest_step()
-    if step is None:
-        raise CheckpointError(f"no complete checkpoint under {root}")
-    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                     meta=ocp.args.JsonRestore()))
-    params = out["state"]["params"]
-    if shardings is not None:
-        params = jax.tree.map(jax.device_put, params, shardings)
-    return params, (out["meta"] or {}).get("model")
+    ck = Checkpointer(_checkpoint_root(path), CheckpointConfig(), read_only=True)
+    try:
+        step = ck.latest_step()
+        if step is None:
+            raise CheckpointError(f"no complete checkpoint under {ck.directory}")
+        meta = ck.read_meta(step)
+        if abstract_params is None:
+            dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            saved = ck.saved_params_metadata(step)
+            abstract_params = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev), saved)
+        target = {"params": abstract_params}
+        try:
+            out = ck.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True)))
+        except Exception as e:  # noqa: BLE001 - orbax raises many types; name the checkpoint
+            raise CheckpointError(f"cannot read params from {ck.directory}/{step}: {_one_line(e)}") from e
+        return out["state"]["params"], meta.get("model")
+    finally:
+        ck.close()

@@ -22,9 +22,17 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> fl
     return mult * (2 * matmul_params + 4 * cfg.n_layers * n * h * seq_len)
 
 
+# Dense bf16 peak FLOP/s per chip from the vendors' datasheets (no sparsity).
+DATASHEET_PEAK_BF16 = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+    "A100": 312e12, "H100": 989e12, "H200": 989e12, "B200": 2250e12,
+}
+
+
 def measure_peak_flops(dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> float:
-    """Achievable matmul FLOP/s of the first device: best of `repeats` large jnp.dot calls.
-    On CPU this stands in for the datasheet peak; on accelerators it is a lower bound."""
+    """Achievable matmul FLOP/s of the first device: best of `repeats` large jnp.dot calls
+    (bf16 operands accumulate in fp32, the mixed-precision fast path)."""
     a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
     f(a, a).block_until_ready()
@@ -34,6 +42,17 @@ def measure_peak_flops(dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> fl
         f(a, a).block_until_ready()
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best
+
+
+def peak_flops(dtype=jnp.float32) -> tuple[float, str]:
+    """(peak FLOP/s per device, where it came from): the datasheet bf16 peak for known
+    accelerators (fp32 work is still measured against it, as MaxText does), else the
+    same-run measured GEMM peak (CPU, unknown devices)."""
+    kind = jax.devices()[0].device_kind
+    for name, peak in DATASHEET_PEAK_BF16.items():
+        if name.lower() in kind.lower():
+            return peak, f"datasheet:{name}"
+    return measure_peak_flops(dtype), f"measured:{jnp.dtype(dtype).name}_gemm"
 
 
 class MetricsWriter:
@@ -75,3 +94,18 @@ class MetricsWriter:
 def read_metrics(run_dir: str | pathlib.Path) -> list[dict]:
     path = pathlib.Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(path: pathlib.Path, last_step: int) -> None:
+    """On resume, drop rows the killed run logged after its last checkpoint: the resumed run
+    logs them again, so metrics.jsonl reads as one uninterrupted run."""
+    if not path.exists() or jax.process_index() != 0:
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                keep.append(line)
+        except (ValueError, KeyError):  # a line torn by the kill
+            continue
+    path.write_text("".join(line + "\n" for line in keep))

@@ -1,7 +1,17 @@
-"""AdamW with linear warmup + cosine decay and global-norm clipping, all from optax."""
+"""AdamW with linear warmup + cosine decay and global-norm clipping (optax), wrapped so that a
+non-finite step is skipped and counted.
+
+Why our own skip wrapper rather than optax.apply_if_finite: that one checks the gradients
+only, so a non-finite *update* (optim.lr=nan, an overflow inside the optimizer) is applied
+and poisons the parameters; and its counters are internal fields the step would have to
+probe. `SkipState` is the explicit interface the step and the loop read.
+"""
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
+import jax.numpy as jnp
 import optax
 
 from jaxllm.config import OptimConfig
@@ -14,13 +24,45 @@ def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
         decay_steps=decay, end_value=cfg.lr * cfg.min_lr_ratio)
 
 
-def _decay_mask(params):
+def decay_mask(params):
     """Weight decay on matrices only: not on norm scales or biases (whatever their ndim,
-    since scanned layers add a leading axis)."""
+    since stacked layers add a leading axis)."""
     def keep(path, _):
         names = [getattr(k, "key", getattr(k, "name", "")) for k in path]
         return not any(n in ("scale", "bias") for n in names)
     return jax.tree_util.tree_map_with_path(keep, params)
+
+
+class SkipState(NamedTuple):
+    inner: Any                 # the wrapped optimizer's state (unchanged by a skipped step)
+    applied: jax.Array         # int32: updates applied so far (the schedule's position)
+    skipped: jax.Array         # int32: updates skipped so far
+    skipped_in_a_row: jax.Array
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Apply `inner` only when its gradients AND its updates are finite; otherwise leave the
+    parameters and the inner state as they were and count the skip. The new state keeps the
+    old state's dtypes (bf16 parameters keep bf16 moments; see README)."""
+    def init(params):
+        # three distinct buffers (the state is donated; one shared buffer would be donated thrice)
+        return SkipState(inner.init(params), *(jnp.zeros((), jnp.int32) for _ in range(3)))
+
+    def update(grads, state: SkipState, params=None):
+        updates, new_inner = inner.update(grads, state.inner, params)
+        ok = _all_finite(grads) & _all_finite(updates)
+        new_inner = jax.tree.map(lambda new, old: jnp.where(ok, new.astype(old.dtype), old),
+                                 new_inner, state.inner)
+        updates = jax.tree.map(lambda u, g: jnp.where(ok, u, 0).astype(g.dtype), updates, grads)
+        bad = (~ok).astype(jnp.int32)
+        return updates, SkipState(new_inner, state.applied + 1 - bad, state.skipped + bad,
+                                  (state.skipped_in_a_row + bad) * bad)
+    return optax.GradientTransformation(init, update)
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
@@ -28,7 +70,16 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
     if cfg.clip_norm > 0:
         chain.append(optax.clip_by_global_norm(cfg.clip_norm))
     chain.append(optax.adamw(lr_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                             weight_decay=cfg.weight_decay, mask=_decay_mask))
-    # Non-finite gradients skip the update (counted in the state); the loop stops the run
-    # after max_nonfinite_skips in a row.
-    return optax.apply_if_finite(optax.chain(*chain), max_consecutive_errors=10**9)
+                             weight_decay=cfg.weight_decay, mask=decay_mask))
+    return skip_nonfinite(optax.chain(*chain))
+
+
+def skip_metrics(schedule: optax.Schedule | None = None):
+    """The step's optimizer metrics: (state before, state after) -> skip counters and the lr
+    this step used (the schedule advances only on applied updates)."""
+    def metrics(before: SkipState, after: SkipState) -> dict:
+        out = {"skipped_in_a_row": after.skipped_in_a_row, "skipped_updates": after.skipped}
+        if schedule is not None:
+            out["lr"] = schedule(before.applied)
+        return out
+    return metrics

@@ -1,4 +1,12 @@
-"""Build a sharded TrainState directly on the mesh (no full copy on any one host)."""
+"""Sharded train states built directly on the mesh (no full copy on any one host).
+
+    abstract, shardings = plan_state(init_fn, param_specs, optimizer, rules, mesh)
+    state = make_state(init_fn, optimizer, shardings, seed)            # fresh
+    state = make_state(init_fn, optimizer, shardings, seed, params=p)  # from given params
+    state, meta = checkpointer.restore(abstract)                       # or resume, no init
+
+`frozen` (a LoRA base, a reference policy) gets shardings from its own logical axes.
+"""
 from __future__ import annotations
 
 from typing import Callable
@@ -13,7 +21,7 @@ from jaxllm.training.step import StepShardings
 
 
 def state_shardings(param_specs_logical, param_shapes, optimizer: optax.GradientTransformation,
-                    rules, mesh: Mesh):
+                    rules, mesh: Mesh) -> TrainState:
     """Shardings for a TrainState whose params have these logical specs. Optimizer moments
     follow their parameter (ZeRO: Adam states are sharded exactly like the weights)."""
     p_sh = R.param_shardings(param_specs_logical, param_shapes, rules, mesh)
@@ -24,18 +32,42 @@ def state_shardings(param_specs_logical, param_shapes, optimizer: optax.Gradient
     return TrainState(step=rep, params=p_sh, opt_state=opt_sh, rng=rep)
 
 
-def init_state(init_fn: Callable[[jax.Array], object], param_specs_logical,
-               optimizer: optax.GradientTransformation, rules, mesh: Mesh, seed: int):
-    """-> (state, StepShardings). Params are created by a jitted init whose outputs are
-    already sharded, so a model larger than one device's memory never materialises whole."""
-    key = jax.random.key(seed)
-    init_key, state_key = jax.random.split(key)
+def _keys(seed: int):
+    return jax.random.split(jax.random.key(seed))   # (init key, state rng key)
+
+
+def plan_state(init_fn: Callable[[jax.Array], object], param_specs_logical,
+               optimizer: optax.GradientTransformation, rules, mesh: Mesh, *,
+               frozen_specs=None, frozen_shapes=None):
+    """-> (abstract TrainState of ShapeDtypeStructs with shardings, StepShardings)."""
+    init_key, state_key = _keys(0)
     shapes = jax.eval_shape(init_fn, init_key)
     sh = state_shardings(param_specs_logical, shapes, optimizer, rules, mesh)
+    abstract = jax.eval_shape(lambda k1, k2: TrainState.create(init_fn(k1), optimizer, k2),
+                              init_key, state_key)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, sh)
+    frozen_sh = None
+    if frozen_specs is not None:
+        frozen_sh = R.param_shardings(frozen_specs, frozen_shapes, rules, mesh)
+    return abstract, StepShardings(state=sh, batch=R.batch_sharding(mesh), frozen=frozen_sh,
+                                   replicated=NamedSharding(mesh, P()))
 
-    def make(k1, k2):
-        return TrainState.create(init_fn(k1), optimizer, k2)
 
-    state = jax.jit(make, out_shardings=sh)(init_key, state_key)
-    return state, StepShardings(state=sh, batch=R.batch_sharding(mesh),
-                                replicated=NamedSharding(mesh, P()))
+def make_state(init_fn: Callable[[jax.Array], object], optimizer: optax.GradientTransformation,
+               shardings: StepShardings, seed: int, params=None) -> TrainState:
+    """A fresh state from `init_fn(key)` (jitted, outputs already sharded, so a model larger
+    than one device's memory never materialises whole), or around given `params` (placed
+    into the state's shardings; only the optimizer state is created)."""
+    init_key, state_key = _keys(seed)
+    if params is None:
+        return jax.jit(lambda k1, k2: TrainState.create(init_fn(k1), optimizer, k2),
+                       out_shardings=shardings.state)(init_key, state_key)
+    params = jax.device_put(params, shardings.state.params)
+    return jax.jit(lambda p, k2: TrainState.create(p, optimizer, k2),
+                   out_shardings=shardings.state)(params, state_key)
+
+
+def init_state(init_fn, param_specs_logical, optimizer, rules, mesh: Mesh, seed: int):
+    """-> (fresh state, StepShardings): plan_state + make_state in one call."""
+    _, shardings = plan_state(init_fn, param_specs_logical, optimizer, rules, mesh)
+    return make_state(init_fn, optimizer, shardings, seed), shardings

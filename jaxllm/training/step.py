@@ -31,27 +31,33 @@ def _identity_merge(trainable, frozen):
 @dataclasses.dataclass(frozen=True)
 class StepShardings:
     state: Any               # pytree of NamedSharding matching TrainState
-    batch: Any               # NamedSharding for every batch array (leading dim = batch)
-    frozen: Any = None
+    # One NamedSharding for every batch leaf (its spec names the leading batch dim only, so
+    # it fits leaves of any rank), or a dict of them per batch key.
+    batch: Any
+    frozen: Any = None       # pytree of NamedSharding matching the frozen argument
     replicated: Any = None
 
 
 def _split_microbatches(batch: dict, m: int, batch_sharding) -> dict:
     """(B, ...) -> (M, B/M, ...). Rows b*M..b*M+M-1 go to microbatches 0..M-1 so each
     device keeps its own rows (no cross-device shuffle under a batch-sharded layout)."""
-    def split(x):
+    def split(x, sh):
         y = jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1)
-        if batch_sharding is not None:
-            spec = P(None, *batch_sharding.spec)
-            y = jax.lax.with_sharding_constraint(y, NamedSharding(batch_sharding.mesh, spec))
+        if sh is not None:
+            y = jax.lax.with_sharding_constraint(y, NamedSharding(sh.mesh, P(None, *sh.spec)))
         return y
-    return jax.tree.map(split, batch)
+    if batch_sharding is None or isinstance(batch_sharding, NamedSharding):
+        return jax.tree.map(lambda x: split(x, batch_sharding), batch)
+    return jax.tree.map(split, batch, batch_sharding)
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
                     shardings: StepShardings | None = None, *, microbatches: int = 1,
-                    merge: Callable = _identity_merge, lr_fn: Callable | None = None,
+                    merge: Callable = _identity_merge,
+                    optimizer_metrics: Callable[[Any, Any], dict] | None = None,
                     jit: bool = True):
+    """optimizer_metrics(opt_state_before, opt_state_after) -> extra metrics (for the
+    default optimizer: optim.skip_metrics, the skip counters and the lr used)."""
     def grads_of(params, frozen, batch, rng):
         def f(p):
             return loss_fn(merge(p, frozen), batch, rng)
@@ -63,38 +69,28 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
         if microbatches == 1:
             grads, sums = grads_of(state.params, frozen, batch, step_rng)
         else:
-            micro = _split_microbatches(batch, microbatches,
-                                        shardings.batch if shardings else None)
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            micro = _split_microbatches(batch, microbatches, shardings.batch if shardings else None)
 
-            def body(carry, xs):
-                acc_g, acc_s = carry
+            def body(acc, xs):
                 mb, i = xs
                 g, s = grads_of(state.params, frozen, mb, jax.random.fold_in(step_rng, i))
-                acc_g = jax.tree.map(jnp.add, acc_g, g)
-                acc_s = s if acc_s is None else jax.tree.map(jnp.add, acc_s, s)
-                return (acc_g, acc_s), None
-
-            _, sums0 = jax.eval_shape(lambda: grads_of(
-                state.params, frozen, jax.tree.map(lambda x: x[0], micro), step_rng))
-            init_s = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums0)
-            (grads, sums), _ = jax.lax.scan(body, (zeros, init_s),
-                                            (micro, jnp.arange(microbatches)))
+                return jax.tree.map(lambda a, b: a + b.astype(a.dtype), acc, g), s
+            # accumulate in fp32 whatever the parameter dtype; sums come out stacked (M,)
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            grads, sums_m = jax.lax.scan(body, zeros, (micro, jnp.arange(microbatches)))
+            sums = jax.tree.map(lambda s: jnp.sum(s, axis=0), sums_m)
         # Token-weighted mean: gradient of sum(loss) / total weight, over all microbatches.
         weight = jnp.maximum(sums["weight"], 1.0)
-        grads = jax.tree.map(lambda g: g / weight, grads)
+        grads = jax.tree.map(lambda g, p: (g / weight).astype(p.dtype), grads, state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {k: v / weight for k, v in sums.items() if k != "weight"}
         metrics["weight"] = sums["weight"]
         metrics["grad_norm"] = optax.tree.norm(grads)
-        if lr_fn is not None:
-            # skipped (non-finite) updates do not advance the optimizer's schedule
-            applied = state.step - getattr(state.opt_state, "total_notfinite", 0)
-            metrics["lr"] = lr_fn(applied)
-        if hasattr(opt_state, "notfinite_count"):   # optax.apply_if_finite
-            metrics["skipped_in_a_row"] = opt_state.notfinite_count
-            metrics["skipped_updates"] = opt_state.total_notfinite
+        if "segment_ids" in batch:    # real (non-padding) tokens, for tokens/s and MFU
+            metrics["real_tokens"] = jnp.sum(batch["segment_ids"] != 0)
+        if optimizer_metrics is not None:
+            metrics.update(optimizer_metrics(state.opt_state, opt_state))
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                                rng=jax.random.key_data(rng))
         return new_state, metrics

@@ -1,0 +1,98 @@
+"""Recipe: pretraining (causal LM, or MLM) of the full model on packed documents.
+
+    summary = train(cfg)                  # what `jaxllm train` runs for objective clm / mlm
+    summary = train(cfg, batches=my_iter)  # your own (B_local, T) batches instead of cfg.data
+
+A recipe only chooses the data, the objective and what is trainable; run setup (training/run.py)
+and the loop (training/loop.py) are shared with every other recipe.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from typing import Iterator
+
+import jax
+
+from jaxllm.config import Config
+from jaxllm.data.pipeline import to_global_batch
+from jaxllm.model.api import init_params, param_logical_axes
+from jaxllm.objectives import make_objective
+from jaxllm.training import metrics as metrics_lib
+from jaxllm.training.loop import fit
+from jaxllm.training.optim import make_optimizer, skip_metrics, lr_schedule
+from jaxllm.training.run import Run
+from jaxllm.training.step import make_eval_step, make_train_step
+
+
+def data_iterators(cfg: Config):
+    """(train iterator, eval-iterator factory, tokenizer) of this process's rows.
+    Opening the eval data here, at start-up, makes its errors appear before any training."""
+    t = cfg.train
+    if cfg.data.kind == "synthetic_tokens":
+        from jaxllm.data.tokens import synthetic_batches
+
+        def make(split, n=None):
+            return synthetic_batches(seq_len=t.seq_len, global_batch_size=t.batch_size,
+                                     vocab_size=cfg.model.vocab_size, seed=cfg.data.seed,
+                                     process_index=jax.process_index(),
+                                     process_count=jax.process_count(), split=split, num_batches=n)
+        # the synthetic stream is endless: 0 ("the whole held-out set") means the default 4
+        return make("train"), lambda: make("eval", t.eval_batches or 4), None
+    from jaxllm.data import pipeline
+    tok = pipeline.load_tokenizer_for(cfg.data, cfg.model.vocab_size)
+    train_it = pipeline.make_train_iterator(cfg.data, seq_len=t.seq_len, global_batch_size=t.batch_size,
+                                            seed=cfg.data.seed, tokenizer=tok)
+
+    def make_eval():
+        # train.eval_batches=0: the data config decides (data.eval_batches; 0 = the whole set)
+        return pipeline.make_eval_iterator(cfg.data, seq_len=t.seq_len, global_batch_size=t.batch_size,
+                                           seed=cfg.data.seed, tokenizer=tok,
+                                           num_batches=t.eval_batches or None)
+    if not t.eval_every:
+        return train_it, None, tok
+    if not cfg.data.eval_sources:
+        print("note: data.eval_sources is empty, so there is no held-out evaluation "
+              "(train.eval_every is ignored)", file=sys.stderr)
+        return train_it, None, tok
+    make_eval().close()   # open (and count) the held-out data now: its errors surface at start-up
+    return train_it, make_eval, tok
+
+
+def evaluate(eval_step, params, make_eval, batch_sharding, frozen=None) -> dict:
+    """Token-weighted held-out loss, perplexity (z-loss excluded) and accuracy."""
+    sums: dict = {}
+    for batch in make_eval():
+        out = jax.device_get(eval_step(params, to_global_batch(batch, batch_sharding.mesh,
+                                                               batch_sharding.spec), frozen))
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    w = max(sums.get("weight", 0.0), 1.0)
+    loss = sums.get("nll", sums.get("loss", float("nan"))) / w
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)),
+            "eval_accuracy": sums.get("accuracy", 0.0) / w}
+
+
+def train(cfg: Config, batches: Iterator[dict] | None = None) -> dict:
+    t = cfg.train
+    with Run(cfg) as run:
+        run.check_layout()
+        train_it, make_eval, tokenizer = data_iterators(cfg)
+        if batches is not None:
+            run.log("training on the batches passed to train(); cfg.data's iterator position is "
+                    "not checkpointed")
+        loss_fn = make_objective(t.objective, cfg.model, t, tokenizer)
+        state, shardings, optimizer, meta, resumed = run.start_state(
+            init_fn=lambda k: init_params(cfg.model, k), param_specs=param_logical_axes(cfg.model),
+            make_optimizer=lambda horizon: make_optimizer(cfg.optim, horizon),
+            data_iter=None if batches is not None else train_it)
+        step_fn = make_train_step(loss_fn, optimizer, shardings, microbatches=t.microbatches,
+                                  optimizer_metrics=skip_metrics(lr_schedule(cfg.optim, meta["schedule_steps"])))
+        eval_step = make_eval_step(loss_fn, shardings=shardings)
+        return fit(run, state, step_fn, batches if batches is not None else train_it,
+                   shardings=shardings, meta=meta,
+                   data_iter=None if batches is not None else train_it,
+                   evaluate=None if make_eval is None else
+                   (lambda s: evaluate(eval_step, s.params, make_eval, shardings.batch)),
+                   flops_per_token=metrics_lib.flops_per_token(cfg.model, t.seq_len),
+                   resumed_from=resumed)
