@@ -190,6 +190,39 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA: y = x W + s (x A) B on the target matrices, W frozen, only {A, B} trained."""
+    r: int = 0                      # rank; 0 = LoRA off
+    alpha: float = 16.0             # scale s = alpha / r (alpha / sqrt(r) with rslora)
+    rslora: bool = False
+    # regex over parameter paths like "layers/attn/q/kernel"; default: attention q, k, v, o
+    # and MLP gate, up, down
+    targets: str = r"layers/(attn/(q|k|v|o)|mlp/(gate|up|down))/kernel"
+    init: Literal["gaussian", "peft"] = "gaussian"   # A ~ N(0, 1/r) or PEFT's kaiming-uniform; B = 0
+    dropout: float = 0.0            # on the LoRA input, training only
+
+    def __post_init__(self):
+        if self.r < 0:
+            raise ConfigError(f"lora.r must be >= 0 (0 = off), got {self.r}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if not self.alpha > 0:
+            raise ConfigError(f"lora.alpha must be positive, got {self.alpha}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+    """Bottleneck adapters (Houlsby): x + up(act(down(x))) after the attention and MLP
+    sublayers of every layer, up initialised to zero; the base is frozen."""
+    size: int = 0                   # bottleneck width; 0 = adapters off
+    activation: Literal["gelu", "relu", "silu"] = "gelu"
+
+    def __post_init__(self):
+        if self.size < 0:
+            raise ConfigError(f"adapter.size must be >= 0 (0 = off), got {self.size}")
+
+
+@dataclasses.dataclass(frozen=True)
 class DistributedConfig:
     """jax.distributed. Leave empty on one host; on SLURM / TPU pods `auto` finds the peers."""
     coordinator: str = ""           # "host:port" of process 0, for explicit launches
@@ -209,6 +242,12 @@ class Config:
     data: DataConfig = DataConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     distributed: DistributedConfig = DistributedConfig()
+    lora: LoraConfig = LoraConfig()
+    adapter: AdapterConfig = AdapterConfig()
+
+    def __post_init__(self):
+        if self.lora.r and self.adapter.size:
+            raise ConfigError("lora.r and adapter.size are both set: train one kind of delta at a time")
 
 
 def load_config(path: str | pathlib.Path | None = None, overrides: Sequence[str] = ()) -> Config:
