@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("overrides", nargs="*")
     de.set_defaults(func=_demo)
     # Sub-packages own their verbs; each exposes register(subparsers).
-    for mod in ("jaxllm.data.cli", "jaxllm.curate.cli", "jaxllm.interop.cli"):
+    for mod in ("jaxllm.data.cli", "jaxllm.curate.cli", "jaxllm.interop.cli", "jaxllm.evaluation.cli"):
         try:
             importlib.import_module(mod).register(sub)
         except ModuleNotFoundError as e:
