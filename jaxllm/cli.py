@@ -56,15 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             importlib.import_module(mod).register(sub)
         except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
+            if not (e.name and (mod == e.name or mod.startswith(e.name + "."))):
+                raise   # a missing dependency inside the module is a real error
     return p
 
 
 def _expected(e: BaseException) -> int | None:
     """Exit code of an expected failure, None for a bug (which keeps its traceback)."""
-    if isinstance(e, UserError):
-        return 2
+    if isinstance(e, (UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+        return 2   # the input is wrong: a config key, a path
     if isinstance(e, (RunError, OSError)):
         return 1
     cause = e.__cause__ or e.__context__

@@ -91,6 +91,12 @@ def test_gqa_equals_mha_with_repeated_kv_heads(params):
     np.testing.assert_allclose(jaxllm.forward(p, x, mha), jaxllm.forward(params, x, CFG), atol=1e-5)
 
 
+def _grad_temp_bytes(cfg, x):
+    f = jax.jit(jax.grad(lambda p: jnp.mean(jaxllm.forward(p, x, cfg) ** 2)))
+    p = jax.eval_shape(lambda: jaxllm.init_params(cfg, jax.random.key(0)))
+    return f.lower(p).compile().memory_analysis().temp_size_in_bytes
+
+
 @pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
 def test_remat_policies_change_memory_not_gradients(params, policy):
     x = tokens(2, 8)
@@ -100,6 +106,12 @@ def test_remat_policies_change_memory_not_gradients(params, policy):
     g0 = jax.grad(loss)(params, CFG)
     g1 = jax.grad(loss)(params, dataclasses.replace(CFG, remat=policy))
     chex.assert_trees_all_close(g0, g1, rtol=1e-5, atol=1e-7)
+    # compiled memory: what the backward keeps per layer shrinks (deep, long, narrow vocab,
+    # so saved activations dominate the step's temporaries)
+    deep = dataclasses.replace(CFG, n_layers=6, vocab_size=32)
+    xl = jax.random.randint(jax.random.key(0), (4, 256), 0, 32)
+    none, remat = _grad_temp_bytes(deep, xl), _grad_temp_bytes(dataclasses.replace(deep, remat=policy), xl)
+    assert remat < 0.8 * none, (policy, remat, none)
 
 
 def test_bf16_compute_stays_close_to_fp32(params):
@@ -142,3 +154,108 @@ def test_mixed_matmul_gradients():
     assert bx.dtype == jnp.bfloat16 and bw.dtype == jnp.bfloat16
     np.testing.assert_allclose(bx.astype(jnp.float32), rx, atol=0.1 * float(jnp.max(jnp.abs(rx))))
     np.testing.assert_allclose(bw.astype(jnp.float32), rw, atol=0.1 * float(jnp.max(jnp.abs(rw))))
+
+
+# ----------------------------------------------------------------- trunk, heads, attention, cache
+def test_trunk_then_unembed_is_forward_and_heads_share_one_pass(params):
+    x = tokens(2, 9)
+    hidden, cache = jaxllm.trunk(params, x, CFG)
+    assert cache is None
+    chex.assert_shape(hidden, (2, 9, CFG.d_model))
+    np.testing.assert_array_equal(jaxllm.unembed(params, hidden, CFG), jaxllm.forward(params, x, CFG))
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_chunked_token_stats_equal_unchunked_values_and_gradients(tie):
+    from jaxllm.model.heads import token_stats
+    from jaxllm.objectives.clm import masked_cross_entropy
+    cfg = dataclasses.replace(CFG, tie_embeddings=tie)
+    p = jaxllm.init_params(cfg, jax.random.key(1))
+    x, y = tokens(3, 13, 1), tokens(3, 13, 2)
+    w = (jax.random.uniform(jax.random.key(3), (3, 13)) < 0.7).astype(jnp.float32)
+
+    def loss(p, chunk):
+        h, _ = jaxllm.trunk(p, x, cfg)
+        st = token_stats(p, h, y, cfg, chunk=chunk, entropy=True)
+        return -jnp.sum(st["logprob"] * w) + 1e-3 * jnp.sum(st["lse"] ** 2 * w) + jnp.sum(st["entropy"] * w)
+
+    def reference(p):   # full logits, the textbook formulas
+        logits = jaxllm.forward(p, x, cfg)
+        nll, z, _ = masked_cross_entropy(logits, y, w, z_loss=1e-3)
+        prob = jax.nn.softmax(logits)
+        ent = -jnp.sum(prob * jax.nn.log_softmax(logits), -1)
+        return nll + z + jnp.sum(ent * w)
+    ref_v, ref_g = jax.value_and_grad(reference)(p)
+    for chunk in (0, 4, 5, 13):   # 13 positions: chunks of 4 and 5 need padding
+        v, g = jax.value_and_grad(loss)(p, chunk)
+        np.testing.assert_allclose(v, ref_v, rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref_g)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_token_stats_temperature_divides_logits(params):
+    from jaxllm.model.heads import token_stats
+    x = tokens(2, 8)
+    h, _ = jaxllm.trunk(params, x, CFG)
+    st = token_stats(params, h, x, CFG, temperature=0.7)
+    ref = jax.nn.log_softmax(jaxllm.forward(params, x, CFG) / 0.7)
+    np.testing.assert_allclose(st["logprob"], jnp.take_along_axis(ref, x[..., None], -1)[..., 0], atol=1e-5)
+
+
+def test_attention_with_fewer_queries_than_keys_matches_the_full_square():
+    from jaxllm.model.attention import attention
+    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+    b, s, n, k, h = 2, 10, 4, 2, 8
+    q = jax.random.normal(kq, (b, s, n, h))
+    kk_, vv = jax.random.normal(kk, (b, s, k, h)), jax.random.normal(kv, (b, s, k, h))
+    full = attention(q, kk_, vv, causal=True)
+    # the last 3 queries against all 10 keys: positions say where the queries sit
+    tail = attention(q[:, 7:], kk_, vv, q_positions=jnp.broadcast_to(jnp.arange(7, 10), (b, 3)),
+                     kv_positions=jnp.broadcast_to(jnp.arange(10), (b, 10)), causal=True)
+    np.testing.assert_allclose(tail, full[:, 7:], atol=1e-6)
+    # segment ids on both sides: a query never sees another segment's keys
+    seg = jnp.array([[1] * 5 + [2] * 5] * b)
+    packed = attention(q, kk_, vv, q_segment_ids=seg, kv_segment_ids=seg)
+    alone = attention(q[:, 5:], kk_[:, 5:], vv[:, 5:])
+    np.testing.assert_allclose(packed[:, 5:], alone, atol=1e-6)
+    with pytest.raises(ValueError, match="both q_segment_ids and kv_segment_ids"):
+        attention(q, kk_, vv, q_segment_ids=seg)
+
+
+@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
+def test_kv_cache_prefill_then_decode_equals_full_forward(params, compute):
+    cfg = dataclasses.replace(CFG, compute_dtype=compute)
+    x = tokens(2, 12, 5)
+    full = jaxllm.forward(params, x, cfg)
+    cache = jaxllm.init_cache(cfg, 2, 16)
+    assert cache["k"].shape == (CFG.n_layers, 2, 16, CFG.n_kv_heads, CFG.dim_per_head)
+    assert cache["k"].dtype == jnp.dtype(compute)
+    h, cache = jaxllm.trunk(params, x[:, :8], cfg, cache=cache)          # prefill 8
+    outs = [jaxllm.unembed(params, h, cfg)]
+    for t in range(8, 12):                                               # decode 4, one at a time
+        h, cache = jaxllm.trunk(params, x[:, t:t + 1], cfg, cache=cache,
+                                positions=jnp.full((2, 1), t))
+        outs.append(jaxllm.unembed(params, h, cfg))
+    assert int(cache["index"]) == 12
+    tol = 1e-5 if compute == "float32" else 0.05 * float(jnp.max(jnp.abs(full)))
+    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=tol)
+
+
+def test_residual_projections_start_smaller():
+    cfg = dataclasses.replace(CFG, n_layers=8, d_model=64, d_ff=256, init_std=0.02)
+    p = jaxllm.init_params(cfg, jax.random.key(0))
+    target = 0.02 / np.sqrt(2 * 8)
+    for w in (p["layers"]["attn"]["o"]["kernel"], p["layers"]["mlp"]["down"]["kernel"]):
+        np.testing.assert_allclose(float(jnp.std(w)), target, rtol=0.05)
+    np.testing.assert_allclose(float(jnp.std(p["layers"]["attn"]["q"]["kernel"])), 0.02, rtol=0.05)
+    off = jaxllm.init_params(dataclasses.replace(cfg, scale_residual_init=False), jax.random.key(0))
+    np.testing.assert_allclose(float(jnp.std(off["layers"]["mlp"]["down"]["kernel"])), 0.02, rtol=0.05)
+
+
+def test_eager_init_and_forward_equal_jitted(params):
+    with jax.disable_jit():
+        eager = jaxllm.init_params(CFG, jax.random.key(0))
+        out = jaxllm.forward(eager, tokens(1, 6), CFG)
+    chex.assert_trees_all_equal(eager, params)
+    np.testing.assert_allclose(out, jax.jit(jaxllm.forward, static_argnums=2)(params, tokens(1, 6), CFG),
+                               atol=1e-5)

@@ -21,8 +21,9 @@ def _mlm_from_config(model_cfg, train_cfg, tokenizer):
                               "or set train.mlm_mask_id explicitly")
     special, real_vocab = (), None
     if tokenizer is not None:
-        special = [tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.unk_id,
-                   *tokenizer.special_ids.values()]
+        # HF tokenizers may lack some of these (Qwen2 has no bos): None is not an id
+        special = [i for i in (tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.unk_id,
+                               *tokenizer.special_ids.values()) if i is not None]
         real_vocab = tokenizer.vocab_size
     return make_mlm_loss(model_cfg, mask_id=mask_id, mask_prob=train_cfg.mlm_prob,
                          z_loss=train_cfg.z_loss, special_ids=special, real_vocab_size=real_vocab)

@@ -247,6 +247,10 @@ class Run:
             horizon = self._check_resume(saved, horizon)
             meta.update({k: v for k, v in saved.items() if k not in ("model", "config")})
         meta["schedule_steps"] = horizon
+        if cfg.model.param_dtype != "float32":
+            self.log(f"note: model.param_dtype={cfg.model.param_dtype}: parameters and Adam moments "
+                     f"are kept in {cfg.model.param_dtype}, so updates below its resolution round "
+                     f"away (float32 master weights are the default)")
         optimizer = make_optimizer(horizon)
         abstract, shardings = plan_state(init_fn, param_specs, optimizer, self.rules, self.mesh,
                                          frozen_specs=frozen_specs, frozen_shapes=frozen_shapes)
