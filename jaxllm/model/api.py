@@ -121,7 +121,7 @@ def _eager() -> bool:
 
 
 def trunk(params: dict, tokens_bt, cfg: ModelConfig, *, positions=None, segment_ids=None,
-          causal: bool = True, cache: dict | None = None):
+          causal: bool = True, cache: dict | None = None, dropout_rng: jax.Array | None = None):
     """Final-norm hidden states (B, T, d_model) in the compute dtype, and the updated cache.
 
     segment_ids: attention never crosses segments (0 = padding); positions drive RoPE
@@ -130,6 +130,10 @@ def trunk(params: dict, tokens_bt, cfg: ModelConfig, *, positions=None, segment_
     their segment id defaults to 1 (pass 0 for left padding of a prompt).
     Under jax.disable_jit (debug mode) the layers run as a Python loop without remat, so a
     debugger sees concrete arrays inside every layer.
+    Fine-tuning deltas ride in params (model/lora.py, model/adapter.py `attach`): params["lora"]
+    and params["adapter"] hold {"layers": factors stacked on layers, "options": static}; each
+    layer reads its slice as a variable collection. dropout_rng: training-time LoRA dropout
+    (none without it).
     """
     tokens_bt, positions, segment_ids = _inputs(tokens_bt, positions, segment_ids)
     dt = jnp.dtype(cfg.compute_dtype)
@@ -143,24 +147,30 @@ def trunk(params: dict, tokens_bt, cfg: ModelConfig, *, positions=None, segment_
         kv_seg = jax.lax.dynamic_update_slice(cache["segment_ids"], q_seg.astype(jnp.int32), (0, index))
         segment_ids = q_seg
         layer_caches = {"k": cache["k"], "v": cache["v"]}
-    block = Block(cfg, causal)
+    block = Block(cfg, causal, lora=params["lora"]["options"] if "lora" in params else None,
+                  adapter=params["adapter"]["options"] if "adapter" in params else None)
+    # per-layer variable collections besides "params", stacked on layers like params["layers"]
+    deltas = {name: params[name]["layers"] for name in ("lora", "adapter") if name in params}
+    layer_rngs = None if dropout_rng is None else jax.random.split(dropout_rng, cfg.n_layers)
 
     def layer(x, xs):
-        p, c = xs
+        p, c, d, rng = xs
         if c is not None:
             c = dict(c, index=index)
-        return block.apply({"params": p}, x, positions, segment_ids, c, kv_seg)
+        return block.apply({"params": p, **d}, x, positions, segment_ids, c, kv_seg,
+                           rngs=None if rng is None else {"dropout": rng})
 
+    xs = (params["layers"], layer_caches, deltas, layer_rngs)
     if _eager():
         new = []
         for i in range(cfg.n_layers):
-            x_btd, c = layer(x_btd, jax.tree.map(lambda a: a[i], (params["layers"], layer_caches)))
+            x_btd, c = layer(x_btd, jax.tree.map(lambda a: a[i], xs))
             new.append(c)
         new_caches = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *new)
     else:
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        x_btd, new_caches = jax.lax.scan(layer, x_btd, (params["layers"], layer_caches))
+        x_btd, new_caches = jax.lax.scan(layer, x_btd, xs)
     x_btd = rms_norm(x_btd, params["final_norm"]["scale"], cfg.norm_eps)
     new_cache = None
     if cache is not None:

@@ -4,9 +4,16 @@ One layer: RMSNorm -> GQA attention with RoPE (optionally reading/writing a KV c
 residual, RMSNorm -> SwiGLU MLP -> residual. The stack of layers, the embedding and the heads
 are pure functions over the parameter pytree in model/api.py and model/heads.py; this module
 holds what has parameters with logical axis names (parallel/rules.py maps them onto the mesh).
+
+Fine-tuning deltas are applied inside the layers, read from their own variable collections
+next to "params" (model/lora.py, model/adapter.py build them; api.trunk passes them in):
+    "lora":    per Dense kernel {"a": (*in, r), "b": (r, *out)}: y = x W + s ((x A) B)
+    "adapter": per sublayer {"down", "up"}: a bottleneck on the attention / MLP output
+A layer without those collections is the base model exactly.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -71,6 +78,26 @@ def apply_rope(x_btnh: jax.Array, positions_bt: jax.Array, inv_freq: jax.Array) 
     return (x * cos + rotated * sin).astype(x_btnh.dtype)
 
 
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class LoraOptions:
+    """How the "lora" collection is applied: y = x W + scale * ((dropout(x) A) B). Static (a
+    pytree node without leaves), so it rides in the params pytree untrained and untraced."""
+    scale: float
+    dropout: float = 0.0            # on the LoRA input, only when trunk gets a dropout_rng
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class AdapterOptions:
+    """How the "adapter" collection is applied: h + up(activation(down(h)))."""
+    activation: str = "gelu"
+
+
+ADAPTER_ACTIVATIONS = {"gelu": lambda x: jax.nn.gelu(x, approximate=False),
+                       "relu": jax.nn.relu, "silu": jax.nn.silu}
+
+
 class Dense(nn.Module):
     """x (..., *in_dims) @ kernel (*in_dims, *out_dims) (+ bias). Our own rather than
     nn.DenseGeneral: Flax's version initialises a flattened kernel, which breaks logical
@@ -81,6 +108,7 @@ class Dense(nn.Module):
     cfg: ModelConfig
     use_bias: bool = False
     init_std: float | None = None   # default: cfg.init_std
+    lora: LoraOptions | None = None  # set when this layer may carry LoRA factors
 
     @nn.compact
     def __call__(self, x):
@@ -91,12 +119,31 @@ class Dense(nn.Module):
             self.in_dims + self.out_dims, _dtype(cfg.param_dtype))
         dt = _dtype(cfg.compute_dtype)
         # bf16 operands accumulate in fp32, forward and backward (the fast path on CPUs and GPUs)
-        y = mixed_matmul(x.astype(dt), kernel.astype(dt), len(self.in_dims)).astype(dt)
+        y = mixed_matmul(x.astype(dt), kernel.astype(dt), len(self.in_dims))
+        if self.lora is not None and self.has_variable("lora", "kernel"):
+            y = y + self._lora_update(x, dt)
+        y = y.astype(dt)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(
                 nn.initializers.zeros, self.names[len(self.in_dims):]), self.out_dims, _dtype(cfg.param_dtype))
             y = y + bias.astype(dt)
         return y
+
+    def _lora_update(self, x, dt):
+        """s * ((x A) B) in fp32, through the rank-r bottleneck. Never x (W + s A B): autodiff
+        would then build a full-size gradient for every adapted matrix."""
+        factors = self.get_variable("lora", "kernel")
+        a, b = factors["a"], factors["b"]
+        r = a.shape[-1]
+        if a.shape != self.in_dims + (r,) or b.shape != (r,) + self.out_dims:
+            raise ValueError(f"LoRA factors of {'/'.join(self.scope.path)}/kernel: A {a.shape}, B {b.shape}; "
+                             f"this kernel needs A {self.in_dims + (r,)}, B {(r,) + self.out_dims}")
+        p = self.lora.dropout
+        if p > 0 and self.has_rng("dropout"):
+            keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - p, x.shape)
+            x = jnp.where(keep, x / (1.0 - p), 0).astype(x.dtype)
+        xa = mixed_matmul(x.astype(dt), a.astype(dt), len(self.in_dims)).astype(dt)   # (..., r)
+        return self.lora.scale * mixed_matmul(xa, b.astype(dt), 1)
 
 
 def residual_init_std(cfg: ModelConfig) -> float:
@@ -109,6 +156,7 @@ def residual_init_std(cfg: ModelConfig) -> float:
 class Attention(nn.Module):
     cfg: ModelConfig
     causal: bool = True
+    lora: LoraOptions | None = None
 
     @nn.compact
     def __call__(self, x_btd, positions_bt, segment_ids_bt, cache=None, kv_segment_ids=None):
@@ -117,9 +165,10 @@ class Attention(nn.Module):
         (kv_segment_ids (B, S): which slots hold real tokens of which segment)."""
         cfg = self.cfg
         d, h, n, k = cfg.d_model, cfg.dim_per_head, cfg.n_heads, cfg.n_kv_heads
-        q = Dense((d,), (n, h), ("embed", "heads", "head_dim"), cfg, cfg.qkv_bias, name="q")(x_btd)
-        kk = Dense((d,), (k, h), ("embed", "kv_heads", "head_dim"), cfg, cfg.qkv_bias, name="k")(x_btd)
-        v = Dense((d,), (k, h), ("embed", "kv_heads", "head_dim"), cfg, cfg.qkv_bias, name="v")(x_btd)
+        lo, bias = self.lora, cfg.qkv_bias
+        q = Dense((d,), (n, h), ("embed", "heads", "head_dim"), cfg, bias, lora=lo, name="q")(x_btd)
+        kk = Dense((d,), (k, h), ("embed", "kv_heads", "head_dim"), cfg, bias, lora=lo, name="k")(x_btd)
+        v = Dense((d,), (k, h), ("embed", "kv_heads", "head_dim"), cfg, bias, lora=lo, name="v")(x_btd)
         q = constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
         inv = rope_frequencies(cfg)
         q, kk = apply_rope(q, positions_bt, inv), apply_rope(kk, positions_bt, inv)
@@ -142,37 +191,52 @@ class Attention(nn.Module):
                                  causal=self.causal, implementation=cfg.attention)
             new_cache = {"k": k_all, "v": v_all}
         out = Dense((n, h), (d,), ("heads", "head_dim", "embed"), cfg,
-                    init_std=residual_init_std(cfg), name="o")(out_btnh)
+                    init_std=residual_init_std(cfg), lora=lo, name="o")(out_btnh)
         return out, new_cache
 
 
 class MLP(nn.Module):
     cfg: ModelConfig
+    lora: LoraOptions | None = None
 
     @nn.compact
     def __call__(self, x_btd):
         cfg = self.cfg
         d, f = cfg.d_model, cfg.d_ff
-        gate = Dense((d,), (f,), ("embed", "mlp"), cfg, name="gate")(x_btd)
-        up = Dense((d,), (f,), ("embed", "mlp"), cfg, name="up")(x_btd)
+        gate = Dense((d,), (f,), ("embed", "mlp"), cfg, lora=self.lora, name="gate")(x_btd)
+        up = Dense((d,), (f,), ("embed", "mlp"), cfg, lora=self.lora, name="up")(x_btd)
         hidden = constrain(nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
         return Dense((f,), (d,), ("mlp", "embed"), cfg, init_std=residual_init_std(cfg),
-                     name="down")(hidden)
+                     lora=self.lora, name="down")(hidden)
 
 
 class Block(nn.Module):
     """One pre-norm decoder layer: (x, positions, segments, cache) -> (x, new cache)."""
     cfg: ModelConfig
     causal: bool = True
+    lora: LoraOptions | None = None
+    adapter: AdapterOptions | None = None
 
     @nn.compact
     def __call__(self, x_btd, positions_bt, segment_ids_bt, cache=None, kv_segment_ids=None):
         cfg = self.cfg
         x_btd = constrain(x_btd, ("activation_batch", "activation_length", "activation_embed"))
         h = RMSNorm(cfg.norm_eps, cfg.param_dtype, name="attn_norm")(x_btd)
-        a, new_cache = Attention(cfg, self.causal, name="attn")(h, positions_bt, segment_ids_bt,
-                                                               cache, kv_segment_ids)
-        x_btd = x_btd + a
+        a, new_cache = Attention(cfg, self.causal, self.lora, name="attn")(
+            h, positions_bt, segment_ids_bt, cache, kv_segment_ids)
+        x_btd = x_btd + self._adapted("after_attn", a)
         h = RMSNorm(cfg.norm_eps, cfg.param_dtype, name="mlp_norm")(x_btd)
-        x_btd = x_btd + MLP(cfg, name="mlp")(h)
+        x_btd = x_btd + self._adapted("after_mlp", MLP(cfg, self.lora, name="mlp")(h))
         return x_btd, new_cache
+
+    def _adapted(self, name: str, h_btd):
+        """A sublayer's output through its bottleneck adapter (Houlsby): h + up(act(down(h))),
+        before the residual add. Up starts at zero, so a fresh adapter returns h exactly."""
+        if self.adapter is None or not self.has_variable("adapter", name):
+            return h_btd
+        p = self.get_variable("adapter", name)
+        dt = _dtype(self.cfg.compute_dtype)
+        z = mixed_matmul(h_btd.astype(dt), p["down"]["kernel"].astype(dt), 1) + p["down"]["bias"]
+        z = ADAPTER_ACTIVATIONS[self.adapter.activation](z).astype(dt)             # (B, T, size)
+        u = mixed_matmul(z, p["up"]["kernel"].astype(dt), 1) + p["up"]["bias"]     # (B, T, d) fp32
+        return (h_btd.astype(jnp.float32) + u).astype(h_btd.dtype)

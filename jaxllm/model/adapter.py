@@ -1,0 +1,102 @@
+"""Bottleneck adapters (Houlsby et al. 2019) as a parameter-tree concern: after the attention
+and after the MLP sublayer of every layer, h -> h + up(act(down(h))) before the residual add,
+with the base frozen and only the adapters trained.
+
+    delta = init_delta(base_params_or_shapes, adapter_cfg, key)   # up = 0: starts as the base
+    params = attach(base, delta, adapter_cfg)                     # what trunk / forward take
+    step = make_train_step(loss_fn, optimizer, shardings, merge=make_merge(adapter_cfg))
+
+The delta, stacked along `layers` like the base (model/transformer.py Block reads it):
+    {"layers": {"after_attn" | "after_mlp": {"down": {"kernel": (L, d, size), "bias": (L, size)},
+                                             "up":   {"kernel": (L, size, d), "bias": (L, d)}}}}
+Unlike LoRA an adapter cannot be folded into the base weights (the activation sits between
+down and up), so there is no merge of weights: serving keeps the attached params.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from jaxllm.config import AdapterConfig, ModelConfig
+from jaxllm.configlib import ConfigError
+from jaxllm.model.transformer import ADAPTER_ACTIVATIONS, AdapterOptions
+
+SITES = ("after_attn", "after_mlp")
+DOWN_INIT_STD = 1e-2    # Houlsby's near-identity init; up is zero, so the start is exact anyway
+
+
+def check_config(cfg: AdapterConfig) -> None:
+    if cfg.size <= 0:
+        raise ConfigError(f"adapter.size={cfg.size}: adapters need a bottleneck width >= 1 "
+                          "(adapter.size=0 means adapters are off)")
+    if cfg.activation not in ADAPTER_ACTIVATIONS:
+        raise ConfigError(f"adapter.activation={cfg.activation!r}; valid: {sorted(ADAPTER_ACTIVATIONS)}")
+
+
+def _geometry(base) -> tuple[int, int, jnp.dtype]:
+    """(n_layers, d_model, param dtype) of base params or ShapeDtypeStructs."""
+    norm = base["layers"]["attn_norm"]["scale"]       # (L, d)
+    return norm.shape[0], norm.shape[1], base["embed"]["embedding"].dtype
+
+
+def delta_shapes(n_layers: int, d: int, size: int) -> dict:
+    site = {"down": {"kernel": (n_layers, d, size), "bias": (n_layers, size)},
+            "up": {"kernel": (n_layers, size, d), "bias": (n_layers, d)}}
+    return {"layers": {s: site for s in SITES}}
+
+
+def init_delta(base, cfg: AdapterConfig, key: jax.Array) -> dict:
+    """down ~ N(0, 1e-2^2), up and both biases 0, in the base's param dtype."""
+    check_config(cfg)
+    n, d, dtype = _geometry(base)
+    delta: dict = {"layers": {}}
+    for i, site in enumerate(SITES):
+        k = jax.random.fold_in(key, i)
+        down = DOWN_INIT_STD * jax.random.normal(k, (n, d, cfg.size), jnp.float32)
+        delta["layers"][site] = {
+            "down": {"kernel": down.astype(dtype), "bias": jnp.zeros((n, cfg.size), dtype)},
+            "up": {"kernel": jnp.zeros((n, cfg.size, d), dtype), "bias": jnp.zeros((n, d), dtype)}}
+    return delta
+
+
+def delta_logical_axes(model_cfg: ModelConfig, cfg: AdapterConfig) -> dict:
+    """Logical names, same structure as init_delta's result: the bottleneck is 'adapter'
+    (unsharded by the presets), d is 'embed' in the kernels and 'norm' in the up bias (like
+    the other d-vectors)."""
+    del model_cfg
+    check_config(cfg)
+    site = {"down": {"kernel": P("layers", "embed", "adapter"), "bias": P("layers", "adapter")},
+            "up": {"kernel": P("layers", "adapter", "embed"), "bias": P("layers", "norm")}}
+    return {"layers": {s: site for s in SITES}}
+
+
+def check_delta(base, delta, cfg: AdapterConfig) -> None:
+    n, d, _ = _geometry(base)
+    flat_want = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_flatten_with_path(
+        delta_shapes(n, d, cfg.size), is_leaf=lambda x: isinstance(x, tuple))[0]}
+    flat_have = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in
+                 jax.tree_util.tree_flatten_with_path(delta)[0]}
+    if flat_have != flat_want:
+        bad = sorted(k for k in flat_want.keys() | flat_have.keys() if flat_want.get(k) != flat_have.get(k))
+        raise ConfigError(f"adapter delta does not fit a {n}-layer d_model={d} base with adapter.size="
+                          f"{cfg.size}: " + "; ".join(f"{k}: {flat_have.get(k)} (expected {flat_want.get(k)})"
+                                                       for k in bad[:4]))
+
+
+def attach(base: dict, delta: dict, cfg: AdapterConfig) -> dict:
+    """{**base, "adapter": {**delta, "options": AdapterOptions(activation)}} (options static)."""
+    check_config(cfg)
+    if "adapter" in base:
+        raise ConfigError("these params already carry adapters (an 'adapter' key): attach to the base")
+    check_delta(base, delta, cfg)
+    return {**base, "adapter": {**delta, "options": AdapterOptions(cfg.activation)}}
+
+
+def make_merge(cfg: AdapterConfig):
+    """merge(trainable_delta, frozen_base) -> params, for make_train_step(merge=...)."""
+    check_config(cfg)
+
+    def merge_fn(delta, base):
+        return attach(base, delta, cfg)
+    return merge_fn

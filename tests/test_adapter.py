@@ -1,0 +1,86 @@
+"""Bottleneck adapters after the attention and MLP sublayers of every layer.
+
+Training through the one step (the frozen base is untouched, only the adapters change and
+carry optimizer state) and the sharded-equals-single-device check are in test_lora.py,
+parametrized over both kinds of delta.
+"""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxllm
+from jaxllm.config import AdapterConfig, ModelConfig
+from jaxllm.configlib import ConfigError
+from jaxllm.model import adapter
+
+CFG = ModelConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128)
+ACFG = AdapterConfig(size=8)
+forward = jax.jit(jaxllm.forward, static_argnums=2)
+
+
+@pytest.fixture(scope="module")
+def base():
+    return jax.jit(jaxllm.init_params, static_argnums=0)(CFG, jax.random.key(0))
+
+
+def tokens(b=2, t=12, seed=1):
+    return jax.random.randint(jax.random.key(seed), (b, t), 0, CFG.vocab_size)
+
+
+def test_fresh_adapters_are_the_base_model_exactly(base):
+    delta = adapter.init_delta(base, ACFG, jax.random.key(1))
+    L, d, s = 2, 64, 8
+    for site in ("after_attn", "after_mlp"):
+        p = delta["layers"][site]
+        chex.assert_shape([p["down"]["kernel"], p["down"]["bias"], p["up"]["kernel"], p["up"]["bias"]],
+                          [(L, d, s), (L, s), (L, s, d), (L, d)])
+        assert float(jnp.abs(p["down"]["kernel"]).max()) > 0 and not np.any(p["up"]["kernel"])
+    x = tokens()
+    np.testing.assert_array_equal(forward(adapter.attach(base, delta, ACFG), x, CFG), forward(base, x, CFG))
+
+
+def _cancelling(base, site: str) -> dict:
+    """An adapter with up(relu(down h)) = -h at `site` (size 2d: down = [I, -I], up = [-I; I]),
+    so that sublayer's output is cancelled exactly; the other site is a no-op."""
+    n, d = CFG.n_layers, CFG.d_model
+    cfg = AdapterConfig(size=2 * d, activation="relu")
+    delta = adapter.init_delta(base, cfg, jax.random.key(1))
+    eye = jnp.eye(d)
+    delta["layers"][site]["down"]["kernel"] = jnp.broadcast_to(jnp.concatenate([eye, -eye], 1), (n, d, 2 * d))
+    delta["layers"][site]["up"]["kernel"] = jnp.broadcast_to(jnp.concatenate([-eye, eye], 0), (n, 2 * d, d))
+    return adapter.attach(base, delta, cfg)
+
+
+@pytest.mark.parametrize("site,kernel", [("after_attn", ("attn", "o")), ("after_mlp", ("mlp", "down"))])
+def test_adapter_sits_on_the_sublayer_output_before_the_residual(base, site, kernel):
+    # h + adapter(h) = 0 at that site equals the base with that sublayer's output projection zeroed
+    zeroed = jax.tree.map(lambda x: x, base)
+    sub, proj = kernel
+    zeroed["layers"][sub][proj]["kernel"] = jnp.zeros_like(base["layers"][sub][proj]["kernel"])
+    x = tokens()
+    out = forward(_cancelling(base, site), x, CFG)
+    np.testing.assert_allclose(out, forward(zeroed, x, CFG), atol=1e-5, rtol=1e-5)
+    assert np.abs(out - forward(base, x, CFG)).max() > 0.01
+
+
+def test_logical_axes_match_the_delta(base):
+    specs = adapter.delta_logical_axes(CFG, ACFG)
+    delta = adapter.init_delta(base, ACFG, jax.random.key(1))
+    is_spec = lambda s: isinstance(s, jax.sharding.PartitionSpec)  # noqa: E731
+    assert jax.tree.structure(specs, is_leaf=is_spec) == jax.tree.structure(delta)
+    for spec, x in zip(jax.tree.leaves(specs, is_leaf=is_spec), jax.tree.leaves(delta)):
+        assert len(spec) == x.ndim and spec[0] == "layers"
+    assert specs["layers"]["after_mlp"]["down"]["kernel"] == \
+        jax.sharding.PartitionSpec("layers", "embed", "adapter")
+
+
+def test_bad_adapter_input_is_refused(base):
+    with pytest.raises(ConfigError, match=r"adapter.size=0: adapters need a bottleneck width >= 1"):
+        adapter.init_delta(base, AdapterConfig(size=0), jax.random.key(0))
+    with pytest.raises(ConfigError, match=r"adapter.size=0"):
+        adapter.make_merge(AdapterConfig(size=0))
+    delta = adapter.init_delta(base, ACFG, jax.random.key(1))
+    with pytest.raises(ConfigError, match=r"adapter.size=16: .*\(2, 64, 8\) \(expected \(2, 64, 16\)\)"):
+        adapter.attach(base, delta, AdapterConfig(size=16))
