@@ -227,3 +227,33 @@ def test_init_from_another_model_names_the_differences(tmp_path):
         jaxllm.train(jaxllm.load_config(None, ARGS + ["train.steps=1", "model.rope_theta=5e5",
                                                       f"checkpoint.init_from={tmp_path}/a",
                                                       f"train.run_dir={tmp_path}/b"]))
+
+
+def test_convert_refuses_a_non_empty_destination_unless_overwrite(tmp_path, reference):
+    from jaxllm.interop.cli import convert
+    dst = tmp_path / "hf"
+    dst.mkdir()
+    (dst / "mine.txt").write_text("a user's file")
+    with pytest.raises(jaxllm.UserError, match="is not empty.*--overwrite"):
+        convert(str(reference), str(dst), "hf")
+    assert not (dst / "config.json").exists()
+    convert(str(reference), str(dst), "hf", overwrite=True)
+    assert (dst / "config.json").exists() and (dst / "mine.txt").read_text() == "a user's file"
+    convert(str(dst), str(tmp_path / "orbax"), "orbax")
+    with pytest.raises(jaxllm.UserError, match="is not empty"):
+        convert(str(dst), str(tmp_path / "orbax"), "orbax")   # would leave the old model in place
+
+
+def test_convert_and_init_from_read_checkpoints_of_another_device_count(tmp_path):
+    # written by an 8-device fsdp run, read on one device (convert) and into fsdp=2 (init_from)
+    src = jaxllm.train(jaxllm.load_config(None, [a for a in ARGS if a != "mesh.devices=1"] + [
+        "mesh.fsdp=8", "train.batch_size=8", "train.steps=2", f"train.run_dir={tmp_path}/src"]))
+    from jaxllm.interop.cli import convert
+    convert(str(tmp_path / "src"), str(tmp_path / "hf"), "hf")
+    _, hf_params = jaxllm.load_hf(tmp_path / "hf")
+    chex.assert_trees_all_close(hf_params, jax.device_get(src["state"].params), atol=0)
+    s = jaxllm.train(jaxllm.load_config(None, ARGS + [
+        "mesh.devices=2", "mesh.fsdp=2", "train.steps=1", "optim.lr=0",
+        f"checkpoint.init_from={tmp_path}/src", f"train.run_dir={tmp_path}/dst"]))
+    chex.assert_trees_all_close(jax.device_get(s["state"].params), jax.device_get(src["state"].params),
+                                atol=0)

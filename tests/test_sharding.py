@@ -88,3 +88,59 @@ def test_idle_mesh_axis_is_said(tmp_path, capsys):
     jaxllm.train(jaxllm.load_config(None, BASE + [f"train.run_dir={tmp_path}", "train.steps=1",
                                                   "mesh.fsdp=4", "mesh.tensor=2", "mesh.preset=fsdp"]))
     assert "mesh.tensor=2 shards nothing under mesh.preset=fsdp" in capsys.readouterr().err
+
+
+def _rank_and_frozen_step(mesh_shape, preset):
+    """One step of an objective reading a (B,) and a (B, K, T) batch leaf and a frozen,
+    sharded reference model; -> (loss, updated params, frozen sharding of q)."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from jaxllm.config import MeshConfig, OptimConfig
+    from jaxllm.model.heads import token_stats
+    from jaxllm.training.optim import make_optimizer
+    from jaxllm.training.setup import make_state, plan_state
+    from jaxllm.training.step import make_train_step
+    cfg = jaxllm.ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
+    n = int(np.prod(mesh_shape))
+    mesh = jax.make_mesh(mesh_shape, ("data", "fsdp", "tensor"), devices=jax.devices()[:n],
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    rules = R.logical_rules(MeshConfig(preset=preset))
+    b, k, t = 8, 3, 16
+    batch = {"adv": jax.random.normal(jax.random.key(1), (b,)),
+             "resp": jax.random.randint(jax.random.key(2), (b, k, t), 0, cfg.vocab_size)}
+
+    def merge(trainable, frozen):
+        return {"policy": trainable, "ref": frozen}
+
+    def loss_fn(p, batch, rng):
+        toks = batch["resp"].reshape(b_local := batch["resp"].shape[0] * k, t)
+
+        def row_logprob(params):
+            h, _ = jaxllm.trunk(params, toks, cfg)
+            return jnp.sum(token_stats(params, h[:, :-1], toks[:, 1:], cfg)["logprob"], -1)
+        diff = (row_logprob(p["policy"]) - row_logprob(p["ref"])).reshape(-1, k)
+        return jnp.sum(batch["adv"][:, None] * diff), {"weight": jnp.asarray(b_local, jnp.float32)}
+
+    opt = make_optimizer(OptimConfig(lr=1e-3, warmup_steps=0), 10)
+    specs = jaxllm.param_logical_axes(cfg)
+    init = lambda key: jaxllm.init_params(cfg, key)   # noqa: E731
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        _, sh = plan_state(init, specs, opt, rules, mesh, frozen_specs=specs,
+                           frozen_shapes=jax.eval_shape(init, jax.random.key(0)))
+        state = make_state(init, opt, sh, seed=0)
+        frozen = jax.device_put(jaxllm.init_params(cfg, jax.random.key(7)), sh.frozen)
+        batch = jax.device_put(batch, sh.batch)
+        step = make_train_step(loss_fn, opt, sh, merge=merge)
+        state, m = step(state, batch, frozen)
+        state, m = step(state, batch, frozen)
+        return float(m["loss"]), jax.device_get(state.params), frozen["layers"]["attn"]["q"]["kernel"].sharding.spec
+
+
+def test_batch_leaves_of_any_rank_and_a_sharded_frozen_tree():
+    loss1, params1, _ = _rank_and_frozen_step((1, 1, 1), "fsdp_tp")
+    loss8, params8, frozen_spec = _rank_and_frozen_step((2, 2, 2), "fsdp_tp")
+    assert frozen_spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(params8), jax.tree.leaves(params1)):
+        assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-5
