@@ -11,7 +11,7 @@ import jaxllm
 from jaxllm.interop.hf import CheckpointFormatError, load_hf, save_hf
 
 FIX = pathlib.Path(__file__).parent / "fixtures" / "hf"
-CASES = ["llama_gqa", "llama_tied", "qwen2", "mistral", "llama_sharded"]
+CASES = ["llama_gqa", "llama_tied", "qwen2", "mistral", "llama_sharded", "llama31_rope"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -23,6 +23,17 @@ def test_logits_match_transformers(case):
     # non-contiguous positions (RoPE must use them, as HF's position_ids do)
     logits = jaxllm.forward(params, ref["input_ids"], cfg, positions=ref["position_ids_gapped"])
     np.testing.assert_allclose(logits, ref["logits_positions_gapped"], atol=1e-4, rtol=1e-4)
+
+
+def test_llama31_rope_scaling_is_read_and_matters():
+    cfg, params = load_hf(FIX / "llama31_rope")
+    assert cfg.rope_scaling == (8.0, 1.0, 4.0, 16.0) and cfg.rope_theta == 5e5
+    ref = np.load(FIX / "llama31_rope" / "reference.npz")
+    import dataclasses
+    unscaled = jaxllm.forward(params, ref["input_ids"], dataclasses.replace(cfg, rope_scaling=()),
+                              positions=ref["position_ids_gapped"])
+    # the fixture is sensitive: ignoring the scaling misses HF's logits by far more than 1e-4
+    assert float(np.max(np.abs(unscaled - ref["logits_positions_gapped"]))) > 1e-2
 
 
 def test_config_fields_are_read():
