@@ -19,46 +19,9 @@ import os
 import random
 from typing import Iterator
 
-NAMES = ["Ada", "Ben", "Cleo", "Dan", "Eva", "Finn", "Gus", "Hana", "Ivy", "Jack", "Kai", "Lena",
-         "Milo", "Nora", "Omar", "Pia", "Quinn", "Rosa", "Sam", "Tara", "Uma", "Vic", "Wren", "Zoe"]
-ANIMALS = ["cat", "dog", "fox", "owl", "rabbit", "bear", "mouse", "duck", "frog", "horse",
-           "goat", "otter", "hedgehog", "squirrel", "turtle", "lion"]
-ADJECTIVES = ["small", "brave", "curious", "happy", "quiet", "clever", "kind", "sleepy", "tall",
-              "gentle", "cheerful", "shy"]
-PLACES = ["the forest", "a small village", "the big city", "a farm", "the mountains",
-          "a house by the sea", "the garden", "a quiet town"]
-ACTIVITIES = ["read books", "play in the park", "bake bread", "sing songs", "paint pictures",
-              "climb trees", "swim in the lake", "look at the stars", "plant flowers"]
-OBJECTS = ["a red ball", "a shiny key", "an old map", "a blue hat", "a tiny boat", "a golden coin",
-           "a wooden box", "a lost kite", "a silver bell"]
-FEELINGS = ["happy", "surprised", "excited", "proud", "thankful", "glad"]
-COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black"]
-FOODS = ["apples", "bread", "honey", "carrots", "cheese", "soup", "berries", "rice"]
-SYLLABLES = ["ka", "lo", "mi", "ra", "ten", "vo", "zu", "bel", "dor", "fi", "gan", "sha", "tu",
-             "wen", "qui", "nor"]
-
-
-class World:
-    """The fixed facts every split shares: kingdoms and capitals, and each person's tastes."""
-
-    def __init__(self, world_seed: int = 1234, num_kingdoms: int = 16):
-        rng = random.Random(world_seed)
-        words: set[str] = set(NAMES)  # made-up words never collide with a person's name
-
-        def word() -> str:
-            while True:
-                w = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
-                if w not in words:
-                    words.add(w)
-                    return w
-
-        self.kingdoms = [word() for _ in range(num_kingdoms)]
-        self.capital = {k: word() for k in self.kingdoms}
-        self.export = {k: rng.choice(FOODS) for k in self.kingdoms}
-        self.favorite_color = {n: rng.choice(COLORS) for n in NAMES}
-        self.favorite_food = {n: rng.choice(FOODS) for n in NAMES}
-        self.pet = {n: rng.choice(ANIMALS) for n in NAMES}
-
+from jaxllm.data import synthetic_tasks
+from jaxllm.data.world import (ACTIVITIES, ADJECTIVES, ANIMALS, COLORS, FEELINGS, FOODS,  # noqa: F401
+                               NAMES, OBJECTS, PLACES, SYLLABLES, World, split_rng)
 
 def _a(noun: str) -> str:
     return ("an " if noun[0] in "aeiou" else "a ") + noun
@@ -120,7 +83,6 @@ def facts(rng: random.Random, world: World) -> str:
 # Document kinds and their share of the corpus. "book" is long (thousands of characters) so
 # that a 256-token row cannot hold it and the pipeline must split it.
 KINDS = (("story", 0.45), ("arithmetic", 0.2), ("facts", 0.15), ("counting", 0.15), ("book", 0.05))
-_SPLIT_SALT = {"train": 0, "eval": 1_000_003}
 
 
 def pretrain_docs(n: int, seed: int = 0, split: str = "train", world: World | None = None,
@@ -128,10 +90,8 @@ def pretrain_docs(n: int, seed: int = 0, split: str = "train", world: World | No
     """`n` documents of the pretraining corpus; a different `split` draws disjoint randomness,
     and held-out counting documents use their own start range, so no held-out document equals
     a train one. Documents in `exclude` (e.g. the train texts) are skipped and redrawn."""
-    if split not in _SPLIT_SALT:
-        raise ValueError(f"split must be one of {list(_SPLIT_SALT)}, got {split!r}")
     world = world or World()
-    rng = random.Random(seed * 7919 + _SPLIT_SALT[split])
+    rng = split_rng(seed, split)
     kinds, weights = zip(*KINDS)
     held_out = split != "train"
     made = 0
@@ -167,7 +127,6 @@ def write_corpus(out_dir: str, *, train_docs: int = 20_000, eval_docs: int = 1_0
     """Write the default corpus as JSONL under `out_dir` so the real-file path is exercised:
     pretrain/train-0000N.jsonl, pretrain/eval-00000.jsonl and (with `tasks`) chat, reward and
     ppo splits from synthetic_tasks. Returns {relative path: record count}."""
-    from jaxllm.data import synthetic_tasks
 
     world = World()
     counts: dict[str, int] = {}

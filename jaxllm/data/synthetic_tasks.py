@@ -15,7 +15,7 @@ import random
 import re
 from typing import Iterator
 
-from jaxllm.data.synthetic import COLORS, FEELINGS, NAMES, World, _SPLIT_SALT
+from jaxllm.data.world import COLORS, FEELINGS, NAMES, World, split_rng
 
 TASK_KINDS = ("add", "capital", "color", "count", "story")
 NEGATIVE_WORDS = ("sad", "angry", "scared", "lonely")
@@ -119,9 +119,7 @@ def _variants(task: dict, world: World, rng: random.Random) -> list[str]:
 
 
 def _rng(seed: int, split: str, salt: int) -> random.Random:
-    if split not in _SPLIT_SALT:
-        raise ValueError(f"split must be one of {list(_SPLIT_SALT)}, got {split!r}")
-    return random.Random(seed * 7919 + _SPLIT_SALT[split] + salt)
+    return split_rng(seed, split, salt)
 
 
 def chat_examples(n: int, seed: int = 0, split: str = "train", world: World | None = None) -> Iterator[dict]:
