@@ -127,7 +127,9 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    objective: Literal["clm", "mlm"] = "clm"
+    objective: Literal["clm", "mlm", "sft"] = "clm"
+    # sft: "token" weighs every answer token the same; "sequence" every example the same
+    sft_normalize: Literal["token", "sequence"] = "token"
     steps: int = 100
     batch_size: int = 8             # global, in sequences
     seq_len: int = 128

@@ -437,7 +437,8 @@ def scan(sources: list, encoder: ChatEncode, *, label: str, verbose: bool = True
     paths = [p for _, src in sources for p in src.source.files.paths]
     key = (label, tuple(c for c, _ in sources), encoder.template, fingerprint(encoder.tok),
            encoder.seq_len, encoder.long_examples, encoder.strict, tuple(_stamp(p) for p in paths))
-    if key not in _SCANS:
+    first_time = key not in _SCANS
+    if first_time:
         counts = {"records": 0, "examples": 0, "truncated": 0, "dropped": 0, "bad": 0}
         bad = []
         for _, src in sources:
@@ -464,7 +465,7 @@ def scan(sources: list, encoder: ChatEncode, *, label: str, verbose: bool = True
                             f"{counts['records']} records, {why or 'none'}")
         _SCANS[key] = counts
     counts = _SCANS[key]
-    if verbose:
+    if verbose and first_time:   # an eval iterator made again at every evaluation says it once
         line = (f"chat {label} data: {counts['records']} records in {len(sources)} "
                 f"source{'s' if len(sources) > 1 else ''} -> "
                 f"{counts['examples']} examples ({counts['truncated']} truncated to seq_len={encoder.seq_len}), "

@@ -8,6 +8,7 @@ token-weighted (or pair-weighted) mean however the batch is split.
 from jaxllm.configlib import ConfigError
 from jaxllm.objectives.clm import make_clm_loss, masked_cross_entropy, target_weights  # noqa: F401
 from jaxllm.objectives.mlm import make_mlm_loss  # noqa: F401
+from jaxllm.objectives.sft import make_sft_loss  # noqa: F401
 
 
 def _mlm_from_config(model_cfg, train_cfg, tokenizer):
@@ -34,4 +35,6 @@ def make_objective(name: str, model_cfg, train_cfg, tokenizer=None):
         return make_clm_loss(model_cfg, z_loss=train_cfg.z_loss)
     if name == "mlm":
         return _mlm_from_config(model_cfg, train_cfg, tokenizer)
-    raise ConfigError(f"unknown objective '{name}'; valid: clm, mlm")
+    if name == "sft":
+        return make_sft_loss(model_cfg, z_loss=train_cfg.z_loss, normalize=train_cfg.sft_normalize)
+    raise ConfigError(f"unknown objective '{name}'; valid: clm, mlm, sft")

@@ -13,6 +13,7 @@ saved on one mesh or device count loads onto another without gathering the model
 from __future__ import annotations
 
 import dataclasses
+import logging
 import pathlib
 from typing import Any, Callable
 
@@ -26,6 +27,17 @@ from jaxllm.errors import RunError, UserError
 
 class CheckpointError(RunError):
     pass
+
+
+class _QuietReadOnly(logging.Filter):
+    """orbax warns on every read-only manager it opens (init_from, convert): that is the
+    point of opening it read-only, so the warning is noise."""
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not (msg.startswith("Given directory is read only") or "read_only=True, setting" in msg)
+
+
+logging.getLogger("absl").addFilter(_QuietReadOnly())
 
 
 def abstract_like(tree):

@@ -15,6 +15,7 @@ from typing import Iterator
 import jax
 
 from jaxllm.config import Config
+from jaxllm.configlib import ConfigError
 from jaxllm.data.pipeline import to_global_batch
 from jaxllm.model.api import init_params, param_logical_axes
 from jaxllm.objectives import make_objective
@@ -73,9 +74,23 @@ def evaluate(eval_step, params, make_eval, batch_sharding, frozen=None) -> dict:
             "eval_accuracy": sums.get("accuracy", 0.0) / w}
 
 
+def check_objective(cfg: Config, log) -> None:
+    t = cfg.train
+    if t.objective == "sft":
+        if cfg.data.kind != "chat":
+            raise ConfigError(f"train.objective=sft reads conversations: set data.kind=chat "
+                              f"(got data.kind={cfg.data.kind})")
+        if not cfg.checkpoint.init_from:
+            log("note: SFT from a random init (checkpoint.init_from is empty)")
+    elif cfg.data.kind == "chat":
+        raise ConfigError(f"data.kind=chat trains the assistant turns: set train.objective=sft "
+                          f"(got {t.objective})")
+
+
 def train(cfg: Config, batches: Iterator[dict] | None = None) -> dict:
     t = cfg.train
     with Run(cfg) as run:
+        check_objective(cfg, run.log)
         run.check_layout()
         train_it, make_eval, tokenizer = data_iterators(cfg)
         if batches is not None:
