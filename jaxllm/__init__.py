@@ -9,7 +9,7 @@ from jaxllm.model import (forward, init_cache, init_params, param_logical_axes, 
 def train(cfg: Config, batches=None) -> dict:
     """Run the recipe of cfg.train.objective; returns a summary (losses, eval, final state).
     `batches`: an iterator of this process's rows to train on instead of cfg.data."""
-    from jaxllm.training.pretrain import train as _train
+    from jaxllm.training.recipes import train as _train
     return _train(cfg, batches)
 
 

@@ -17,7 +17,7 @@ from jaxllm.errors import RunError, UserError
 
 def _train(args):
     from jaxllm.config import load_config
-    from jaxllm.training.pretrain import train
+    from jaxllm.training.recipes import train
     cfg = load_config(args.config, args.overrides)
     summary = train(cfg)
     summary.pop("state", None)

@@ -127,7 +127,7 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    objective: Literal["clm", "mlm", "sft"] = "clm"
+    objective: Literal["clm", "mlm", "sft", "reward", "ppo", "grpo", "dpo"] = "clm"
     # sft: "token" weighs every answer token the same; "sequence" every example the same
     sft_normalize: Literal["token", "sequence"] = "token"
     steps: int = 100
@@ -225,6 +225,21 @@ class AdapterConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RewardConfig:
+    """Reward model from K-way rankings (InstructGPT): mean over the K-choose-2 pairs of
+    -log sigmoid(r_better - r_worse - margin) + center_coef * mean(r^2)."""
+    k_max: int = 4                  # responses per prompt, padded up to this with a mask
+    margin: float = 0.0
+    center_coef: float = 0.0        # pulls rewards towards 0 (the reward's offset is free)
+
+    def __post_init__(self):
+        if self.k_max < 2:
+            raise ConfigError(f"reward.k_max must be >= 2 (a ranking compares responses), got {self.k_max}")
+        if self.margin < 0 or self.center_coef < 0:
+            raise ConfigError("reward.margin and reward.center_coef must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class DistributedConfig:
     """jax.distributed. Leave empty on one host; on SLURM / TPU pods `auto` finds the peers."""
     coordinator: str = ""           # "host:port" of process 0, for explicit launches
@@ -246,6 +261,7 @@ class Config:
     distributed: DistributedConfig = DistributedConfig()
     lora: LoraConfig = LoraConfig()
     adapter: AdapterConfig = AdapterConfig()
+    reward: RewardConfig = RewardConfig()
 
     def __post_init__(self):
         if self.lora.r and self.adapter.size:
