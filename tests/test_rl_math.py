@@ -1,0 +1,122 @@
+"""The RL formulas, each against a plain-Python or hand computation."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm.objectives.dpo import dpo_loss
+from jaxllm.objectives.ppo import clipped_policy_loss, clipped_value_loss
+from jaxllm.rl.advantages import gae, group_advantages, masked_mean, masked_whiten
+from jaxllm.rl.kl import AdaptiveKL, kl_estimate, per_token_rewards
+
+
+def gae_loop(r, v, gamma, lam):
+    """Textbook GAE over one sequence of real tokens (V after the end = 0)."""
+    adv, last = [0.0] * len(r), 0.0
+    for t in reversed(range(len(r))):
+        nv = v[t + 1] if t + 1 < len(r) else 0.0
+        delta = r[t] + gamma * nv - v[t]
+        last = delta + gamma * lam * last
+        adv[t] = last
+    return adv
+
+
+def test_gae_matches_a_python_loop_with_left_and_right_padding():
+    rng = np.random.default_rng(0)
+    r, v = rng.normal(size=(3, 9)).astype(np.float32), rng.normal(size=(3, 9)).astype(np.float32)
+    mask = np.zeros((3, 9), np.float32)
+    mask[0, :9] = 1          # full row
+    mask[1, 2:7] = 1         # prompt before, padding after
+    mask[2, 4:6] = 1
+    adv, ret = gae(jnp.asarray(r), jnp.asarray(v), jnp.asarray(mask), gamma=0.97, lam=0.9)
+    for b in range(3):
+        idx = np.nonzero(mask[b])[0]
+        want = gae_loop(r[b, idx], v[b, idx], 0.97, 0.9)
+        np.testing.assert_allclose(np.asarray(adv)[b, idx], want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(ret)[b, idx], np.asarray(want) + v[b, idx], rtol=1e-5, atol=1e-6)
+        assert np.all(np.asarray(adv)[b, mask[b] == 0] == 0)
+    # gamma = lambda = 1: the advantage is the reward-to-go minus the value
+    adv1, _ = gae(jnp.asarray(r[:1]), jnp.asarray(v[:1]), jnp.ones((1, 9)), gamma=1.0, lam=1.0)
+    np.testing.assert_allclose(adv1[0], np.cumsum(r[0][::-1])[::-1] - v[0], rtol=1e-5, atol=1e-5)
+
+
+def test_masked_whitening_uses_only_masked_entries():
+    x = jnp.array([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, -50.0, 6.0]])
+    m = jnp.array([[1, 1, 1, 0], [1, 1, 0, 1]])
+    vals = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    w = masked_whiten(x, m)
+    want = (vals - vals.mean()) / vals.std(ddof=1)
+    np.testing.assert_allclose(np.asarray(w)[np.asarray(m) == 1], want, rtol=1e-5)
+    assert float(w[0, 3]) == 0 and float(w[1, 2]) == 0
+    kept = masked_whiten(x, m, shift_mean=False)
+    np.testing.assert_allclose(np.asarray(kept)[np.asarray(m) == 1], want + vals.mean(), rtol=1e-5)
+    np.testing.assert_allclose(float(masked_mean(x, m)), vals.mean())
+
+
+def test_clipped_policy_and_value_losses_by_hand():
+    logp, old = jnp.log(jnp.array([1.5, 0.5, 1.1, 0.9])), jnp.zeros(4)
+    adv = jnp.array([1.0, 1.0, -2.0, -2.0])
+    loss, clipped = clipped_policy_loss(logp, old, adv, 0.2)
+    # r=1.5,A=1: min(1.5, 1.2) -> -1.2 ; r=0.5,A=1: min(0.5, 0.8) -> -0.5 ;
+    # r=1.1,A=-2: min(-2.2, -2.2) -> 2.2 ; r=0.9,A=-2: min(-1.8, -1.8) -> 1.8
+    np.testing.assert_allclose(loss, [-1.2, -0.5, 2.2, 1.8], rtol=1e-6)
+    np.testing.assert_array_equal(clipped, [1, 1, 0, 0])
+    v, v_old, ret = jnp.array([1.0, 0.0]), jnp.array([0.5, 0.0]), jnp.array([0.0, 1.0])
+    vf, vclip = clipped_value_loss(v, v_old, ret, 0.2)
+    # V=1 clipped to 0.7: max(1, 0.49)/2 = 0.5 ; V=0 (no move): 0.5
+    np.testing.assert_allclose(vf, [0.5, 0.5], rtol=1e-6)
+    np.testing.assert_array_equal(vclip, [0, 0])
+    vf2, vclip2 = clipped_value_loss(jnp.array([2.0]), jnp.array([0.0]), jnp.array([3.0]), 0.2)
+    np.testing.assert_allclose(vf2, [0.5 * (3.0 - 0.2) ** 2])   # the clipped value is further off
+    assert float(vclip2[0]) == 1
+
+
+def test_kl_estimators_by_hand_and_k3_unbiased():
+    logp, ref = jnp.log(jnp.array([0.5])), jnp.log(jnp.array([0.25]))
+    lr = math.log(2.0)
+    np.testing.assert_allclose(kl_estimate(logp, ref, "k1"), [lr], rtol=1e-6)
+    np.testing.assert_allclose(kl_estimate(logp, ref, "k2"), [0.5 * lr ** 2], rtol=1e-6)
+    np.testing.assert_allclose(kl_estimate(logp, ref, "k3"), [0.5 - 1 + lr], rtol=1e-6)
+    # over samples from p, k1 and k3 average to KL(p || q); k3 is never negative
+    p, q = jnp.array([0.6, 0.3, 0.1]), jnp.array([0.2, 0.5, 0.3])
+    y = jax.random.categorical(jax.random.key(0), jnp.log(p), shape=(200_000,))
+    true_kl = float(jnp.sum(p * jnp.log(p / q)))
+    for kind in ("k1", "k3"):
+        est = kl_estimate(jnp.log(p)[y], jnp.log(q)[y], kind)
+        np.testing.assert_allclose(float(jnp.mean(est)), true_kl, rtol=0.02)
+    assert float(jnp.min(kl_estimate(jnp.log(p)[y], jnp.log(q)[y], "k3"))) >= 0
+    with pytest.raises(ValueError, match="unknown KL estimator"):
+        kl_estimate(logp, ref, "k4")
+
+
+def test_per_token_rewards_put_the_score_on_the_last_real_token():
+    kl = jnp.ones((2, 5)) * 0.5
+    mask = jnp.array([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1]])
+    r = per_token_rewards(jnp.array([2.0, -1.0]), kl, mask, beta=0.1)
+    np.testing.assert_allclose(r, [[0, -0.05, -0.05, 1.95, 0], [0, 0, -0.05, -0.05, -1.05]], rtol=1e-6)
+
+
+def test_adaptive_kl_moves_beta_towards_the_target():
+    c = AdaptiveKL(beta=0.1, target=6.0, horizon=10_000)
+    np.testing.assert_allclose(c.update(12.0, 256), 0.1 * (1 + 0.2 * 256 / 10_000))   # clipped at +0.2
+    c = AdaptiveKL(beta=0.1, target=6.0, horizon=10_000)
+    np.testing.assert_allclose(c.update(5.4, 100), 0.1 * (1 - 0.1 * 100 / 10_000))
+
+
+def test_dpo_loss_by_hand():
+    pol = jnp.array([[-3.0, -5.0], [-4.0, -4.0]])
+    ref = jnp.array([[-3.5, -4.5], [-4.0, -4.0]])
+    loss, margin = dpo_loss(pol, ref, beta=0.1)
+    m0 = 0.1 * ((-3.0 + 3.5) - (-5.0 + 4.5))          # 0.1
+    np.testing.assert_allclose(margin, [m0, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(loss, [-math.log(1 / (1 + math.exp(-m0))), math.log(2.0)], rtol=1e-6)
+
+
+def test_group_advantages_normalise_within_each_prompt():
+    s = jnp.array([[1.0, 2.0, 3.0, 6.0], [5.0, 5.0, 5.0, 5.0]])
+    a = group_advantages(s)
+    g = np.array([1.0, 2.0, 3.0, 6.0])
+    np.testing.assert_allclose(a[0], (g - g.mean()) / (g.std() + 1e-6), rtol=1e-5)
+    np.testing.assert_allclose(a[1], 0.0)                # all equal: no signal, not NaN
