@@ -110,8 +110,11 @@ def test_loss_falls_on_synthetic_stream_and_run_dir_is_written(tmp_path):
     assert s["final_loss"] < 0.6 * s["first_loss"]
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
-    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
+    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "padded_tokens_per_s", "mfu"):
         assert key in train_rows[-1], key
+    # tokens/s counts real tokens only; the synthetic rows carry some padding
+    assert 0 < train_rows[-1]["tokens_per_s"] < train_rows[-1]["padded_tokens_per_s"]
+    assert train_rows[-1]["mfu_peak_source"].startswith("measured:")   # CPU: same-run GEMM peak
     assert any("eval_loss" in r and "eval_ppl" in r for r in rows)
     assert (tmp_path / "config.yaml").exists()
     assert jaxllm.load_config(tmp_path / "config.yaml").train.steps == 60  # resolved config reloads
