@@ -25,6 +25,10 @@ log_softmax(logits / T) at the sampled token (T = 1 for greedy). top-k / top-p c
 tokens may be sampled but do not renormalise the reported log-prob, so it equals what a
 training step recomputes with heads.token_stats(..., temperature=T) for the PPO ratio.
 
+A model whose vocabulary is padded past its tokenizer's (a multiple of 128 is usual) can
+sample ids that are no token; `vocab_limit` restricts sampling to ids below it (generate_text
+passes the tokenizer's size), and the log-probs are then those of that restricted distribution.
+
 Sampling is deterministic: step i draws with fold_in(key, i), so a fixed key gives the same
 samples under jit, on any mesh, and through `stream` (host-driven, one token at a time).
 """
@@ -118,23 +122,28 @@ def _check_request(tokens_bp, mask_bp, cfg: ModelConfig, max_new_tokens: int, *,
         b = int(np.argmax(lengths))
         longest, where = int(lengths[b]), f"prompt {b} ({int(lengths[b])} tokens)"
     if longest + max_new_tokens > cfg.max_seq_len:
+        room = cfg.max_seq_len - max_new_tokens
+        fix = (f"shorten the prompt to its last {room} tokens or lower max_new_tokens" if room > 0 else
+               f"lower max_new_tokens below {cfg.max_seq_len}")
         raise GenerationError(
             f"generate: {where} + max_new_tokens={max_new_tokens} = {longest + max_new_tokens} tokens "
-            f"exceeds the model's max_seq_len={cfg.max_seq_len}; shorten the prompt (e.g. keep its "
-            f"last {max(cfg.max_seq_len - max_new_tokens, 0)} tokens) or lower max_new_tokens")
+            f"exceeds the model's max_seq_len={cfg.max_seq_len}; {fix}")
 
 
 # ---------------------------------------------------------------------------- sampling
 def sample_logits(logits_bv: jax.Array, key: jax.Array, *, temperature: float = 0.0, top_k: int = 0,
-                  top_p: float = 1.0) -> tuple[jax.Array, jax.Array]:
+                  top_p: float = 1.0, vocab_limit: int = 0) -> tuple[jax.Array, jax.Array]:
     """One token per row -> (tokens (B,) int32, log-probs (B,) float32).
 
     temperature 0: argmax, log-prob under T = 1. Otherwise a draw from softmax(logits / T)
     restricted to the k most likely tokens (top_k > 0) and then to the smallest set of them
     whose probability (renormalised over that set, as in transformers) reaches top_p. The
     log-prob is log_softmax(logits / T) over the whole vocabulary (see the module docstring).
+    vocab_limit > 0: ids from vocab_limit on are never drawn (nor counted in the log-probs).
     """
     logits_bv = logits_bv.astype(jnp.float32)
+    if vocab_limit and vocab_limit < logits_bv.shape[-1]:
+        logits_bv = jnp.where(jnp.arange(logits_bv.shape[-1]) < vocab_limit, logits_bv, -jnp.inf)
     if temperature == 0:
         token_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
         scaled_bv = logits_bv
@@ -195,7 +204,7 @@ def decode_step(params: dict, tokens_b: jax.Array, positions_b: jax.Array, cache
 
 
 def _decode(params, tokens_bp, mask_bp, key, cfg: ModelConfig, max_new_tokens: int, temperature: float,
-            top_k: int, top_p: float, stop_ids: tuple[int, ...], pad_id: int) -> Generation:
+            top_k: int, top_p: float, stop_ids: tuple[int, ...], pad_id: int, vocab_limit: int) -> Generation:
     b, n = tokens_bp.shape[0], max_new_tokens
     params = _compute_params(params, cfg)
     logits_bv, cache, next_pos_b = prefill(params, tokens_bp, mask_bp, cfg, tokens_bp.shape[1] + n)
@@ -203,7 +212,7 @@ def _decode(params, tokens_bp, mask_bp, key, cfg: ModelConfig, max_new_tokens: i
 
     def sample(logits, i):
         return sample_logits(logits, jax.random.fold_in(key, i), temperature=temperature,
-                             top_k=top_k, top_p=top_p)
+                             top_k=top_k, top_p=top_p, vocab_limit=vocab_limit)
     tok_b, lp_b = sample(logits_bv, 0)
     tokens_bn = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(tok_b)
     logprobs_bn = jnp.zeros((b, n), jnp.float32).at[:, 0].set(lp_b)
@@ -231,7 +240,7 @@ def _decode(params, tokens_bp, mask_bp, key, cfg: ModelConfig, max_new_tokens: i
 
 
 _decode_jit = jax.jit(_decode, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p",
-                                                "stop_ids", "pad_id"))
+                                                "stop_ids", "pad_id", "vocab_limit"))
 
 
 def _prompt_arrays(prompts, prompt_mask, pad_id: int):
@@ -248,12 +257,13 @@ def _prompt_arrays(prompts, prompt_mask, pad_id: int):
 
 def generate(params: dict, prompts, model_cfg: ModelConfig, *, max_new_tokens: int, key: jax.Array,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, eos_id: int | None,
-             pad_id: int, stop_ids: Sequence[int] = (), prompt_mask=None) -> Generation:
+             pad_id: int, stop_ids: Sequence[int] = (), prompt_mask=None, vocab_limit: int = 0) -> Generation:
     """Continue each prompt by up to max_new_tokens tokens (see the module docstring).
 
     prompts: a list of token-id lists (left-padded here), or a (B, P) int array that is
     already left-padded with `prompt_mask` (B, P) marking its real tokens (None: no padding).
-    eos_id None: only stop_ids and max_new_tokens end a row. Pure: callers may jit it with the
+    eos_id None: only stop_ids and max_new_tokens end a row. vocab_limit: see the module
+    docstring (0: every id of the model). Pure: callers may jit it with the
     sampling settings, ids and max_new_tokens static (arrays in, a Generation of arrays out).
     """
     tokens_bp, mask_bp = _prompt_arrays(prompts, prompt_mask, pad_id)
@@ -263,28 +273,33 @@ def generate(params: dict, prompts, model_cfg: ModelConfig, *, max_new_tokens: i
     stops = tuple(sorted({int(s) for s in stop_ids} | ({int(eos_id)} if eos_id is not None else set())))
     return _decode_jit(params, jnp.asarray(tokens_bp, jnp.int32), jnp.asarray(mask_bp, jnp.int32), key,
                        model_cfg, int(max_new_tokens), float(temperature), int(top_k), float(top_p), stops,
-                       int(pad_id))
+                       int(pad_id), int(vocab_limit))
 
 
 # ---------------------------------------------------------------------------- host-driven
 _prefill_jit = jax.jit(prefill, static_argnames=("cfg", "max_len"))
 _step_jit = jax.jit(decode_step, static_argnames=("cfg",), donate_argnames=("cache",))
-_sample_jit = jax.jit(sample_logits, static_argnames=("temperature", "top_k", "top_p"))
+_sample_jit = jax.jit(sample_logits, static_argnames=("temperature", "top_k", "top_p", "vocab_limit"))
 _cast_jit = jax.jit(_compute_params, static_argnames=("cfg",))
 
 
 def stream(params: dict, prompt: Sequence[int], model_cfg: ModelConfig, *, max_new_tokens: int,
            key: jax.Array, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-           eos_id: int | None, stop_ids: Sequence[int] = ()) -> Iterator[int]:
+           eos_id: int | None, stop_ids: Sequence[int] = (), vocab_limit: int = 0) -> Iterator[int]:
     """One prompt, decoded step by step from the host: yields each token id as it is produced
     (the stop token included, then ends). Same steps and keys as `generate`, so the same tokens;
     for interactive use (chat), where the first words should appear before the last is made."""
     tokens_bp, mask_bp = left_pad([list(prompt)], 0)
+    # widths in steps of 64 (more left padding, which changes nothing): a chat's growing
+    # prompts then reuse a few compiled shapes instead of compiling one per turn
+    width = -(-tokens_bp.shape[1] // 64) * 64
+    tokens_bp, mask_bp = (np.pad(a, ((0, 0), (width - a.shape[1], 0))) for a in (tokens_bp, mask_bp))
     _check_request(tokens_bp, mask_bp, model_cfg, max_new_tokens, temperature=temperature, top_k=top_k,
                    top_p=top_p, ids={"eos_id": eos_id, **{f"stop_ids[{i}]": s for i, s in enumerate(stop_ids)}})
     stops = {int(s) for s in stop_ids} | ({int(eos_id)} if eos_id is not None else set())
     params = _cast_jit(params, model_cfg)
-    settings = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
+    settings = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                    vocab_limit=int(vocab_limit))
     logits, cache, pos = _prefill_jit(params, jnp.asarray(tokens_bp), jnp.asarray(mask_bp), model_cfg,
                                       tokens_bp.shape[1] + max_new_tokens)
     for i in range(max_new_tokens):
@@ -301,14 +316,15 @@ def generate_text(params: dict, model_cfg: ModelConfig, tokenizer, texts: Sequen
                   max_new_tokens: int, key: jax.Array, temperature: float = 0.0, top_k: int = 0,
                   top_p: float = 1.0, stop_ids: Sequence[int] = (), add_bos: bool | None = None) -> list[str]:
     """Texts in, completions out: encode (with bos when the tokenizer has one, unless add_bos
-    says otherwise), generate, decode each row's tokens before its stop token."""
+    says otherwise), generate (ids the tokenizer lacks are never sampled), decode each row's
+    tokens before its stop token."""
     if isinstance(texts, str):
         raise GenerationError("generate_text: texts must be a list of strings, got one string")
     bos = tokenizer.bos_id is not None if add_bos is None else add_bos
     prompts = [tokenizer.encode(t, add_bos=bos) for t in texts]
     out = generate(params, prompts, model_cfg, max_new_tokens=max_new_tokens, key=key,
                    temperature=temperature, top_k=top_k, top_p=top_p, eos_id=tokenizer.eos_id,
-                   pad_id=tokenizer.pad_id, stop_ids=stop_ids)
+                   pad_id=tokenizer.pad_id, stop_ids=stop_ids, vocab_limit=tokenizer.vocab_size)
     return decode_rows(tokenizer, out, stop_ids)
 
 

@@ -1,0 +1,92 @@
+"""A model to use, from wherever training or conversion left it.
+
+SRC is one of
+  a run dir          config.yaml (its data.tokenizer names the tokenizer) + checkpoints/
+  a checkpoint dir   orbax steps with the model config in their meta item (a run dir's
+                     checkpoints/, or `jaxllm convert --to orbax` output); the tokenizer comes
+                     from the run dir above it, or --tokenizer
+  an HF dir          config.json + *.safetensors, with tokenizer.json or tokenizer.model beside
+Params of the newest complete checkpoint are read (never optimizer state) onto this process's
+first device.
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any, NamedTuple
+
+import yaml
+
+from jaxllm.config import ModelConfig
+from jaxllm.errors import UserError
+
+
+class Model(NamedTuple):
+    cfg: ModelConfig
+    params: Any
+    tokenizer: Any
+    src: str
+
+
+def model_config(d: dict, where: str) -> ModelConfig:
+    """A saved model config dict (JSON turns tuples into lists) -> ModelConfig."""
+    d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise UserError(f"{where}: the saved model config has keys this jaxllm does not know: {unknown}")
+    return ModelConfig(**d)
+
+
+def _run_dir_tokenizer(path: pathlib.Path) -> tuple[str | None, str]:
+    """(data.tokenizer of the run's config.yaml or None, where it was looked for)."""
+    for run in (path, path.parent):
+        cfg_file = run / "config.yaml"
+        if cfg_file.is_file():
+            data = (yaml.safe_load(cfg_file.read_text()) or {}).get("data") or {}
+            return data.get("tokenizer") or None, f"data.tokenizer of {cfg_file}"
+    return None, f"a config.yaml in {path} or {path.parent}"
+
+
+def tokenizer_path(src: str | pathlib.Path, override: str | None = None) -> str:
+    """Where SRC's tokenizer is: --tokenizer, the HF dir's own files, or the run's config."""
+    from jaxllm.training.checkpoint import is_hf_dir
+    if override:
+        return override
+    path = pathlib.Path(src)
+    if is_hf_dir(path):
+        if (path / "tokenizer.json").exists() or (path / "tokenizer.model").exists():
+            return str(path)
+        where = f"tokenizer.json or tokenizer.model in {path}"
+    else:
+        found, where = _run_dir_tokenizer(path)
+        if found:
+            if not pathlib.Path(found).exists():
+                raise UserError(f"{src}: the tokenizer {found} ({where}) does not exist (relative paths "
+                                f"are read from the current directory); pass --tokenizer PATH")
+            return found
+    raise UserError(f"{src} has no tokenizer (looked for {where}); pass --tokenizer PATH "
+                    f"(a tokenizer.model, tokenizer.json or a directory holding one)")
+
+
+def load_model(src: str | pathlib.Path, tokenizer: str | None = None) -> Model:
+    """(model config, params, tokenizer) of SRC; every expected failure is a one-line error."""
+    from jaxllm.data.tokenizer import check_vocab, load_tokenizer
+    from jaxllm.training.checkpoint import load_params
+    path = pathlib.Path(src)
+    if not path.exists():
+        raise UserError(f"{src} does not exist (give a run dir, a checkpoint dir or an HF model dir)")
+    tok_path = tokenizer_path(path, tokenizer)   # before the (slower) params, to fail fast
+    try:
+        tok = load_tokenizer(tok_path)
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(str(e)) from None
+    params, saved = load_params(path)
+    if saved is None:
+        raise UserError(f"{src}: the checkpoint holds no model config (meta item 'model')")
+    cfg = model_config(saved, str(src))
+    try:
+        check_vocab(tok, cfg.vocab_size)
+    except ValueError as e:
+        raise UserError(f"{src}: {e}") from None
+    return Model(cfg, params, tok, str(src))
