@@ -48,22 +48,30 @@ def model():
     return cfg, with_biases(jaxllm.init_params(cfg, jax.random.key(0)), jax.random.key(1))
 
 
+WIDTH = 32   # every reference forward runs on a (1, WIDTH) buffer: one compiled shape
+_forward = jax.jit(jaxllm.forward, static_argnames=("cfg",))
+
+
+def buffer(tokens):
+    """Tokens at the start of a fixed-width row. The forward is causal, so the logits at
+    position t see tokens 0..t only: the filler after them changes nothing."""
+    buf = np.zeros((1, WIDTH), np.int32)
+    buf[0, :len(tokens)] = tokens
+    return buf
+
+
 def greedy_by_forward(params, cfg, prompt, n):
-    """Reference: argmax of a full forward over the growing (unpadded) sequence, n times. The
-    sequence lives in a fixed buffer filled on the right: the forward is causal, so the logits
-    at position t see tokens 0..t only, and one compiled shape serves every length."""
-    buf = np.zeros((1, len(prompt) + n), np.int32)
-    buf[0, :len(prompt)] = prompt
-    fwd = jax.jit(lambda p, t: jaxllm.forward(p, t, cfg))
-    for t in range(len(prompt), len(prompt) + n):
-        buf[0, t] = int(jnp.argmax(fwd(params, jnp.asarray(buf))[0, t - 1]))
-    return buf[0, len(prompt):].tolist()
+    """Reference: argmax of a full forward over the growing (unpadded) sequence, n times."""
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(int(jnp.argmax(_forward(params, jnp.asarray(buffer(seq)), cfg=cfg)[0, len(seq) - 1])))
+    return seq[len(prompt):]
 
 
 def forward_logprobs(params, cfg, prompt, completion, temperature):
     """log_softmax(logits / T) of a full forward at each completion token."""
-    seq = jnp.asarray([list(prompt) + list(completion)], jnp.int32)
-    logits = jaxllm.forward(params, seq, cfg)[0, len(prompt) - 1:-1] / temperature
+    seq = list(prompt) + list(completion)
+    logits = _forward(params, jnp.asarray(buffer(seq)), cfg=cfg)[0, len(prompt) - 1:len(seq) - 1] / temperature
     return np.asarray(jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.asarray(completion)[:, None], -1)[:, 0])
 
 
@@ -159,6 +167,26 @@ def test_greedy_matches_transformers_generate(case):
         np.testing.assert_allclose(np.asarray(out.logprobs[b, :k]), ref["output_logprob"][b, :k], atol=1e-4)
     if case == "llama_gqa":
         assert ref["output_len"].tolist() == [7, 24, 24]    # the eos path really is exercised
+
+
+@pytest.mark.parametrize("kind", ["lora", "adapter"])
+def test_params_with_a_fine_tuning_delta_decode_through_the_same_trunk(model, kind):
+    """A LoRA / adapter delta attached to params is applied by the trunk when generating too."""
+    from jaxllm.config import AdapterConfig, LoraConfig
+    from jaxllm.model import adapter, lora
+    cfg, params = model
+    lib, dcfg = (lora, LoraConfig(r=4)) if kind == "lora" else (adapter, AdapterConfig(size=8))
+    delta = lib.init_delta(params, dcfg, jax.random.key(2))
+    # B / up start at zero (no change at init); make the delta matter
+    delta = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(4), x.shape, x.dtype), delta)
+    tuned = lib.attach(params, delta, dcfg)
+    out = generate(tuned, PROMPTS, cfg, max_new_tokens=8, key=jax.random.key(0), eos_id=None, pad_id=0)
+    base = generate(params, PROMPTS, cfg, max_new_tokens=8, key=jax.random.key(0), eos_id=None, pad_id=0)
+    assert (np.asarray(out.tokens) != np.asarray(base.tokens)).any()
+    for b, prompt in enumerate(PROMPTS):
+        assert np.asarray(out.tokens[b]).tolist() == greedy_by_forward(tuned, cfg, prompt, 8), b
+        ref = forward_logprobs(tuned, cfg, prompt, np.asarray(out.tokens[b]).tolist(), 1.0)
+        np.testing.assert_allclose(np.asarray(out.logprobs[b]), ref, atol=1e-5, rtol=0)
 
 
 # ------------------------------------------------------------------ sampling
