@@ -337,29 +337,41 @@ metric_list: [{metric: exact_match}]
 }
 
 
-def test_lm_eval_runs_local_tasks_offline_and_agrees_with_the_adapter(tmp_path, lm, tok):
-    """lm-eval itself, end to end (no download): a multiple-choice, a rolling-perplexity and a
-    generation task from local YAML + JSONL; each metric recomputed from jaxllm forwards."""
-    from jaxllm.evaluation.lm_eval_adapter import run_tasks
-    # lm-eval joins question and choice with its target_delimiter, a space
-    qa = [{"question": "The cat sat on the", "choices": ["mat", "moon", "river"], "answer": 0},
-          {"question": "Once upon a", "choices": ["time", "dog"], "answer": 1},
-          {"question": "One two", "choices": ["three", "four", "five"], "answer": 2}]
-    texts = [{"text": "The quick brown fox jumps over the lazy dog."}, {"text": "Numbers like 12345 and words."}]
-    (tmp_path / "choice.jsonl").write_text("".join(json.dumps(d) + "\n" for d in qa))
-    (tmp_path / "text.jsonl").write_text("".join(json.dumps(d) + "\n" for d in texts))
-    for name, yaml in TASKS.items():
-        (tmp_path / f"{name}.yaml").write_text(yaml.replace("DIR", str(tmp_path)))
-    results = run_tasks(lm, list(TASKS), include_path=str(tmp_path), include_defaults=False)["results"]
+# lm-eval joins question and choice with its target_delimiter, a space
+QA = [{"question": "The cat sat on the", "choices": ["mat", "moon", "river"], "answer": 0},
+      {"question": "Once upon a", "choices": ["time", "dog"], "answer": 1},
+      {"question": "One two", "choices": ["three", "four", "five"], "answer": 2}]
+TEXTS = [{"text": "The quick brown fox jumps over the lazy dog."}, {"text": "Numbers like 12345 and words."}]
 
+
+def write_tasks(directory):
+    (directory / "choice.jsonl").write_text("".join(json.dumps(d) + "\n" for d in QA))
+    (directory / "text.jsonl").write_text("".join(json.dumps(d) + "\n" for d in TEXTS))
+    for name, yaml in TASKS.items():
+        (directory / f"{name}.yaml").write_text(yaml.replace("DIR", str(directory)))
+
+
+def choice_accuracy(lm, tok) -> float:
+    """jx_choice's acc recomputed: the choice of highest log p(" " + choice | question)."""
     correct = 0
-    for d in qa:
+    for d in QA:
         scores = []
         for choice in d["choices"]:
             whole, ctx = tok.encode(d["question"] + " " + choice), tok.encode(d["question"])
             scores.append(seq_logprob(lm, ctx, whole[len(ctx):])[0])
         correct += int(np.argmax(scores) == d["answer"])
-    np.testing.assert_allclose(results["jx_choice"]["acc,none"], correct / len(qa))
+    return correct / len(QA)
+
+
+def test_lm_eval_runs_local_tasks_offline_and_agrees_with_the_adapter(tmp_path, lm, tok):
+    """lm-eval itself, end to end (no download): a multiple-choice, a rolling-perplexity and a
+    generation task from local YAML + JSONL; each metric recomputed from jaxllm forwards."""
+    from jaxllm.evaluation.lm_eval_adapter import run_tasks
+    write_tasks(tmp_path)
+    results = run_tasks(lm, list(TASKS), include_path=str(tmp_path), include_defaults=False)["results"]
+
+    qa, texts = QA, TEXTS
+    np.testing.assert_allclose(results["jx_choice"]["acc,none"], choice_accuracy(lm, tok))
 
     assert all(len(tok.encode(t["text"])) <= 32 for t in texts)   # one window each
     ll = sum(seq_logprob(lm, [tok.bos_id], tok.encode(t["text"]))[0] for t in texts)
@@ -372,7 +384,11 @@ def test_lm_eval_runs_local_tasks_offline_and_agrees_with_the_adapter(tmp_path, 
     np.testing.assert_allclose(results["jx_gen"]["exact_match,none"], np.mean(hits))
 
 
-def test_lm_eval_cli_with_an_unknown_task_is_a_one_line_error(hf_dir, tmp_path, capsys):
-    need_lm_eval()
+def test_eval_cli_runs_lm_eval_tasks_and_names_an_unknown_one(hf_dir, lm, tok, tmp_path, capsys):
+    write_tasks(tmp_path)
+    code, out, err = run_cli(capsys, "eval", hf_dir, "--tasks", "jx_choice", "--include-path", tmp_path,
+                             "--seq-len", 32, "--batch-size", 2)
+    assert code == 0, err
+    np.testing.assert_allclose(json.loads(out)["results"]["jx_choice"]["acc,none"], choice_accuracy(lm, tok))
     code, out, err = run_cli(capsys, "eval", hf_dir, "--tasks", "no_such_task_xyz", "--include-path", tmp_path)
     assert code == 2 and "lm-eval knows no task ['no_such_task_xyz']" in err, err
