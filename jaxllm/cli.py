@@ -20,9 +20,7 @@ def _train(args):
     from jaxllm.training.recipes import train
     cfg = load_config(args.config, args.overrides)
     summary = train(cfg)
-    summary.pop("state", None)
-    summary.pop("history", None)
-    print(json.dumps(summary, indent=1))
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("state", "history", "frozen")}, indent=1))
 
 
 def _demo(args):

@@ -56,9 +56,9 @@ def weighted_sums(stats: dict, w_bt: jax.Array, z_loss: float) -> tuple[jax.Arra
 
 def make_clm_loss(model_cfg, z_loss: float = 0.0):
     def loss_fn(params, batch, rng):
-        del rng
+        # rng: LoRA dropout when configured (the base model has no dropout)
         hidden_btd, _ = trunk(params, batch["tokens"], model_cfg, positions=batch["positions"],
-                              segment_ids=batch["segment_ids"])
+                              segment_ids=batch["segment_ids"], dropout_rng=rng)
         targets_bt, w_bt = next_token_targets(batch)
         return weighted_sums(token_stats(params, hidden_btd, targets_bt, model_cfg), w_bt, z_loss)
     return loss_fn

@@ -45,6 +45,7 @@ def make_mlm_loss(model_cfg, *, mask_id: int, mask_prob: float = 0.15, z_loss: f
         raise ValueError("MLM: no non-special token ids left for random replacements")
 
     def loss_fn(params, batch, rng):
+        rng = jax.random.key(0) if rng is None else rng   # evaluation: the same masks every time
         corrupted, selected = mask_tokens(batch["tokens"], batch["segment_ids"], rng,
                                           jnp.asarray(replacement_ids, jnp.int32), mask_id, mask_prob)
         hidden_btd, _ = trunk(params, corrupted, model_cfg, positions=batch["positions"],

@@ -32,9 +32,9 @@ def make_sft_loss(model_cfg, *, z_loss: float = 0.0, normalize: str = "token"):
         raise ValueError(f"SFT normalisation must be 'token' or 'sequence', got {normalize!r}")
 
     def loss_fn(params, batch, rng):
-        del rng
+        # rng: LoRA dropout when configured (the base model has no dropout)
         hidden_btd, _ = trunk(params, batch["tokens"], model_cfg, positions=batch["positions"],
-                              segment_ids=batch["segment_ids"])
+                              segment_ids=batch["segment_ids"], dropout_rng=rng)
         targets_bt, w_bt = next_token_targets(batch)
         stats = token_stats(params, hidden_btd, targets_bt, model_cfg)
         if normalize == "token":

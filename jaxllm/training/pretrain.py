@@ -17,7 +17,7 @@ import jax
 from jaxllm.config import Config
 from jaxllm.configlib import ConfigError
 from jaxllm.data.pipeline import to_global_batch
-from jaxllm.model.api import init_params, param_logical_axes
+from jaxllm.model.api import init_params, param_logical_axes, param_shapes
 from jaxllm.objectives import make_objective
 from jaxllm.training import metrics as metrics_lib
 from jaxllm.training.loop import fit
@@ -87,8 +87,25 @@ def check_objective(cfg: Config, log) -> None:
                           f"(got {t.objective})")
 
 
+def _delta(cfg: Config):
+    """(module, its config) of the trainable delta, or None for full training."""
+    if cfg.lora.r:
+        from jaxllm.model import lora
+        return lora, cfg.lora
+    if cfg.adapter.size:
+        from jaxllm.model import adapter
+        return adapter, cfg.adapter
+    return None
+
+
 def train(cfg: Config, batches: Iterator[dict] | None = None) -> dict:
+    """Pretraining (clm/mlm) or SFT; full parameters, or a LoRA/adapter delta over a frozen
+    base read from checkpoint.init_from (the base is the step's frozen argument)."""
     t = cfg.train
+    delta = _delta(cfg)
+    if delta is not None and not cfg.checkpoint.init_from:
+        raise ConfigError(f"{'lora.r' if cfg.lora.r else 'adapter.size'} trains a delta over a frozen "
+                          f"base: set checkpoint.init_from to a run dir, checkpoint or HF directory")
     with Run(cfg) as run:
         check_objective(cfg, run.log)
         run.check_layout()
@@ -97,17 +114,39 @@ def train(cfg: Config, batches: Iterator[dict] | None = None) -> dict:
             run.log("training on the batches passed to train(); cfg.data's iterator position is "
                     "not checkpointed")
         loss_fn = make_objective(t.objective, cfg.model, t, tokenizer)
+        base_specs, base_shapes = param_logical_axes(cfg.model), param_shapes(cfg.model)
+        if delta is None:
+            init_fn, specs, merge, frozen_kw, meta = (lambda k: init_params(cfg.model, k)), base_specs, None, {}, {}
+        else:
+            module, dcfg = delta
+            init_fn = lambda k: module.init_delta(base_shapes, dcfg, k)   # noqa: E731
+            specs, merge = module.delta_logical_axes(cfg.model, dcfg), module.make_merge(dcfg)
+            frozen_kw = dict(frozen_specs=base_specs, frozen_shapes=base_shapes, init_from_trainable=False)
+            meta = {"delta": {"kind": module.__name__.rsplit(".", 1)[-1], "base": cfg.checkpoint.init_from}}
         state, shardings, optimizer, meta, resumed = run.start_state(
-            init_fn=lambda k: init_params(cfg.model, k), param_specs=param_logical_axes(cfg.model),
+            init_fn=init_fn, param_specs=specs, meta=meta,
             make_optimizer=lambda horizon: make_optimizer(cfg.optim, horizon),
-            data_iter=None if batches is not None else train_it)
+            data_iter=None if batches is not None else train_it, **frozen_kw)
+        base = None
+        if delta is not None:
+            base = run.load_init_from(jax.tree.map(
+                lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), base_shapes, shardings.frozen))
+        merge_kw = {} if merge is None else {"merge": merge}
         step_fn = make_train_step(loss_fn, optimizer, shardings, microbatches=t.microbatches,
-                                  optimizer_metrics=skip_metrics(lr_schedule(cfg.optim, meta["schedule_steps"])))
-        eval_step = make_eval_step(loss_fn, shardings=shardings)
-        return fit(run, state, step_fn, batches if batches is not None else train_it,
-                   shardings=shardings, meta=meta,
-                   data_iter=None if batches is not None else train_it,
-                   evaluate=None if make_eval is None else
-                   (lambda s: evaluate(eval_step, s.params, make_eval, shardings.batch)),
-                   flops_per_token=metrics_lib.flops_per_token(cfg.model, t.seq_len),
-                   resumed_from=resumed)
+                                  optimizer_metrics=skip_metrics(lr_schedule(cfg.optim, meta["schedule_steps"])),
+                                  **merge_kw)
+        eval_step = make_eval_step(loss_fn, shardings=shardings, **merge_kw)
+        summary = fit(run, state, step_fn, batches if batches is not None else train_it,
+                      shardings=shardings, meta=meta, frozen=base,
+                      data_iter=None if batches is not None else train_it,
+                      evaluate=None if make_eval is None else
+                      (lambda s: evaluate(eval_step, s.params, make_eval, shardings.batch, base)),
+                      flops_per_token=metrics_lib.flops_per_token(cfg.model, t.seq_len),
+                      resumed_from=resumed)
+        if cfg.lora.r and run.is_main:
+            from jaxllm.interop.peft import save_peft
+            save_peft(run.dir / "adapter", cfg.model, jax.device_get(summary["state"].params), cfg.lora,
+                      base_model_name_or_path=cfg.checkpoint.init_from)
+            run.log(f"wrote the LoRA adapter in PEFT format to {run.dir / 'adapter'}")
+        summary["frozen"] = base
+        return summary

@@ -41,7 +41,9 @@ from jaxllm.training.setup import make_state, plan_state
 # any mesh). Everything else changes the trajectory and is refused unless
 # checkpoint.allow_config_change=true. train.steps is handled apart (the lr schedule).
 RESUMABLE_CHANGES = ("train.log_every", "train.eval_every", "train.eval_batches", "train.run_dir",
-                     "train.progress", "train.debug", "train.disable_jit", "checkpoint.", "distributed.",
+                     "train.progress", "train.debug", "train.disable_jit", "checkpoint.every",
+                     "checkpoint.keep", "checkpoint.async_save", "checkpoint.resume",
+                     "checkpoint.allow_config_change", "checkpoint.fallback", "distributed.",
                      "mesh.", "model.remat", "model.attention", "model.logits_chunk",
                      "data.eval_sources", "data.eval_batches", "data.worker_buffer_size")
 
@@ -205,18 +207,19 @@ class Run:
             self.log(f"warning: mesh.{ax}={self.mesh.shape[ax]} shards nothing under "
                      f"mesh.preset={self.cfg.mesh.preset}: those devices repeat the same work")
 
-    def report_sharding(self, param_specs, abstract_state) -> None:
+    def report_sharding(self, param_specs, abstract_params, opt_state=None, label: str = "params") -> None:
         """The parameter table (shape, sharding, bytes per device) and the refusal of silent
         replication beyond mesh.replication_tolerance."""
-        rep = rules_lib.sharding_report(param_specs, abstract_state.params, self.rules, self.mesh)
+        rep = rules_lib.sharding_report(param_specs, abstract_params, self.rules, self.mesh)
         opt_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize // _per_device_divisor(a)
-                        for a in jax.tree.leaves(abstract_state.opt_state))
-        lines = [f"{'parameter':<34} {'shape':<22} {'sharding':<34} {'MiB/device':>10}"]
+                        for a in jax.tree.leaves(opt_state))
+        lines = [f"{label:<34} {'shape':<22} {'sharding':<34} {'MiB/device':>10}"]
         for name, shape, spec, b in rep["rows"]:
             lines.append(f"{name:<34} {str(shape):<22} {str(tuple(spec)):<34} {b / 2**20:>10.2f}")
-        lines.append(f"params {rep['bytes_per_device'] / 2**20:.2f} MiB/device "
-                     f"(of {rep['total_bytes'] / 2**20:.2f} MiB), optimizer state "
-                     f"{opt_bytes / 2**20:.2f} MiB/device, mesh {dict(self.mesh.shape)}")
+        lines.append(f"{label} {rep['bytes_per_device'] / 2**20:.2f} MiB/device "
+                     f"(of {rep['total_bytes'] / 2**20:.2f} MiB)"
+                     + (f", optimizer state {opt_bytes / 2**20:.2f} MiB/device" if opt_state is not None else "")
+                     + f", mesh {dict(self.mesh.shape)}")
         self.log("\n".join(lines))
         for d in rep["dropped"]:
             self.log(f"replicated (mesh axis does not divide): {d}")
@@ -230,10 +233,13 @@ class Run:
 
     # ------------------------------------------------------------------ state
     def start_state(self, *, init_fn: Callable, param_specs, make_optimizer: Callable[[int], Any],
-                    data_iter=None, meta: dict | None = None, frozen_specs=None, frozen_shapes=None):
+                    data_iter=None, meta: dict | None = None, frozen_specs=None, frozen_shapes=None,
+                    init_from_trainable: bool = True):
         """Resume from this run's newest checkpoint, else start from checkpoint.init_from's
         params, else initialise. Config changes are checked before anything is written.
         make_optimizer(schedule_steps) builds the optimizer for an lr horizon.
+        init_from_trainable=False: checkpoint.init_from is the frozen base (LoRA, adapters),
+        loaded by the recipe; the trainable delta starts fresh.
         -> (state, StepShardings, optimizer, meta, resumed_from step or None)."""
         cfg = self.cfg
         self.checkpointer = Checkpointer(self.dir / "checkpoints", cfg.checkpoint)
@@ -254,14 +260,17 @@ class Run:
         optimizer = make_optimizer(horizon)
         abstract, shardings = plan_state(init_fn, param_specs, optimizer, self.rules, self.mesh,
                                          frozen_specs=frozen_specs, frozen_shapes=frozen_shapes)
-        self.report_sharding(param_specs, abstract)
+        self.report_sharding(param_specs, abstract.params, abstract.opt_state,
+                             label="trainable" if frozen_specs is not None else "params")
+        if frozen_specs is not None:
+            self.report_sharding(frozen_specs, frozen_shapes, label="frozen")
         resumed_from = None
         if latest is not None:
             state, saved_meta, resumed_from = self.checkpointer.restore_newest_intact(
                 abstract, data_iter, fallback=cfg.checkpoint.fallback, log=self.log)
             meta.update({k: v for k, v in saved_meta.items() if k not in ("model", "config")})
             self.log(f"resumed {self.dir} at step {resumed_from}")
-        elif cfg.checkpoint.init_from:
+        elif cfg.checkpoint.init_from and init_from_trainable:
             params = self.load_init_from(abstract.params)
             state = make_state(init_fn, optimizer, shardings, cfg.train.seed, params=params)
         else:

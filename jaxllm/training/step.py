@@ -106,9 +106,10 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
 
 
 def make_eval_step(loss_fn: LossFn, merge: Callable = _identity_merge, shardings=None):
-    """Jitted (params, batch, frozen) -> sums (loss, weight, ...), for held-out evaluation."""
+    """Jitted (params, batch, frozen) -> sums (loss, weight, ...), for held-out evaluation.
+    The loss gets rng=None: no dropout, and objectives that sample (MLM masks) use a fixed key."""
     def evaluate(params, batch, frozen=None):
-        loss_sum, sums = loss_fn(merge(params, frozen), batch, jax.random.key(0))
+        loss_sum, sums = loss_fn(merge(params, frozen), batch, None)
         return dict(sums, loss=loss_sum)
     if shardings is None:
         return jax.jit(evaluate)
