@@ -46,7 +46,7 @@ from lm_eval.api.registry import register_model  # noqa: E402
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: E402
 
 from jaxllm.model.api import trunk  # noqa: E402
-from jaxllm.model.generate import generate  # noqa: E402
+from jaxllm.model.generate import decode_rows, generate  # noqa: E402
 from jaxllm.model.heads import token_stats  # noqa: E402
 
 WIDTH_STEP = 64
@@ -180,7 +180,7 @@ class JaxLLM(TemplateLM):
         groups: dict[tuple, list[int]] = {}
         settings = []
         for i, req in enumerate(requests):
-            context, gen_kwargs = req.args
+            _, gen_kwargs = req.args
             s = self._settings(dict(gen_kwargs))
             settings.append(s)
             groups.setdefault(tuple(sorted(s.items())), []).append(i)
@@ -202,12 +202,7 @@ class JaxLLM(TemplateLM):
                                key=key, temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"],
                                eos_id=self.eot_token_id, pad_id=self.tokenizer.pad_id,
                                vocab_limit=self.tokenizer.vocab_size)
-                toks, m = np.asarray(gen.tokens), np.asarray(gen.mask)
-                for r, i in enumerate(rows):
-                    ids = toks[r][m[r] != 0].tolist()
-                    if ids and ids[-1] == self.eot_token_id:
-                        ids = ids[:-1]
-                    text = self.tok_decode(ids)
+                for i, text in zip(rows, decode_rows(self.tokenizer, gen)):
                     for stop in s["until"]:
                         if stop:
                             text = text.split(stop, 1)[0]

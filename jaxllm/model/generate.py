@@ -303,13 +303,13 @@ def stream(params: dict, prompt: Sequence[int], model_cfg: ModelConfig, *, max_n
     logits, cache, pos = _prefill_jit(params, jnp.asarray(tokens_bp), jnp.asarray(mask_bp), model_cfg,
                                       tokens_bp.shape[1] + max_new_tokens)
     for i in range(max_new_tokens):
-        if i:
-            logits, cache = _step_jit(params, tok, pos + i - 1, cache, model_cfg)
-        tok, _ = _sample_jit(logits, jax.random.fold_in(key, i), **settings)
-        token = int(tok[0])
+        tok_b, _ = _sample_jit(logits, jax.random.fold_in(key, i), **settings)
+        token = int(tok_b[0])
         yield token
         if token in stops:
             return
+        if i + 1 < max_new_tokens:     # token i goes in at RoPE position pos + i
+            logits, cache = _step_jit(params, tok_b, pos + i, cache, model_cfg)
 
 
 def generate_text(params: dict, model_cfg: ModelConfig, tokenizer, texts: Sequence[str], *,
