@@ -240,6 +240,47 @@ class RewardConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """PPO / GRPO iterations (train.steps counts iterations; train.batch_size is the number of
+    prompts per iteration) and DPO's beta. Rollouts, scores, KL and advantages are computed
+    outside the step; each minibatch update is the one train step."""
+    # a reward-model run dir (training/reward.py); "": the programmatic task reward of the
+    # embedded synthetic prompts (their "task" field), which also gives the true reward
+    reward_model: str = ""
+    group_size: int = 1              # samples per prompt (GRPO: >= 2)
+    max_prompt_tokens: int = 64      # longer prompts keep their last tokens (counted)
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    epochs: int = 2                  # passes over each rollout batch
+    minibatches: int = 2             # updates per pass
+    clip: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.1
+    entropy_coef: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_coef: float = 0.05            # beta of the KL penalty to the reference policy
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    kl_target: float = 0.0           # > 0: adaptive beta (Ziegler et al. 2019) towards this KL
+    kl_horizon: float = 10000.0
+    whiten_advantages: bool = True
+    missing_eos_penalty: float = 0.0  # added to the score of a response that hit max_new_tokens
+    value_init: Literal["zero", "reward_model"] = "zero"
+    dpo_beta: float = 0.1
+
+    def __post_init__(self):
+        for name in ("group_size", "max_prompt_tokens", "max_new_tokens", "epochs", "minibatches"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"rl.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.temperature > 0:
+            raise ConfigError(f"rl.temperature must be > 0 (rollouts sample), got {self.temperature}")
+        if self.kl_coef < 0 or self.clip <= 0 or self.value_clip <= 0:
+            raise ConfigError("rl.kl_coef must be >= 0, rl.clip and rl.value_clip > 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class DistributedConfig:
     """jax.distributed. Leave empty on one host; on SLURM / TPU pods `auto` finds the peers."""
     coordinator: str = ""           # "host:port" of process 0, for explicit launches
@@ -262,6 +303,7 @@ class Config:
     lora: LoraConfig = LoraConfig()
     adapter: AdapterConfig = AdapterConfig()
     reward: RewardConfig = RewardConfig()
+    rl: RLConfig = RLConfig()
 
     def __post_init__(self):
         if self.lora.r and self.adapter.size:

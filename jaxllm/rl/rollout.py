@@ -1,0 +1,137 @@
+"""Rollouts: prompts -> sampled responses -> one (B, T) batch aligned to tokens for scoring
+and for the PPO / GRPO step.
+
+Prompt records are JSONL/Parquet/ArrayRecord objects {"prompt": str, "task": {...}} (the
+embedded `ppo` data) or {"messages": [...]} without the final assistant turn. Each is rendered
+by the chat template up to the assistant header (data/chat.chat_prompt); prompts longer than
+rl.max_prompt_tokens keep their last tokens (counted). The stream is shuffled per epoch with a
+seed and built on grain, so its position checkpoints with the run; every process reads the
+same global stream and keeps its own rows, so the prompts do not depend on the process count.
+
+Layout of a rollout batch (everything indexed by token, see objectives/policy.py):
+    tokens        (B, P + N)  left-padded prompt, then the response (pad after a stop)
+    segment_ids   (B, P + N)  1 on real prompt and response tokens, 0 on padding
+    positions     (B, P + N)  RoPE positions counting real tokens only
+    response_mask (B, P + N)  1 on sampled response tokens (up to and including the stop)
+"""
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm.data.chat import chat_prompt, resolve_template
+from jaxllm.data.sources import DataError, open_source
+from jaxllm.model.generate import Generation
+
+
+def prompt_messages(obj: dict, where: str) -> list[dict]:
+    if isinstance(obj.get("messages"), list):
+        msgs = obj["messages"]
+        if msgs and msgs[-1].get("role") == "assistant":
+            raise DataError(f"{where}: an RL prompt ends before the assistant's answer (drop the last turn)")
+        return msgs
+    if isinstance(obj.get("prompt"), str) and obj["prompt"].strip():
+        return [{"role": "user", "content": obj["prompt"]}]
+    raise DataError(f"{where}: an RL prompt record needs a non-empty 'prompt' string or 'messages'")
+
+
+class _Render:
+    """Record -> {"ids": prompt ids (last max_tokens), "record": the JSON object, "cut": bool}."""
+
+    def __init__(self, tokenizer, template, max_tokens: int):
+        self.tok, self.template, self.max_tokens = tokenizer, template, max_tokens
+
+    def __call__(self, rec) -> dict:
+        ids = chat_prompt(prompt_messages(rec.obj, rec.where), self.tok, self.template)
+        return {"ids": ids[-self.max_tokens:], "record": rec.obj, "cut": len(ids) > self.max_tokens}
+
+
+class _Records:
+    def __init__(self, sources):
+        self.sources = sources
+        self.sizes = [len(s) for s in sources]
+
+    def __len__(self):
+        return sum(self.sizes)
+
+    def __getitem__(self, i):
+        for s, n in zip(self.sources, self.sizes):
+            if i < n:
+                return s.record(i)
+            i -= n
+        raise IndexError(i)
+
+
+def prompt_iterator(source_cfgs: Sequence, tokenizer, *, template: str = "", max_tokens: int,
+                    global_batch: int, seed: int, shuffle: bool = True, repeat: bool = True):
+    """grain iterator of lists (one per global batch) of this process's rendered prompts."""
+    if not source_cfgs:
+        raise DataError("RL needs prompts: set data.sources to JSONL/Parquet files of "
+                        "{\"prompt\": ...} records (e.g. data/synth/ppo/train.jsonl)")
+    records = _Records([open_source(c, records=True) for c in source_cfgs])
+    if len(records) == 0:
+        raise DataError(f"no RL prompts in {[c.path for c in source_cfgs]}")
+    ds = grain.MapDataset.source(records)
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    if repeat:
+        ds = ds.repeat(None)
+    ds = ds.map(_Render(tokenizer, resolve_template(tokenizer, template or None), max_tokens))
+    n, p = jax.process_count(), jax.process_index()
+    if global_batch % n:
+        raise DataError(f"{global_batch} prompts per iteration do not split over {n} processes")
+    local = global_batch // n
+    ds = ds.batch(global_batch, drop_remainder=repeat, batch_fn=lambda rows: rows[p * local:(p + 1) * local])
+    return iter(ds.to_iter_dataset())
+
+
+def repeat_prompts(prompts: list[dict], group_size: int) -> list[dict]:
+    """Each prompt group_size times in a row (GRPO's groups are consecutive rows)."""
+    return [p for p in prompts for _ in range(group_size)]
+
+
+def rollout_batch(gen: Generation) -> dict:
+    """A Generation -> the (B, P + N) batch of the module docstring (host arrays)."""
+    pm, rm = np.asarray(gen.prompt_mask, np.int32), np.asarray(gen.mask, np.int32)
+    tokens = np.concatenate([np.asarray(gen.prompt_tokens), np.asarray(gen.tokens)], axis=1).astype(np.int32)
+    seg = np.concatenate([pm, rm], axis=1)
+    positions = np.maximum(np.cumsum(seg, axis=1) - 1, 0).astype(np.int32)
+    response = np.concatenate([np.zeros_like(pm), rm], axis=1)
+    return {"tokens": tokens, "segment_ids": seg, "positions": positions, "response_mask": response}
+
+
+def response_texts(tokenizer, gen: Generation, stop_ids: Sequence[int]) -> list[str]:
+    """Decoded responses without their stop token."""
+    out = []
+    for toks, m in zip(np.asarray(gen.tokens), np.asarray(gen.mask)):
+        ids = [int(t) for t, k in zip(toks, m) if k and int(t) not in stop_ids]
+        out.append(tokenizer.decode(ids))
+    return out
+
+
+def ended(gen: Generation, stop_ids: Sequence[int]) -> np.ndarray:
+    """(B,) bool: the response stopped by itself (its last real token is a stop token)."""
+    toks, m = np.asarray(gen.tokens), np.asarray(gen.mask)
+    last = np.maximum(m.sum(1) - 1, 0)
+    return (m.sum(1) > 0) & np.isin(toks[np.arange(len(toks)), last], list(stop_ids))
+
+
+def explained_variance(values: jax.Array, returns: jax.Array, mask: jax.Array) -> jax.Array:
+    """1 - Var(returns - values) / Var(returns) over the response tokens."""
+    m = mask.astype(jnp.float32)
+    n = jnp.maximum(jnp.sum(m), 1.0)
+
+    def var(x):
+        mu = jnp.sum(x * m) / n
+        return jnp.sum(jnp.square(x - mu) * m) / n
+    return 1.0 - var(returns - values) / jnp.maximum(var(returns), 1e-8)
+
+
+def batches_of(rows: int, minibatches: int, key: jax.Array) -> Iterator[np.ndarray]:
+    """Row indices of each minibatch of one pass, in a seeded random order."""
+    perm = np.asarray(jax.random.permutation(key, rows))
+    return iter(np.split(perm, minibatches))

@@ -1,0 +1,289 @@
+"""Recipe: RLHF with PPO (policy + value head, KL to a frozen reference, a reward model) or
+GRPO (G samples per prompt, group-normalised advantages, no critic). One loop for both:
+
+    for each iteration:
+        prompts -> rollouts (KV-cache sampler)             rl/rollout.py, model/generate.py
+        -> scores (reward model at the eos, or the programmatic task reward)
+        -> old log-probs, values, reference log-probs      one jitted scoring pass
+        -> PPO: per-token rewards (score - beta * KL), GAE, whitening;  GRPO: group advantages
+        -> rl.epochs x rl.minibatches updates              THE train step (objectives/ppo.py, grpo.py)
+
+The policy is the full model (the reference is then a frozen copy) or a LoRA/adapter delta
+over a frozen base (the reference is the base with the delta switched off: no second copy).
+train.steps counts iterations and train.batch_size prompts per iteration. Checkpoints are
+written at iteration boundaries with the controller state (iteration, KL coefficient, prompt
+stream position); rollout keys derive from (seed, iteration), so a resumed run repeats the
+uninterrupted run's iterations exactly.
+"""
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm.config import Config
+from jaxllm.configlib import ConfigError
+from jaxllm.data.pipeline import load_tokenizer_for, to_global_batch
+from jaxllm.model.api import init_params, param_logical_axes, param_shapes
+from jaxllm.model.generate import generate
+from jaxllm.objectives.grpo import make_grpo_loss
+from jaxllm.objectives.policy import init_value_head, policy_outputs, reference_params
+from jaxllm.objectives.ppo import make_ppo_loss
+from jaxllm.rl import rollout as R
+from jaxllm.rl.advantages import gae, group_advantages, masked_mean, masked_whiten
+from jaxllm.rl.kl import AdaptiveKL, kl_estimate, per_token_rewards
+from jaxllm.training.optim import lr_schedule, make_optimizer, skip_metrics
+from jaxllm.training.run import Run
+from jaxllm.training.step import make_train_step
+
+
+def _stop_ids(tok) -> tuple[int, ...]:
+    ids = {tok.eos_id}
+    for piece in ("<|im_end|>", "<|eot_id|>"):
+        if piece in tok.special_ids:
+            ids.add(tok.special_ids[piece])
+    return tuple(sorted(i for i in ids if i is not None))
+
+
+def _check(cfg: Config):
+    t, rl = cfg.train, cfg.rl
+    if cfg.data.kind != "chat":
+        raise ConfigError("RL reads prompt records through the chat template: set data.kind=chat "
+                          "and data.sources to prompt files (e.g. data/synth/ppo/train.jsonl)")
+    if t.objective == "grpo" and rl.group_size < 2:
+        raise ConfigError("train.objective=grpo needs rl.group_size >= 2 samples per prompt")
+    rows = t.batch_size * rl.group_size
+    if rows % rl.minibatches:
+        raise ConfigError(f"the rollout batch of {t.batch_size} prompts x rl.group_size={rl.group_size} = "
+                          f"{rows} rows does not divide into rl.minibatches={rl.minibatches}")
+    if (rows // rl.minibatches) % t.microbatches:
+        raise ConfigError(f"a minibatch of {rows // rl.minibatches} rows does not divide into "
+                          f"train.microbatches={t.microbatches}")
+    if not cfg.checkpoint.init_from:
+        raise ConfigError("RL starts from a policy: set checkpoint.init_from to an SFT run (or an HF dir)")
+
+
+class Scorer:
+    """Scores of responses: the reward model's scalar at each response's end-of-turn token, or
+    the programmatic reward of the prompt's task (also the 'true' reward when tasks exist)."""
+
+    def __init__(self, cfg: Config, tokenizer, run: Run):
+        self.tok, self.cfg = tokenizer, cfg
+        self.rm = None
+        if cfg.rl.reward_model:
+            from jaxllm.training import reward as reward_recipe
+            self.rm = reward_recipe.load_scorer(cfg.rl.reward_model, cfg.model, tokenizer, run)
+
+    @staticmethod
+    def true_rewards(records: list[dict], texts: list[str]) -> np.ndarray | None:
+        if not all(isinstance(r.get("task"), dict) for r in records):
+            return None
+        from jaxllm.data.synthetic_tasks import score_response
+        return np.asarray([score_response(r["task"], x) for r, x in zip(records, texts)], np.float32)
+
+    def __call__(self, batch: dict, records: list[dict], texts: list[str]) -> np.ndarray:
+        if self.rm is not None:
+            return np.asarray(self.rm(batch), np.float32)
+        true = self.true_rewards(records, texts)
+        if true is None:
+            raise ConfigError("rl.reward_model is empty and the prompts carry no 'task' for the "
+                              "programmatic reward: give a reward-model run dir")
+        return true
+
+
+def train(cfg: Config) -> dict:
+    t, rl = cfg.train, cfg.rl
+    _check(cfg)
+    from jaxllm.training.pretrain import _delta   # the same LoRA/adapter choice as SFT
+    delta = _delta(cfg)
+    with Run(cfg) as run:
+        shards = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
+        per_micro = t.batch_size * rl.group_size // rl.minibatches // t.microbatches
+        if per_micro % shards or (t.batch_size * rl.group_size) % shards:
+            raise ConfigError(f"{per_micro} rows per microbatch (train.batch_size x rl.group_size / "
+                              f"rl.minibatches / train.microbatches) must be divisible by mesh "
+                              f"data*fsdp = {shards}")
+        tok = load_tokenizer_for(cfg.data, cfg.model.vocab_size)
+        stops = _stop_ids(tok)
+        prompts = R.prompt_iterator(cfg.data.sources, tok, template=cfg.data.chat_template,
+                                    max_tokens=rl.max_prompt_tokens, global_batch=t.batch_size, seed=t.seed)
+        scorer = Scorer(cfg, tok, run)
+        base_specs, base_shapes = param_logical_axes(cfg.model), param_shapes(cfg.model)
+        vh_specs = {"kernel": jax.sharding.PartitionSpec("embed"), "bias": jax.sharding.PartitionSpec()}
+        # optim.* counts optimizer updates: rl.epochs * rl.minibatches per iteration
+        per_it = rl.epochs * rl.minibatches
+
+        def horizon(h):   # Run hands over iterations (train.steps) unless optim.decay_steps is set
+            return h if cfg.optim.decay_steps else h * per_it
+        if delta is None:
+            def init_fn(k):
+                return {**init_params(cfg.model, k), "value_head": init_value_head(cfg.model.d_model)}
+            specs = {**base_specs, "value_head": vh_specs}
+            frozen_kw = dict(frozen_specs=base_specs, frozen_shapes=base_shapes)   # the reference copy
+
+            def merge(trainable, frozen):
+                return trainable
+        else:
+            module, dcfg = delta
+
+            def init_fn(k):
+                return {"delta": module.init_delta(base_shapes, dcfg, k),
+                        "value_head": init_value_head(cfg.model.d_model)}
+            specs = {"delta": module.delta_logical_axes(cfg.model, dcfg), "value_head": vh_specs}
+            frozen_kw = dict(frozen_specs=base_specs, frozen_shapes=base_shapes)
+            attach = module.make_merge(dcfg)
+
+            def merge(trainable, frozen):
+                return {**attach(trainable["delta"], frozen), "value_head": trainable["value_head"]}
+        state, shardings, optimizer, meta, resumed = run.start_state(
+            init_fn=init_fn, param_specs=specs, make_optimizer=lambda h: make_optimizer(cfg.optim, horizon(h)),
+            meta={"rl": {"iteration": 0, "kl_coef": rl.kl_coef}, "delta": delta is not None},
+            data_iter=prompts, init_from_trainable=False, **frozen_kw)
+        # the frozen tree: the reference policy (full) or the base the delta adapts (LoRA)
+        frozen = run.load_init_from(jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), base_shapes, shardings.frozen))
+        if resumed is None and delta is None:   # the policy starts as the reference
+            state = state.replace(params={**jax.tree.map(jnp.copy, frozen), "value_head": state.params["value_head"]})
+        if t.objective == "grpo":
+            loss_fn = make_grpo_loss(cfg.model, clip=rl.clip, beta=rl.kl_coef, temperature=rl.temperature)
+        else:
+            loss_fn = make_ppo_loss(cfg.model, clip=rl.clip, value_clip=rl.value_clip, vf_coef=rl.vf_coef,
+                                    entropy_coef=rl.entropy_coef, temperature=rl.temperature)
+        step_fn = make_train_step(loss_fn, optimizer, shardings, microbatches=t.microbatches, merge=merge,
+                                  optimizer_metrics=skip_metrics(lr_schedule(cfg.optim, horizon(meta["schedule_steps"]))))
+        loop = _Loop(cfg, run, tok, stops, scorer, merge, frozen, shardings, delta is not None)
+        return loop.train(state, step_fn, prompts, meta, resumed)
+
+
+class _Loop:
+    def __init__(self, cfg, run, tok, stops, scorer, merge, frozen, shardings, has_delta):
+        self.cfg, self.run, self.tok, self.stops, self.scorer = cfg, run, tok, stops, scorer
+        self.merge, self.frozen, self.sh, self.has_delta = merge, frozen, shardings, has_delta
+        rl = cfg.rl
+        self.kl = AdaptiveKL(rl.kl_coef, rl.kl_target, rl.kl_horizon) if rl.kl_target > 0 else None
+        mc = cfg.model
+        self._generate = functools.partial(
+            generate, model_cfg=mc, max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
+            top_k=rl.top_k, top_p=rl.top_p, eos_id=tok.eos_id, pad_id=tok.pad_id, stop_ids=stops)
+
+        @jax.jit
+        def score_pass(trainable, frozen, batch):
+            policy = merge(trainable, frozen)
+            ref = reference_params(policy) if has_delta else frozen
+            out = policy_outputs(policy, batch, mc, temperature=rl.temperature, values=True)
+            ref_lp = policy_outputs(ref, batch, mc, temperature=rl.temperature)["logprob"]
+            return out["logprob"], out["value"], ref_lp
+        self._score_pass = score_pass
+        self._take = jax.jit(lambda b, idx: jax.tree.map(lambda x: x[idx], b), out_shardings=shardings.batch)
+
+    def _pad_prompts(self, rows: list[dict]):
+        p = self.cfg.rl.max_prompt_tokens
+        toks = np.full((len(rows), p), self.tok.pad_id, np.int32)
+        mask = np.zeros((len(rows), p), np.int32)
+        for i, r in enumerate(rows):
+            ids = r["ids"]
+            toks[i, p - len(ids):], mask[i, p - len(ids):] = ids, 1
+        return toks, mask
+
+    def iteration(self, state, step_fn, prompt_rows: list[dict], it: int) -> tuple:
+        cfg, rl, t = self.cfg, self.cfg.rl, self.cfg.train
+        timing = {}
+        t0 = time.perf_counter()
+        rows = R.repeat_prompts(prompt_rows, rl.group_size)
+        toks, mask = self._pad_prompts(rows)
+        g = to_global_batch({"t": toks, "m": mask}, self.sh.batch.mesh, self.sh.batch.spec)
+        policy = self.merge(state.params, self.frozen)
+        key = jax.random.fold_in(jax.random.key(t.seed), it)
+        gen = self._generate({k: v for k, v in policy.items() if k != "value_head"}, g["t"], key=key,
+                             prompt_mask=g["m"])
+        gen = jax.device_get(gen)
+        timing["rollout_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        texts = R.response_texts(self.tok, gen, self.stops)
+        host = R.rollout_batch(gen)
+        batch = to_global_batch(host, self.sh.batch.mesh, self.sh.batch.spec)
+        records = [r["record"] for r in rows]
+        scores = self.scorer(batch, records, texts)
+        done = R.ended(gen, self.stops)
+        scores = scores + rl.missing_eos_penalty * (~done)
+        timing["score_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        old_lp, old_v, ref_lp = self._score_pass(state.params, self.frozen, batch)
+        m = batch["response_mask"]
+        beta = self.kl.beta if self.kl is not None else rl.kl_coef
+        kl_bt = kl_estimate(old_lp, ref_lp, rl.kl_estimator) * m
+        if t.objective == "grpo":
+            adv_b = group_advantages(jnp.asarray(scores).reshape(-1, rl.group_size)).reshape(-1)
+            adv = adv_b[:, None] * m
+            extra = {"ref_logprobs": ref_lp}
+            returns = None
+        else:
+            rewards = per_token_rewards(jnp.asarray(scores), kl_bt, m, beta)
+            adv, returns = gae(rewards, old_v, m, gamma=rl.gamma, lam=rl.lam)
+            if rl.whiten_advantages:
+                adv = masked_whiten(adv, m)
+            extra = {"old_values": old_v, "returns": returns}
+        timing["ref_value_s"] = time.perf_counter() - t0
+        train_batch = dict(batch, old_logprobs=old_lp, advantages=adv, **extra)
+        t0 = time.perf_counter()
+        step_metrics = []
+        n_rows = len(rows) * jax.process_count()
+        for epoch in range(rl.epochs):
+            order = R.batches_of(n_rows, rl.minibatches, jax.random.fold_in(key, 1000 + epoch))
+            for idx in order:
+                mb = self._take(train_batch, jnp.asarray(idx))
+                state, sm = step_fn(state, mb, self.frozen)
+                step_metrics.append(sm)
+        timing["update_s"] = time.perf_counter() - t0
+        sm = {k: float(np.mean([float(s[k]) for s in step_metrics])) for k in step_metrics[0]}
+        seq_kl = jnp.sum(kl_estimate(old_lp, ref_lp, "k1") * m, axis=1)
+        metrics = {"score": float(np.mean(scores)), "kl": float(jnp.mean(seq_kl)), "kl_coef": beta,
+                   "response_length": float(np.mean(np.asarray(gen.mask).sum(1))),
+                   "ended_fraction": float(np.mean(done)),
+                   "entropy": sm.get("entropy", float("nan")), "clipfrac": sm["clipfrac"],
+                   "pg_loss": sm["pg_loss"], "loss": sm["loss"], "lr": sm.get("lr", 0.0),
+                   "skipped_updates": sm.get("skipped_updates", 0.0),
+                   "rollout_tokens_per_s": float(np.asarray(gen.mask).sum()) / timing["rollout_s"], **timing}
+        if "approx_kl" in sm:
+            metrics.update(approx_kl=sm["approx_kl"], vf_loss=sm["vf_loss"], vf_clipfrac=sm["vf_clipfrac"],
+                           explained_variance=float(R.explained_variance(old_v, returns, m)),
+                           value_mean=float(masked_mean(old_v, m)))
+        true = self.scorer.true_rewards(records, texts)
+        if true is not None:
+            metrics["true_reward"] = float(np.mean(true))
+        if self.kl is not None:
+            self.kl.update(metrics["kl"], len(rows))
+        return state, metrics
+
+    def train(self, state, step_fn, prompts, meta: dict, resumed) -> dict:
+        run, t = self.run, self.cfg.train
+        it = int(meta["rl"]["iteration"]) if resumed is not None else 0
+        if self.kl is not None:
+            self.kl.beta = float(meta["rl"]["kl_coef"])
+        history = []
+        if it >= t.steps:
+            run.log(f"{run.dir} already finished at iteration {it}; raise train.steps to continue it")
+        preempted = False
+        while it < t.steps:
+            state, m = self.iteration(state, step_fn, next(prompts), it)
+            it += 1
+            history.append(dict(step=it, **m))
+            run.writer.write(it, m)
+            run.lock.heartbeat()
+            run.log(f"iteration {it}: score {m['score']:.3f} kl {m['kl']:.3f}"
+                    + (f" true {m['true_reward']:.3f}" if "true_reward" in m else "")
+                    + f" len {m['response_length']:.1f}")
+            meta["rl"] = {"iteration": it, "kl_coef": self.kl.beta if self.kl is not None else self.cfg.rl.kl_coef}
+            run.checkpointer.save(it, state, prompts, meta)
+            if run.guard.should_stop(run.checkpointer, it):
+                preempted = True
+                break
+        run.checkpointer.save(it, state, prompts, meta, force=True)
+        return {"run_dir": str(run.dir), "steps": it, "preempted": preempted, "resumed_from": resumed,
+                "history": history, "state": state, "frozen": self.frozen,
+                "first_loss": history[0]["loss"] if history else None,
+                "final_loss": history[-1]["loss"] if history else None, "eval": None}
+
