@@ -18,4 +18,10 @@ def __getattr__(name):
     if name in ("load_hf", "save_hf"):
         from jaxllm.interop import hf
         return getattr(hf, name)
+    if name in ("generate", "generate_text"):
+        from jaxllm.model import generate as _generate
+        return getattr(_generate, name)
+    if name in ("load_peft", "save_peft"):
+        from jaxllm.interop import peft
+        return getattr(peft, name)
     raise AttributeError(f"module 'jaxllm' has no attribute {name!r}")
