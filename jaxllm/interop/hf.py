@@ -2,6 +2,10 @@
 
 Reads config.json + model.safetensors (or sharded with model.safetensors.index.json) of
 LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM; writes files transformers loads.
+Reward models are their *ForSequenceClassification twins (num_labels=1): the same trunk
+tensors, no lm_head, and `score.weight` (1, hidden) = our params["reward_head"]["kernel"]
+(d,). transformers reads the score at each row's rightmost token that is not
+config.pad_token_id, so an export names a pad id distinct from eos and inputs are padded with it.
 Layers are stacked along a leading axis here (nn.scan) and separate tensors there; a torch
 Linear weight is (out, in) and our kernels are (in, ..., out), hence the transposes.
 Memory: one stacked tensor is built on the host at a time and moved to the device before
@@ -21,6 +25,8 @@ from jaxllm.config import ModelConfig
 from jaxllm.errors import UserError
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# reward models: the sequence-classification class of each supported causal LM
+SEQUENCE_CLASSIFICATION = {a.replace("ForCausalLM", "ForSequenceClassification"): a for a in SUPPORTED}
 
 
 class CheckpointFormatError(UserError):
@@ -29,11 +35,23 @@ class CheckpointFormatError(UserError):
 
 # ---------------------------------------------------------------- config.json <-> ModelConfig
 
+def hf_head(hf: dict) -> str:
+    """"reward" for a *ForSequenceClassification config.json, else "lm"."""
+    return "reward" if (hf.get("architectures") or [None])[0] in SEQUENCE_CLASSIFICATION else "lm"
+
+
 def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     arch = (hf.get("architectures") or [None])[0]
+    if arch in SEQUENCE_CLASSIFICATION:
+        # transformers keeps num_labels as len(id2label); absent, its default is 2
+        labels = len(hf["id2label"]) if hf.get("id2label") else hf.get("num_labels", 2)
+        if labels != 1:
+            raise CheckpointFormatError(f"{source}: {arch} with {labels} labels; a reward model has "
+                                        f"num_labels=1 (one scalar score)")
+        arch = SEQUENCE_CLASSIFICATION[arch]
     if arch not in SUPPORTED:
         raise CheckpointFormatError(f"{source}: architecture {arch!r} is not supported; "
-                                    f"supported: {list(SUPPORTED)}")
+                                    f"supported: {list(SUPPORTED) + list(SEQUENCE_CLASSIFICATION)}")
     if hf.get("hidden_act", "silu") != "silu":
         raise CheckpointFormatError(f"{source}: hidden_act {hf['hidden_act']!r}; only silu (SwiGLU)")
     rope = hf.get("rope_parameters") or {}
@@ -116,10 +134,13 @@ def _layer_map(cfg: ModelConfig):
     return entries
 
 
-def _top_map(cfg: ModelConfig):
+def _top_map(cfg: ModelConfig, head: str = "lm"):
+    """head "lm": lm_head.weight (unless tied); "reward": score.weight (1, d) <-> kernel (d,)."""
     entries = [(("embed", "embedding"), "model.embed_tokens.weight", None, None),
                (("final_norm", "scale"), "model.norm.weight", None, None)]
-    if not cfg.tie_embeddings:
+    if head == "reward":
+        entries.append((("reward_head", "kernel"), "score.weight", lambda w: w[0], lambda w: w[None]))
+    elif not cfg.tie_embeddings:
         entries.append((("lm_head", "kernel"), "lm_head.weight", lambda w: w.T, lambda w: w.T))
     return entries
 
@@ -176,12 +197,15 @@ class _TensorReader:
 
 def load_hf(directory: str | pathlib.Path, dtype: str | None = None, shardings=None):
     """-> (ModelConfig, params). `dtype` casts weights (default: keep the file's dtype, with
-    param_dtype set to match); `shardings` (pytree like params) places each tensor as it loads."""
+    param_dtype set to match); `shardings` (pytree like params) places each tensor as it loads.
+    A *ForSequenceClassification checkpoint (a reward model) gives params with
+    "reward_head" and no "lm_head" (pad its inputs with config.json's pad_token_id)."""
     directory = pathlib.Path(directory)
     cfg_path = directory / "config.json"
     if not cfg_path.exists():
         raise CheckpointFormatError(f"{directory}: no config.json (expected an HF model directory)")
-    cfg = config_from_hf(json.loads(cfg_path.read_text()), str(cfg_path))
+    hf = json.loads(cfg_path.read_text())
+    cfg, head = config_from_hf(hf, str(cfg_path)), hf_head(hf)
     reader = _TensorReader(directory)
     params: dict = {}
     used: set[str] = set()
@@ -193,7 +217,7 @@ def load_hf(directory: str | pathlib.Path, dtype: str | None = None, shardings=N
         _set(params, path, jax.device_put(arr, sh) if sh is not None else jnp.asarray(arr))
 
     try:
-        for path, name, to_ours, _ in _top_map(cfg):
+        for path, name, to_ours, _ in _top_map(cfg, head):
             w = reader.get(name)
             file_dtype = file_dtype or w.dtype
             used.add(name)
@@ -226,10 +250,43 @@ def load_hf(directory: str | pathlib.Path, dtype: str | None = None, shardings=N
 
 # ---------------------------------------------------------------- writing
 
-def save_hf(directory: str | pathlib.Path, cfg: ModelConfig, params, max_shard_bytes: int = 2 << 30):
+def reward_config_to_hf(cfg: ModelConfig, dtype: str, pad_token_id: int, eos_token_id: int | None) -> dict:
+    """config.json of the *ForSequenceClassification twin, one label, with the pad id
+    transformers uses to find each row's last real token."""
+    out = config_to_hf(cfg, dtype)
+    out["architectures"] = [out["architectures"][0].replace("ForCausalLM", "ForSequenceClassification")]
+    out.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, pad_token_id=int(pad_token_id))
+    if eos_token_id is not None:
+        out["eos_token_id"] = int(eos_token_id)
+    return out
+
+
+def _check_head(params, head: str, pad_token_id, eos_token_id) -> None:
+    if head not in ("lm", "reward"):
+        raise ValueError(f"save_hf: head must be 'lm' or 'reward', got {head!r}")
+    if head == "lm" and "reward_head" in params and "lm_head" not in params:
+        raise ValueError("save_hf: these params are a reward model (reward_head, no lm_head); "
+                         "pass head='reward' and pad_token_id")
+    if head == "reward":
+        if "reward_head" not in params:
+            raise ValueError("save_hf(head='reward'): params have no 'reward_head'")
+        if pad_token_id is None:
+            raise ValueError("save_hf(head='reward') needs pad_token_id: transformers scores each "
+                             "row at its last token that is not the pad id")
+        if eos_token_id is not None and int(pad_token_id) == int(eos_token_id):
+            raise ValueError(f"save_hf(head='reward'): pad_token_id={pad_token_id} equals eos_token_id; "
+                             f"transformers would read the score before each row's eos, not at it")
+
+
+def save_hf(directory: str | pathlib.Path, cfg: ModelConfig, params, max_shard_bytes: int = 2 << 30, *,
+            head: str = "lm", pad_token_id: int | None = None, eos_token_id: int | None = None):
     """Write config.json + safetensors (sharded with an index above max_shard_bytes).
-    Tensors are pulled from the device one at a time; at most one shard is buffered."""
+    Tensors are pulled from the device one at a time; at most one shard is buffered.
+    head="reward": a *ForSequenceClassification (num_labels=1) of params["reward_head"]
+    (params["lm_head"], if any, is left out), with pad_token_id (required; must differ from
+    eos_token_id when that is given) in config.json."""
     from safetensors.numpy import save_file
+    _check_head(params, head, pad_token_id, eos_token_id)
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # A previous export's index or shards would shadow (or mix with) this one on load.
@@ -237,7 +294,7 @@ def save_hf(directory: str | pathlib.Path, cfg: ModelConfig, params, max_shard_b
         old.unlink(missing_ok=True)
 
     def tensors():
-        for path, name, _, to_torch in _top_map(cfg):
+        for path, name, _, to_torch in _top_map(cfg, head):
             w = np.asarray(jax.device_get(_get(params, path)))
             yield name, w if to_torch is None else to_torch(w)
         for i in range(cfg.n_layers):
@@ -245,7 +302,7 @@ def save_hf(directory: str | pathlib.Path, cfg: ModelConfig, params, max_shard_b
                 w = np.asarray(jax.device_get(_get(params, ("layers",) + path)[i]))
                 yield template.format(i=i), w if to_torch is None else to_torch(w)
 
-    total = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(params))
+    total = 0   # bytes written (an unexported lm_head does not count)
     buf: dict = {}
     size = 0
     written: list[tuple[str, list[str]]] = []
@@ -263,6 +320,7 @@ def save_hf(directory: str | pathlib.Path, cfg: ModelConfig, params, max_shard_b
 
     for name, w in tensors():
         nbytes = w.size * w.dtype.itemsize
+        total += nbytes
         if buf and size + nbytes > max_shard_bytes:
             flush()
         buf[name] = w
@@ -280,4 +338,6 @@ def save_hf(directory: str | pathlib.Path, cfg: ModelConfig, params, max_shard_b
         (directory / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     dtype = str(jnp.dtype(jax.tree.leaves(params)[0].dtype))
-    (directory / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2))
+    hf = (config_to_hf(cfg, dtype) if head == "lm" else
+          reward_config_to_hf(cfg, dtype, pad_token_id, eos_token_id))
+    (directory / "config.json").write_text(json.dumps(hf, indent=2))

@@ -8,11 +8,16 @@ sequence chunks, so a training step never holds the whole (B, T, vocab) fp32 log
 
 Each chunk's logits are recomputed in the backward pass (jax.checkpoint around the chunk),
 so the saved residuals are the hidden states, not the logits.
+
+The reward head reads one hidden state per row, at its last real token:
+
+    rewards_n = reward_head(params["reward_head"], hidden_ntd, segment_ids_nt)   # (N,) float32
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from jaxllm.config import ModelConfig
 from jaxllm.model.api import unembed_matrix
@@ -59,3 +64,34 @@ def token_stats(params: dict, hidden_btd: jax.Array, targets_bt: jax.Array, cfg:
         return carry, _chunk_stats(xs[0], xs[1], w_dv, temperature, entropy)
     _, out = jax.lax.scan(body, None, (h_nbcd, y_nbc))
     return jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1).reshape(b, n * c)[:, :t], out)
+
+
+# ---------------------------------------------------------------------------- the reward head
+# A scalar read off the final hidden state of each row's last real token (its end-of-turn):
+# by then a causal model has seen the whole prompt and response. params["reward_head"] is
+# {"kernel": (d_model,)} with no bias: a Bradley-Terry reward is shift-invariant, and HF's
+# sequence-classification `score` layer has none, so the exported model is exactly this one.
+
+def last_token_index(segment_ids_nt: jax.Array) -> jax.Array:
+    """(N,) int32: the last position whose segment id is not 0 (right padding follows it).
+    An all-padding row gives 0; its reward is garbage and must be masked by the caller."""
+    t = segment_ids_nt.shape[-1]
+    idx = jnp.where(segment_ids_nt != 0, jnp.arange(t, dtype=jnp.int32), -1)
+    return jnp.maximum(jnp.max(idx, axis=-1), 0)
+
+
+def reward_head(head: dict, hidden_ntd: jax.Array, segment_ids_nt: jax.Array) -> jax.Array:
+    """(N,) float32 rewards: kernel . hidden[n, last_token_index(n)]. Only N hidden vectors
+    meet the head, never the whole (N, T, d) tensor."""
+    idx_n = last_token_index(segment_ids_nt)
+    h_nd = jnp.take_along_axis(hidden_ntd, idx_n[:, None, None], axis=1)[:, 0]
+    return h_nd.astype(jnp.float32) @ head["kernel"].astype(jnp.float32)
+
+
+def init_reward_head(cfg: ModelConfig) -> dict:
+    """Zero-initialised: every reward starts at 0, so the first ranking loss is exactly log 2
+    and the head learns its scale from the data (the trunk's gradient starts once it moves)."""
+    return {"kernel": jnp.zeros((cfg.d_model,), jnp.dtype(cfg.param_dtype))}
+
+
+REWARD_HEAD_AXES = {"kernel": P("embed")}   # logical axes of init_reward_head's tree
