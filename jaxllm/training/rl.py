@@ -154,7 +154,15 @@ def train(cfg: Config) -> dict:
                                     entropy_coef=rl.entropy_coef, temperature=rl.temperature)
         step_fn = make_train_step(loss_fn, optimizer, shardings, microbatches=t.microbatches, merge=merge,
                                   optimizer_metrics=skip_metrics(lr_schedule(cfg.optim, horizon(meta["schedule_steps"]))))
+        eval_prompts = None
+        if t.eval_every and cfg.data.eval_sources:
+            it = R.prompt_iterator(cfg.data.eval_sources, tok, template=cfg.data.chat_template,
+                                   max_tokens=rl.max_prompt_tokens, global_batch=t.batch_size, seed=t.seed,
+                                   shuffle=False, repeat=False)
+            eval_prompts = [next(it, None) for _ in range(t.eval_batches or 4)]
+            eval_prompts = [b for b in eval_prompts if b]   # read once, at start-up
         loop = _Loop(cfg, run, tok, stops, scorer, merge, frozen, shardings, delta is not None)
+        loop.eval_prompts = eval_prompts
         return loop.train(state, step_fn, prompts, meta, resumed)
 
 
@@ -164,6 +172,7 @@ class _Loop:
         self.merge, self.frozen, self.sh, self.has_delta = merge, frozen, shardings, has_delta
         rl = cfg.rl
         self.kl = AdaptiveKL(rl.kl_coef, rl.kl_target, rl.kl_horizon) if rl.kl_target > 0 else None
+        self.eval_prompts = None
         mc = cfg.model
         self._generate = functools.partial(
             generate, model_cfg=mc, max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
@@ -178,6 +187,27 @@ class _Loop:
             return out["logprob"], out["value"], ref_lp
         self._score_pass = score_pass
         self._take = jax.jit(lambda b, idx: jax.tree.map(lambda x: x[idx], b), out_shardings=shardings.batch)
+
+    def evaluate(self, state) -> dict:
+        """Greedy answers to the held-out prompts: mean score (and true reward when known)."""
+        policy = {k: v for k, v in self.merge(state.params, self.frozen).items() if k != "value_head"}
+        scores, trues = [], []
+        for rows in self.eval_prompts:
+            toks, mask = self._pad_prompts(rows)
+            g = to_global_batch({"t": toks, "m": mask}, self.sh.batch.mesh, self.sh.batch.spec)
+            gen = jax.device_get(self._generate(policy, g["t"], key=jax.random.key(0), prompt_mask=g["m"],
+                                                temperature=0.0))
+            texts = R.response_texts(self.tok, gen, self.stops)
+            batch = to_global_batch(R.rollout_batch(gen), self.sh.batch.mesh, self.sh.batch.spec)
+            records = [r["record"] for r in rows]
+            scores.append(self.scorer(batch, records, texts))
+            true = self.scorer.true_rewards(records, texts)
+            if true is not None:
+                trues.append(true)
+        out = {"eval_score": float(np.mean(np.concatenate(scores)))}
+        if trues:
+            out["eval_true_reward"] = float(np.mean(np.concatenate(trues)))
+        return out
 
     def _pad_prompts(self, rows: list[dict]):
         p = self.cfg.rl.max_prompt_tokens
@@ -267,6 +297,10 @@ class _Loop:
         if it >= t.steps:
             run.log(f"{run.dir} already finished at iteration {it}; raise train.steps to continue it")
         preempted = False
+        if self.eval_prompts and it == 0 and it < t.steps:   # the starting policy, for comparison
+            e = self.evaluate(state)
+            run.writer.write(0, e)
+            run.log("iteration 0: held-out greedy " + " ".join(f"{k} {v:.3f}" for k, v in e.items()))
         while it < t.steps:
             state, m = self.iteration(state, step_fn, next(prompts), it)
             it += 1
@@ -276,6 +310,11 @@ class _Loop:
             run.log(f"iteration {it}: score {m['score']:.3f} kl {m['kl']:.3f}"
                     + (f" true {m['true_reward']:.3f}" if "true_reward" in m else "")
                     + f" len {m['response_length']:.1f}")
+            if self.eval_prompts and (it % t.eval_every == 0 or it == t.steps):
+                e = self.evaluate(state)
+                run.writer.write(it, e)
+                history[-1].update(e)
+                run.log(f"iteration {it}: held-out greedy " + " ".join(f"{k} {v:.3f}" for k, v in e.items()))
             meta["rl"] = {"iteration": it, "kl_coef": self.kl.beta if self.kl is not None else self.cfg.rl.kl_coef}
             run.checkpointer.save(it, state, prompts, meta)
             if run.guard.should_stop(run.checkpointer, it):
@@ -285,5 +324,7 @@ class _Loop:
         return {"run_dir": str(run.dir), "steps": it, "preempted": preempted, "resumed_from": resumed,
                 "history": history, "state": state, "frozen": self.frozen,
                 "first_loss": history[0]["loss"] if history else None,
-                "final_loss": history[-1]["loss"] if history else None, "eval": None}
+                "final_loss": history[-1]["loss"] if history else None,
+                "eval": next(({k: h[k] for k in h if k.startswith("eval_")} for h in history[::-1]
+                              if "eval_score" in h), None)}
 
