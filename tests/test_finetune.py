@@ -59,3 +59,23 @@ def test_lora_run_writes_a_peft_adapter_that_loads_back(tmp_path, base):
 def test_a_delta_without_a_base_is_refused(tmp_path):
     with pytest.raises(jaxllm.ConfigError, match="set checkpoint.init_from"):
         jaxllm.train(jaxllm.load_config(None, ARGS + ["lora.r=4", f"train.run_dir={tmp_path}"]))
+
+
+def test_a_lora_run_exports_merged_to_hf_and_as_peft_and_generates(tmp_path, base):
+    base_dir, _ = base
+    run = tmp_path / "run"
+    jaxllm.train(jaxllm.load_config(None, ARGS + ["lora.r=4", "train.steps=2", f"train.run_dir={run}",
+                                                  f"checkpoint.init_from={base_dir}"]))
+    from jaxllm.interop.cli import convert
+    from jaxllm.training.checkpoint import load_policy
+    params, model, delta = load_policy(run)
+    assert delta is not None and delta[0] == "lora" and "lora" in params
+    convert(str(run), str(tmp_path / "hf"), "hf")
+    cfg, merged = jaxllm.load_hf(tmp_path / "hf")
+    tokens = np.arange(12, dtype=np.int32)[None] % cfg.vocab_size
+    np.testing.assert_allclose(jaxllm.forward(merged, tokens, cfg), jaxllm.forward(params, tokens, cfg),
+                               atol=1e-5)   # merged W + sBA == base + delta applied in the layers
+    convert(str(run), str(tmp_path / "peft"), "peft")
+    assert (tmp_path / "peft" / "adapter_config.json").exists()
+    with pytest.raises(jaxllm.UserError, match="exports a LoRA run's adapter"):
+        convert(str(base_dir), str(tmp_path / "peft2"), "peft")

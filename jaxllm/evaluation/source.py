@@ -72,7 +72,7 @@ def tokenizer_path(src: str | pathlib.Path, override: str | None = None) -> str:
 def load_model(src: str | pathlib.Path, tokenizer: str | None = None) -> Model:
     """(model config, params, tokenizer) of SRC; every expected failure is a one-line error."""
     from jaxllm.data.tokenizer import check_vocab, load_tokenizer
-    from jaxllm.training.checkpoint import load_params
+    from jaxllm.training.checkpoint import load_policy
     path = pathlib.Path(src)
     if not path.exists():
         raise UserError(f"{src} does not exist (give a run dir, a checkpoint dir or an HF model dir)")
@@ -81,7 +81,7 @@ def load_model(src: str | pathlib.Path, tokenizer: str | None = None) -> Model:
         tok = load_tokenizer(tok_path)
     except (ValueError, FileNotFoundError) as e:
         raise UserError(str(e)) from None
-    params, saved = load_params(path)
+    params, saved, _ = load_policy(path)   # a LoRA/adapter run: its delta over its base
     if saved is None:
         raise UserError(f"{src}: the checkpoint holds no model config (meta item 'model')")
     cfg = model_config(saved, str(src))

@@ -1,4 +1,5 @@
-"""`jaxllm convert`: orbax run checkpoints <-> HF safetensors (params only).
+"""`jaxllm convert`: orbax run checkpoints <-> HF safetensors (params only), and a LoRA run's
+adapter in PEFT's format.
 
 The destination must not exist or be empty, unless --overwrite: then jaxllm replaces only what
 it writes there (an HF export's config.json and model*.safetensors; an orbax export's step 0).
@@ -29,19 +30,33 @@ def convert(src: str, dst: str, to: str, overwrite: bool = False) -> str:
 
     from jaxllm.config import ModelConfig
     from jaxllm.interop.hf import load_hf, save_hf
-    from jaxllm.training.checkpoint import CheckpointError, load_params
+    from jaxllm.training.checkpoint import CheckpointError, load_policy
     out = pathlib.Path(dst)
-    if to not in ("hf", "orbax"):
-        raise UserError(f"unknown target format '{to}'; valid: hf, orbax")
+    if to not in ("hf", "orbax", "peft"):
+        raise UserError(f"unknown target format '{to}'; valid: hf, orbax, peft")
     _check_destination(out, overwrite)
-    if to == "hf":
-        params, model = load_params(src)
+    if to in ("hf", "peft"):
+        params, model, delta = load_policy(src)
         if model is None:
             raise CheckpointError(f"{src}: the checkpoint holds no model config (meta item)")
         if isinstance(model.get("rope_scaling"), list):
             model["rope_scaling"] = tuple(model["rope_scaling"])
-        save_hf(out, ModelConfig(**model), params)
-        return f"wrote HF checkpoint to {out}"
+        cfg = ModelConfig(**model)
+        if to == "peft":
+            if delta is None or delta[0] != "lora":
+                raise UserError(f"{src}: --to peft exports a LoRA run's adapter; this run trained "
+                                f"{'adapters' if delta else 'the full model'} (use --to hf)")
+            from jaxllm.interop.peft import save_peft
+            save_peft(out, cfg, delta[2], delta[1])
+            return f"wrote the LoRA adapter (PEFT format) to {out}"
+        if delta is not None:
+            if delta[0] != "lora":
+                raise UserError(f"{src}: bottleneck adapters have no place in a transformers Llama "
+                                f"checkpoint; export the base, or train LoRA to merge")
+            from jaxllm.model import lora
+            params = lora.merge({k: v for k, v in params.items() if k != "lora"}, delta[2], delta[1])
+        save_hf(out, cfg, params)
+        return f"wrote HF checkpoint to {out}" + (" (LoRA merged into the base)" if delta else "")
     cfg, params = load_hf(src)
     path = out.absolute()
     if (path / "0").exists():   # --overwrite: our own step-0 export, replaced as a whole
@@ -62,7 +77,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("convert", help="convert checkpoints between orbax and HF safetensors")
     p.add_argument("src", help="run dir / orbax checkpoint dir (to hf), or HF model dir (to orbax)")
     p.add_argument("dst", help="a new or empty directory")
-    p.add_argument("--to", choices=["hf", "orbax"], required=True)
+    p.add_argument("--to", choices=["hf", "orbax", "peft"], required=True,
+                   help="hf: safetensors (a LoRA run is merged into its base); peft: a LoRA run's adapter")
     p.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty DST (replaces only the files the conversion writes)")
     p.set_defaults(func=_run)

@@ -30,11 +30,12 @@ class CheckpointError(RunError):
 
 
 class _QuietReadOnly(logging.Filter):
-    """orbax warns on every read-only manager it opens (init_from, convert): that is the
-    point of opening it read-only, so the warning is noise."""
+    """orbax warns on every read-only manager it opens (init_from, convert), and when it reads
+    an item's metadata without the step-level file it did not need: both are noise here."""
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
-        return not (msg.startswith("Given directory is read only") or "read_only=True, setting" in msg)
+        return not (msg.startswith("Given directory is read only") or "read_only=True, setting" in msg
+                    or (msg.startswith("Metadata file does not exist") and "_CHECKPOINT_METADATA" in msg))
 
 
 logging.getLogger("absl").addFilter(_QuietReadOnly())
@@ -255,3 +256,38 @@ def load_params(path: str | pathlib.Path, abstract_params: Any | None = None):
         return out["state"]["params"], meta.get("model")
     finally:
         ck.close()
+
+
+def load_policy(path: str | pathlib.Path):
+    """The model a run trained, ready for generation or export: params (with a LoRA/adapter
+    delta attached over its base, value heads dropped), its model config dict, and the delta
+    (kind, config, tree) or None. Plain checkpoints and HF dirs come back as load_params gives
+    them. -> (params, model config dict, delta or None)."""
+    path = pathlib.Path(path)
+    params, model = load_params(path)
+    if is_hf_dir(path) or not isinstance(params, dict):
+        return params, model, None
+    run_dir = path if (path / "checkpoints").is_dir() else path.parent
+    ck = Checkpointer(_checkpoint_root(path), CheckpointConfig(), read_only=True)
+    try:
+        meta = ck.read_meta(ck.latest_step())
+    finally:
+        ck.close()
+    params = {k: v for k, v in params.items() if k != "value_head"}   # an RL critic
+    delta_info = meta.get("delta")
+    if not delta_info:
+        return params, model, None
+    if not isinstance(delta_info, dict) or not (run_dir / "config.yaml").exists():
+        raise UserError(f"{path}: a delta run, but its base and delta config cannot be found "
+                        f"(needs the run dir's config.yaml)")
+    from jaxllm.config import load_config
+    cfg = load_config(run_dir / "config.yaml")
+    delta = params.get("delta", params)
+    base, _ = load_params(delta_info["base"])
+    if delta_info["kind"] == "lora":
+        from jaxllm.model import lora as module
+        dcfg = cfg.lora
+    else:
+        from jaxllm.model import adapter as module
+        dcfg = cfg.adapter
+    return module.attach(base, delta, dcfg), model, (delta_info["kind"], dcfg, delta)

@@ -140,7 +140,9 @@ def train(cfg: Config) -> dict:
                 return {**attach(trainable["delta"], frozen), "value_head": trainable["value_head"]}
         state, shardings, optimizer, meta, resumed = run.start_state(
             init_fn=init_fn, param_specs=specs, make_optimizer=lambda h: make_optimizer(cfg.optim, horizon(h)),
-            meta={"rl": {"iteration": 0, "kl_coef": rl.kl_coef}, "delta": delta is not None},
+            meta={"rl": {"iteration": 0, "kl_coef": rl.kl_coef},
+                  "delta": None if delta is None else {"kind": delta[0].__name__.rsplit(".", 1)[-1],
+                                                       "base": cfg.checkpoint.init_from}},
             data_iter=prompts, init_from_trainable=False, **frozen_kw)
         # the frozen tree: the reference policy (full) or the base the delta adapts (LoRA)
         frozen = run.load_init_from(jax.tree.map(
@@ -189,24 +191,27 @@ class _Loop:
         self._take = jax.jit(lambda b, idx: jax.tree.map(lambda x: x[idx], b), out_shardings=shardings.batch)
 
     def evaluate(self, state) -> dict:
-        """Greedy answers to the held-out prompts: mean score (and true reward when known)."""
+        """The held-out prompts answered greedily and sampled (at rl.temperature, a fixed key):
+        mean score, and the true reward when the prompts carry tasks."""
         policy = {k: v for k, v in self.merge(state.params, self.frozen).items() if k != "value_head"}
-        scores, trues = [], []
-        for rows in self.eval_prompts:
-            toks, mask = self._pad_prompts(rows)
-            g = to_global_batch({"t": toks, "m": mask}, self.sh.batch.mesh, self.sh.batch.spec)
-            gen = jax.device_get(self._generate(policy, g["t"], key=jax.random.key(0), prompt_mask=g["m"],
-                                                temperature=0.0))
-            texts = R.response_texts(self.tok, gen, self.stops)
-            batch = to_global_batch(R.rollout_batch(gen), self.sh.batch.mesh, self.sh.batch.spec)
-            records = [r["record"] for r in rows]
-            scores.append(self.scorer(batch, records, texts))
-            true = self.scorer.true_rewards(records, texts)
-            if true is not None:
-                trues.append(true)
-        out = {"eval_score": float(np.mean(np.concatenate(scores)))}
-        if trues:
-            out["eval_true_reward"] = float(np.mean(np.concatenate(trues)))
+        out = {}
+        for tag, temperature in (("", 0.0), ("_sampled", self.cfg.rl.temperature)):
+            scores, trues = [], []
+            for rows in self.eval_prompts:
+                toks, mask = self._pad_prompts(rows)
+                g = to_global_batch({"t": toks, "m": mask}, self.sh.batch.mesh, self.sh.batch.spec)
+                gen = jax.device_get(self._generate(policy, g["t"], key=jax.random.key(0), prompt_mask=g["m"],
+                                                    temperature=temperature))
+                texts = R.response_texts(self.tok, gen, self.stops)
+                batch = to_global_batch(R.rollout_batch(gen), self.sh.batch.mesh, self.sh.batch.spec)
+                records = [r["record"] for r in rows]
+                scores.append(self.scorer(batch, records, texts))
+                true = self.scorer.true_rewards(records, texts)
+                if true is not None:
+                    trues.append(true)
+            out[f"eval_score{tag}"] = float(np.mean(np.concatenate(scores)))
+            if trues:
+                out[f"eval_true_reward{tag}"] = float(np.mean(np.concatenate(trues)))
         return out
 
     def _pad_prompts(self, rows: list[dict]):
