@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import jaxllm
 from jaxllm.data.tokens import synthetic_batches
 from jaxllm.objectives import make_clm_loss
-from jaxllm.parallel import mesh as mesh_lib, rules as rules_lib
+from jaxllm.parallel import mesh as mesh_lib
+from jaxllm.parallel import rules as rules_lib
 from jaxllm.training.metrics import flops_per_token, measure_peak_flops
 from jaxllm.training.optim import make_optimizer
 from jaxllm.training.setup import init_state

@@ -2,8 +2,7 @@
 from jaxllm.config import Config, ModelConfig, load_config  # noqa: F401
 from jaxllm.configlib import ConfigError  # noqa: F401
 from jaxllm.errors import RunError, UserError  # noqa: F401
-from jaxllm.model import (forward, init_cache, init_params, param_logical_axes,  # noqa: F401
-                          token_stats, trunk, unembed)
+from jaxllm.model import forward, init_cache, init_params, param_logical_axes, token_stats, trunk, unembed  # noqa: F401
 
 
 def train(cfg: Config, batches=None) -> dict:

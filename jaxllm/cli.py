@@ -24,6 +24,14 @@ def _train(args):
 
 
 def _demo(args):
+    if args.config is None:
+        from jaxllm.demo.pipeline import run
+        run(args.out, quick=args.quick, force=args.force, full_sft=args.full_sft, only=args.stage)
+        return
+    # The older form, `jaxllm demo CONFIG [key=value ...]`: one recipe, as `jaxllm train` runs it.
+    if args.quick or args.force or args.full_sft or args.stage or args.out != "runs/demo":
+        raise UserError("demo: --out/--quick/--force/--full-sft/--stage belong to the pipeline "
+                        "(`jaxllm demo` without CONFIG); `jaxllm demo CONFIG` trains one recipe")
     from jaxllm.config import load_config
     from jaxllm.training.pretrain import train
     cfg = load_config(args.config, args.overrides)
@@ -45,9 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("config")
     tr.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     tr.set_defaults(func=_train)
-    de = sub.add_parser("demo", help="train the tiny model on the embedded default data")
-    de.add_argument("config", nargs="?", default="configs/pretrain/tiny.yaml")
-    de.add_argument("overrides", nargs="*")
+    de = sub.add_parser("demo", help="the whole pipeline on generated data: curation, tokenizer, pretraining, "
+                                     "SFT, reward model, PPO, and a report comparing the models")
+    de.add_argument("--out", default="runs/demo", help="the demo directory (default: %(default)s)")
+    de.add_argument("--quick", action="store_true", help="the same stages on tiny budgets (configs/demo/quick.yaml)")
+    de.add_argument("--force", action="store_true", help="redo stages whose output exists")
+    de.add_argument("--full-sft", action="store_true", help="SFT every parameter instead of LoRA")
+    de.add_argument("--stage", action="append", metavar="NAME",
+                    help="run only this stage (repeatable); the stages are listed as the demo runs")
+    de.add_argument("config", nargs="?", default=None,
+                    help="(older form) train only this recipe, as `jaxllm train CONFIG` does")
+    de.add_argument("overrides", nargs="*", help="key.sub=value overrides of CONFIG")
     de.set_defaults(func=_demo)
     # Sub-packages own their verbs; each exposes register(subparsers).
     for mod in ("jaxllm.data.cli", "jaxllm.curate.cli", "jaxllm.interop.cli", "jaxllm.evaluation.cli"):

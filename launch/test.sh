@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh --beam
+.venv/bin/ruff check jaxllm tests benchmarks tools   # lint + import order (pyproject [tool.ruff])
 exec .venv/bin/python -m pytest -q "$@"

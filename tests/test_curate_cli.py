@@ -8,11 +8,11 @@ import subprocess
 import sys
 
 import pytest
+from test_curate_pipeline import REPO, _beam_python, cli_run, curate_cfg, make_corpus, write_jsonl
 
 from jaxllm.curate import checks, config, io, report, runner_local
 from jaxllm.curate.report import Stats
-from jaxllm.errors import RunError, UserError
-from test_curate_pipeline import REPO, _beam_python, cli_run, curate_cfg, make_corpus, write_jsonl
+from jaxllm.errors import RunError
 
 QUIET = {"log": lambda *_: None}
 FAST = ("language.enabled=false", "report.histograms=false")

@@ -7,8 +7,15 @@ import pytest
 
 from jaxllm.curate import heuristics as H
 from jaxllm.curate import text as T
-from jaxllm.curate.config import (C4Config, FineWebConfig, GopherQualityConfig,
-                                  GopherRepetitionConfig, LanguageConfig, PiiConfig, UrlConfig)
+from jaxllm.curate.config import (
+    C4Config,
+    FineWebConfig,
+    GopherQualityConfig,
+    GopherRepetitionConfig,
+    LanguageConfig,
+    PiiConfig,
+    UrlConfig,
+)
 from jaxllm.curate.pii import scrub
 from jaxllm.curate.url import UrlFilter
 

@@ -21,7 +21,8 @@ from jaxllm.data.tokenizer import load_tokenizer
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent / "fixtures" / "chat"))
 import make_tokenizer  # noqa: E402
-from test_data_pipeline import _same, _take as _take_any  # noqa: E402
+from test_data_pipeline import _same  # noqa: E402
+from test_data_pipeline import _take as _take_any
 
 pytest.importorskip("tokenizers")
 pytest.importorskip("jinja2")
@@ -255,7 +256,8 @@ def test_truncation_drops_early_turns_and_keeps_the_last_answer(toks, style):
     ids, mask, note = chat.fit(chat.render(one, tok, template), T, "truncate")
     assert note == packing.TRUNCATED and len(ids) == T
     text = tok.decode(ids)
-    assert CONVO[0]["content"] in text and text.endswith(CONVO[2]["content"] + EOT[style] + ("" if style == "llama3" else "\n"))
+    end = CONVO[2]["content"] + EOT[style] + ("" if style == "llama3" else "\n")
+    assert CONVO[0]["content"] in text and text.endswith(end)
     assert tok.decode(ids[_runs(mask)[-1][0]:]).startswith(CONVO[2]["content"])
     huge = [CONVO[1], {"role": "assistant", "content": "Ravo. " * 80}]
     assert chat.fit(chat.render(huge, tok, template), T, "truncate")[2] == packing.DROPPED

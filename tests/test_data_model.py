@@ -1,8 +1,8 @@
 """Packed batches through the real model: no attention across documents; the corpus is learnable."""
+import jax
 import numpy as np
 import pytest
 
-import jax
 import jaxllm
 from jaxllm.config import ModelConfig
 from jaxllm.data import pipeline, synthetic

@@ -12,7 +12,6 @@ import sys
 import textwrap
 
 import numpy as np
-import pytest
 
 from jaxllm.data import pipeline, synthetic
 from jaxllm.data.config import DataConfig

@@ -117,7 +117,8 @@ def test_data_config_loads_from_yaml_with_nested_sources(tmp_path):
 
 
 @pytest.mark.parametrize("yaml_text, message", [
-    ("kind: text\nsources: [{path: a, wieght: 2}]\n", r"line 2: unknown key 'sources\[0\].wieght'; did you mean 'sources\[0\].weight'"),
+    ("kind: text\nsources: [{path: a, wieght: 2}]\n",
+     r"line 2: unknown key 'sources\[0\].wieght'; did you mean 'sources\[0\].weight'"),
     ("kind: text\nsources: [{path: a, format: csv}]\n", r"line 2: key 'sources\[0\].format' must be one of"),
     ("kind: text\nsources: [{path: a, weight: -1}]\n", r"weight must be a positive number"),
     ("kind: text\n", r"needs at least one entry in data.sources"),
@@ -133,7 +134,7 @@ def test_unpaired_surrogate_is_skipped_and_counted_or_raises_with_location(tmp_p
     p = tmp_path / "s.jsonl"
     p.write_text('{"text": "fine"}\n{"text": "x\\udc00y"}\n')  # valid JSON, not encodable
     src = open_source(SourceConfig(path=str(p)))
-    with pytest.raises(DataError, match=rf"s.jsonl:2: text is not valid UTF-8"):
+    with pytest.raises(DataError, match=r"s.jsonl:2: text is not valid UTF-8"):
         GuardedSource(src, skip_bad_records=False)[1]
     bad = GuardedSource(src, skip_bad_records=True)[1]
     assert isinstance(bad, Bad) and bad[0] == f"{p}:2"

@@ -26,7 +26,8 @@ from jaxllm.data.tokenizer import load_tokenizer  # noqa: E402
 from jaxllm.evaluation.perplexity import file_perplexity  # noqa: E402
 from jaxllm.evaluation.samples import sample_completions  # noqa: E402
 from jaxllm.model.generate import generate_text  # noqa: E402
-from jaxllm.parallel import mesh as mesh_lib, rules as rules_lib  # noqa: E402
+from jaxllm.parallel import mesh as mesh_lib  # noqa: E402
+from jaxllm.parallel import rules as rules_lib
 
 CFG = jaxllm.ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
                          max_seq_len=128, init_std=0.2)

@@ -15,8 +15,7 @@ import pytest
 
 import jaxllm
 from jaxllm.config import MeshConfig
-from jaxllm.model.generate import (Generation, GenerationError, generate, left_pad, prefill,
-                                   sample_logits, stream)
+from jaxllm.model.generate import Generation, GenerationError, generate, left_pad, prefill, sample_logits, stream
 from jaxllm.parallel import mesh as mesh_lib
 from jaxllm.parallel import rules as rules_lib
 

@@ -1,11 +1,9 @@
 """Two local processes (jax.distributed over gloo, 4 CPU devices each) train exactly like one
 process with 8 devices: the same global batches, the same losses."""
-import json
 import os
 import pathlib
 import socket
 import subprocess
-import sys
 
 import numpy as np
 import pytest

@@ -2,7 +2,6 @@
 iteration is the same on a sharded mesh, killed runs resume exactly, GRPO/PPO move the policy
 towards what the reward asks for, and bad configs are refused."""
 import json
-import os
 import pathlib
 import signal
 import subprocess

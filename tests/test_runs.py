@@ -14,7 +14,6 @@ import pytest
 
 import jaxllm
 from jaxllm.training.checkpoint import CheckpointError
-from jaxllm.training.metrics import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 ARGS = ["model=tiny", "train.batch_size=8", "train.seq_len=64", "train.log_every=1",
@@ -211,8 +210,8 @@ def test_train_cli_errors_are_one_line_with_exit_codes(tmp_path):
 def test_eval_data_errors_surface_at_start_up(tmp_path):
     from jaxllm.data.synthetic import write_corpus
     write_corpus(str(tmp_path / "d"), train_docs=200, eval_docs=20, tasks=False)
-    from jaxllm.data.tokenizer import train_tokenizer
     from jaxllm.data.sources import iter_texts
+    from jaxllm.data.tokenizer import train_tokenizer
     train_tokenizer(iter_texts([str(tmp_path / "d/pretrain/train-*.jsonl")]), str(tmp_path / "tok"), 400)
     overrides = ["data.kind=text", f"data.tokenizer={tmp_path / 'tok'}",
                  f"data.sources=[{{path: '{tmp_path}/d/pretrain/train-*.jsonl'}}]",

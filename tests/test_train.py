@@ -108,7 +108,7 @@ def test_loss_falls_on_synthetic_stream_and_run_dir_is_written(tmp_path):
                                       f"train.run_dir={tmp_path}"])
     s = jaxllm.train(cfg)
     assert s["final_loss"] < 0.6 * s["first_loss"]
-    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
     for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "padded_tokens_per_s", "mfu"):
         assert key in train_rows[-1], key
@@ -216,8 +216,8 @@ def test_mlm_microbatch_accumulation_is_token_weighted():
     sums = weights = 0.0
     for i in range(2):   # microbatch i holds rows i, i+2, i+4, ...
         mb = jax.tree.map(lambda x: x[i::2], batch)
-        l, s = loss(state.params, mb, jax.random.fold_in(step_rng, i))
-        sums, weights = sums + float(l), weights + float(s["weight"])
+        loss_sum, s = loss(state.params, mb, jax.random.fold_in(step_rng, i))
+        sums, weights = sums + float(loss_sum), weights + float(s["weight"])
     np.testing.assert_allclose(float(m["loss"]), sums / weights, rtol=1e-5)
     np.testing.assert_allclose(float(m["weight"]), weights)
 

@@ -20,8 +20,7 @@ from collections import Counter
 import numpy as np
 
 from jaxllm.curate import text as T
-from jaxllm.curate.config import (C4Config, FineWebConfig, GopherQualityConfig,
-                                  GopherRepetitionConfig)
+from jaxllm.curate.config import C4Config, FineWebConfig, GopherQualityConfig, GopherRepetitionConfig
 
 _HAS_ALPHA_RE = re.compile(r"[^\W\d_]")
 

@@ -49,7 +49,6 @@ from jaxllm.data.config import DataConfig
 from jaxllm.data.sources import open_source
 from jaxllm.data.tokenizer import Tokenizer, check_vocab, fingerprint, load_tokenizer
 
-
 # grain iterators own prefetch threads; closing them only from __del__ during interpreter
 # teardown prints spurious tracebacks, so close the ones still alive at exit, in order.
 _LIVE: "weakref.WeakSet[grain.DatasetIterator]" = weakref.WeakSet()

@@ -20,8 +20,21 @@ import random
 from typing import Iterator
 
 from jaxllm.data import synthetic_tasks
-from jaxllm.data.world import (ACTIVITIES, ADJECTIVES, ANIMALS, COLORS, FEELINGS, FOODS,  # noqa: F401
-                               NAMES, OBJECTS, PLACES, SYLLABLES, World, split_rng)
+from jaxllm.data.world import (  # noqa: F401
+    ACTIVITIES,
+    ADJECTIVES,
+    ANIMALS,
+    COLORS,
+    FEELINGS,
+    FOODS,
+    NAMES,
+    OBJECTS,
+    PLACES,
+    SYLLABLES,
+    World,
+    split_rng,
+)
+
 
 def _a(noun: str) -> str:
     return ("an " if noun[0] in "aeiou" else "a ") + noun

@@ -9,7 +9,8 @@ from jax.sharding import AxisType, Mesh
 
 from jaxllm.config import MeshConfig
 from jaxllm.configlib import ConfigError
-from jaxllm.parallel.axes import BATCH_AXES, MESH_AXES as AXES  # noqa: F401
+from jaxllm.parallel.axes import BATCH_AXES  # noqa: F401
+from jaxllm.parallel.axes import MESH_AXES as AXES
 
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:

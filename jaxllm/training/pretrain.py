@@ -21,7 +21,7 @@ from jaxllm.model.api import init_params, param_logical_axes, param_shapes
 from jaxllm.objectives import make_objective
 from jaxllm.training import metrics as metrics_lib
 from jaxllm.training.loop import fit
-from jaxllm.training.optim import make_optimizer, skip_metrics, lr_schedule
+from jaxllm.training.optim import lr_schedule, make_optimizer, skip_metrics
 from jaxllm.training.run import Run
 from jaxllm.training.step import make_eval_step, make_train_step
 

@@ -66,6 +66,42 @@ def _check(cfg: Config):
         raise ConfigError("RL starts from a policy: set checkpoint.init_from to an SFT run (or an HF dir)")
 
 
+def load_reward_model(path: str, cfg: Config, tokenizer, run: Run):
+    """A frozen reward model (a reward run dir or an HF *ForSequenceClassification dir) placed
+    on the run's mesh -> a jitted (batch) -> (B,) scores at each row's last real token. Its
+    vocabulary must be the policy's: it reads the policy's token ids."""
+    import pathlib
+
+    from jaxllm.data.tokenizer import fingerprint, load_tokenizer
+    from jaxllm.evaluation.source import model_config, tokenizer_path
+    from jaxllm.objectives.reward import score
+    from jaxllm.parallel import rules as rules_lib
+    from jaxllm.training.checkpoint import load_params, source_model_config
+    from jaxllm.training.reward import init_reward_params, reward_param_specs, source_has_reward_head
+    if not source_has_reward_head(path):
+        raise ConfigError(f"rl.reward_model={path} is not a reward model (train one with "
+                          f"train.objective=reward, or give an HF *ForSequenceClassification dir)")
+    rm_cfg = model_config(source_model_config(path), path)
+    if rm_cfg.vocab_size != cfg.model.vocab_size:
+        raise ConfigError(f"rl.reward_model={path} has a vocabulary of {rm_cfg.vocab_size} ids but the "
+                          f"policy has {cfg.model.vocab_size}: the reward model must read the policy's tokens")
+    try:
+        rm_tok = load_tokenizer(tokenizer_path(pathlib.Path(path)))
+    except Exception:  # noqa: BLE001 - an RM without a findable tokenizer: the sizes matched
+        rm_tok = None
+    if rm_tok is not None and fingerprint(rm_tok) != fingerprint(tokenizer):
+        raise ConfigError(f"rl.reward_model={path} was trained with another tokenizer ({rm_tok.path}) "
+                          f"than the policy's ({tokenizer.path}): its scores would read other words")
+    specs = reward_param_specs(rm_cfg)
+    shapes = jax.eval_shape(lambda: init_reward_params(rm_cfg, jax.random.key(0)))
+    sh = rules_lib.param_shardings(specs, shapes, run.rules, run.mesh)
+    params, _ = load_params(path, jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, sh))
+    run.log(f"reward model: {path} ({sum(x.size for x in jax.tree.leaves(params)):,} parameters, frozen)")
+    fn = jax.jit(lambda p, b: score(p, b["tokens"], b["segment_ids"], rm_cfg, positions_nt=b["positions"]))
+    return lambda batch: jax.device_get(fn(params, batch))
+
+
 class Scorer:
     """Scores of responses: the reward model's scalar at each response's end-of-turn token, or
     the programmatic reward of the prompt's task (also the 'true' reward when tasks exist)."""
@@ -74,8 +110,7 @@ class Scorer:
         self.tok, self.cfg = tokenizer, cfg
         self.rm = None
         if cfg.rl.reward_model:
-            from jaxllm.training import reward as reward_recipe
-            self.rm = reward_recipe.load_scorer(cfg.rl.reward_model, cfg.model, tokenizer, run)
+            self.rm = load_reward_model(cfg.rl.reward_model, cfg, tokenizer, run)
 
     @staticmethod
     def true_rewards(records: list[dict], texts: list[str]) -> np.ndarray | None:
@@ -97,7 +132,7 @@ class Scorer:
 def train(cfg: Config) -> dict:
     t, rl = cfg.train, cfg.rl
     _check(cfg)
-    from jaxllm.training.pretrain import _delta   # the same LoRA/adapter choice as SFT
+    from jaxllm.training.pretrain import _delta  # the same LoRA/adapter choice as SFT
     delta = _delta(cfg)
     with Run(cfg) as run:
         shards = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
@@ -155,7 +190,8 @@ def train(cfg: Config) -> dict:
             loss_fn = make_ppo_loss(cfg.model, clip=rl.clip, value_clip=rl.value_clip, vf_coef=rl.vf_coef,
                                     entropy_coef=rl.entropy_coef, temperature=rl.temperature)
         step_fn = make_train_step(loss_fn, optimizer, shardings, microbatches=t.microbatches, merge=merge,
-                                  optimizer_metrics=skip_metrics(lr_schedule(cfg.optim, horizon(meta["schedule_steps"]))))
+                                  optimizer_metrics=skip_metrics(
+                                      lr_schedule(cfg.optim, horizon(meta["schedule_steps"]))))
         eval_prompts = None
         if t.eval_every and cfg.data.eval_sources:
             it = R.prompt_iterator(cfg.data.eval_sources, tok, template=cfg.data.chat_template,
@@ -224,7 +260,7 @@ class _Loop:
         return toks, mask
 
     def iteration(self, state, step_fn, prompt_rows: list[dict], it: int) -> tuple:
-        cfg, rl, t = self.cfg, self.cfg.rl, self.cfg.train
+        rl, t = self.cfg.rl, self.cfg.train
         timing = {}
         t0 = time.perf_counter()
         rows = R.repeat_prompts(prompt_rows, rl.group_size)

@@ -13,7 +13,8 @@ from typing import Callable
 
 import jax
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxllm.parallel import rules as R
 from jaxllm.training.state import TrainState
