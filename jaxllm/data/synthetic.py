@@ -20,20 +20,7 @@ import random
 from typing import Iterator
 
 from jaxllm.data import synthetic_tasks
-from jaxllm.data.world import (  # noqa: F401
-    ACTIVITIES,
-    ADJECTIVES,
-    ANIMALS,
-    COLORS,
-    FEELINGS,
-    FOODS,
-    NAMES,
-    OBJECTS,
-    PLACES,
-    SYLLABLES,
-    World,
-    split_rng,
-)
+from jaxllm.data.world import ACTIVITIES, ADJECTIVES, FEELINGS, NAMES, OBJECTS, PLACES, World, split_rng
 
 
 def _a(noun: str) -> str:

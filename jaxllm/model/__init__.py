@@ -1,4 +1,4 @@
-from jaxllm.model.api import (  # noqa: F401
+from jaxllm.model.api import (
                               count_params,
                               forward,
                               init_cache,
@@ -9,4 +9,7 @@ from jaxllm.model.api import (  # noqa: F401
                               trunk,
                               unembed,
 )
-from jaxllm.model.heads import token_stats  # noqa: F401
+from jaxllm.model.heads import token_stats
+
+__all__ = ["count_params", "forward", "init_cache", "init_params", "param_logical_axes", "param_shapes",
+           "positions_from_segments", "trunk", "unembed", "token_stats"]
