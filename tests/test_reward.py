@@ -99,9 +99,10 @@ def test_reward_is_read_at_the_last_real_token():
     lengths = [12, 7, 3]
     tokens, seg = right_padded(lengths, 12)
     np.testing.assert_array_equal(np.asarray(last_token_index(jnp.asarray(seg))), [11, 6, 2])
-    r = np.asarray(score(params, tokens, seg, CFG))
+    score_fn = jax.jit(lambda p, t, s: score(p, t, s, CFG))
+    r = np.asarray(score_fn(params, tokens, seg))
     chex.assert_shape(r, (3,))
-    hidden, _ = jaxllm.trunk(params, tokens, CFG, segment_ids=seg)
+    hidden, _ = jax.jit(lambda p, t, s: jaxllm.trunk(p, t, CFG, segment_ids=s))(params, tokens, seg)
     at = np.asarray(hidden @ params["reward_head"]["kernel"])          # (3, 12): every position
     rows = np.arange(3)
     np.testing.assert_allclose(r, at[rows, np.asarray(lengths) - 1], rtol=1e-5, atol=1e-6)
@@ -111,7 +112,7 @@ def test_reward_is_read_at_the_last_real_token():
     # and what sits in the padding cannot change a reward
     other, _ = right_padded(lengths, 12, seed=5, pad=9)
     other = np.where(seg == 1, tokens, other)
-    np.testing.assert_allclose(np.asarray(score(params, other, seg, CFG)), r, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(score_fn(params, other, seg)), r, rtol=1e-6)
 
 
 def block_batch(k_real, k_max, t, seed=0):
@@ -130,8 +131,9 @@ def test_padding_k_up_to_k_max_changes_nothing_in_the_model_loss_or_its_gradient
     small = block_batch(3, 3, 16)
     big = block_batch(3, 5, 16)
     big["tokens"][:, :3] = small["tokens"][0]          # same three real responses
-    (la, sa), ga = jax.value_and_grad(loss_fn, has_aux=True)(params, small, None)
-    (lb, sb), gb = jax.value_and_grad(loss_fn, has_aux=True)(params, big, None)
+    grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+    (la, sa), ga = grad_fn(params, small, None)
+    (lb, sb), gb = grad_fn(params, big, None)
     np.testing.assert_allclose(float(la), float(lb), rtol=1e-6)
     assert float(sa["weight"]) == float(sb["weight"]) == 3
     # (reduction order differs with the row count: fp32 noise ~2e-6 on gradients ~1e-1)
@@ -460,3 +462,51 @@ def test_reward_model_from_a_pretrained_run_ranks_held_out_responses(synth, tmp_
     cfg, params = load_hf(tmp_path / "hf")
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["pad_token_id"] == 0
     chex.assert_trees_all_close(params, jax.device_get(s["state"].params))
+
+
+def test_init_from_a_language_model_a_reward_run_or_an_exported_reward_model(synth, tmp_path):
+    """An LM (HF *ForCausalLM here) gives the trunk and a zero head; a reward run (orbax) and
+    its *ForSequenceClassification export give trunk and head."""
+    lm = jaxllm.init_params(jaxllm.load_config(None, ["model=tiny"]).model, jax.random.key(7))
+    save_hf(tmp_path / "lm", jaxllm.load_config(None, ["model=tiny"]).model, lm)
+
+    def start(name, init_from, steps=0):
+        return jaxllm.train(jaxllm.load_config(None, recipe_args(
+            synth, tmp_path / name, f"train.steps={steps}", "train.eval_every=0", "mesh.devices=1",
+            f"checkpoint.init_from={init_from}")))["state"].params
+    p = start("from_lm", tmp_path / "lm")
+    assert set(p) == {"embed", "layers", "final_norm", "reward_head"}
+    chex.assert_trees_all_equal({k: v for k, v in p.items() if k != "reward_head"},
+                                {k: v for k, v in lm.items() if k != "lm_head"})
+    assert not np.asarray(p["reward_head"]["kernel"]).any()
+    trained = jax.device_get(start("trained", tmp_path / "lm", steps=2))
+    assert np.asarray(trained["reward_head"]["kernel"]).any()
+    chex.assert_trees_all_equal(jax.device_get(start("from_run", tmp_path / "trained")), trained)
+    from jaxllm.training.reward import export_hf
+    export_hf(tmp_path / "trained", tmp_path / "exported")
+    chex.assert_trees_all_equal(jax.device_get(start("from_export", tmp_path / "exported")), trained)
+
+
+def test_a_resumed_reward_run_continues_exactly(synth, tmp_path):
+    # optim.decay_steps fixes the lr horizon (a run started with train.steps=2 keeps its own)
+    args = ["train.eval_every=0", "mesh.devices=1", "checkpoint.every=2", "checkpoint.async_save=false",
+            "optim.decay_steps=10"]
+    straight = jaxllm.train(jaxllm.load_config(None, recipe_args(synth, tmp_path / "a", "train.steps=4", *args)))
+    jaxllm.train(jaxllm.load_config(None, recipe_args(synth, tmp_path / "b", "train.steps=2", *args)))
+    resumed = jaxllm.train(jaxllm.load_config(None, recipe_args(synth, tmp_path / "b", "train.steps=4", *args)))
+    assert resumed["resumed_from"] == 2
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"][2:]]
+    chex.assert_trees_all_equal(jax.device_get(resumed["state"].params), jax.device_get(straight["state"].params))
+
+
+def test_train_on_your_own_ranking_batches(tmp_path):
+    def batches():
+        i = 0
+        while True:
+            b = [block_batch(3, 4, 32, seed=i * 8 + j) for j in range(8)]
+            yield {k: np.concatenate([x[k] for x in b]) for k in b[0]}
+            i += 1
+    s = jaxllm.train(jaxllm.load_config(None, [
+        "model=tiny", "train.objective=reward", "train.steps=2", "train.batch_size=8", "train.seq_len=32",
+        "train.eval_every=0", "train.progress=false", "mesh.devices=1", f"train.run_dir={tmp_path}"]), batches())
+    assert s["steps"] == 2 and s["history"][0]["weight"] == 8 * 3     # 3 pairs per prompt

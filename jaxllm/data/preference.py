@@ -17,6 +17,7 @@ Batch (fixed shapes; index order is rank order, 0 = best):
 
     tokens, positions, segment_ids   int32 (B, K, T)  segment 1 on real tokens, 0 on padding
     response_mask                    int32 (B, K)     1 real response, 0 padding up to reward.k_max
+    loss_mask                        int32 (B, K, T)  1 on the response's tokens and its end-of-turn
 
 Long responses: `truncate` (data.long_examples) cuts the prompt side first (from the left,
 after a preamble such as bos), always keeping the whole response and its end-of-turn; a
@@ -53,7 +54,7 @@ from jaxllm.data.config import DataConfig
 from jaxllm.data.sources import DataError, Record
 from jaxllm.data.tokenizer import fingerprint
 
-BATCH_KEYS = ("tokens", "positions", "segment_ids", "response_mask")
+BATCH_KEYS = ("tokens", "positions", "segment_ids", "response_mask", "loss_mask")
 _PAIR_KEYS = ("chosen", "rejected")
 
 
@@ -101,21 +102,22 @@ def check_ranking(obj: dict, where: str, k_max: int) -> tuple[str, list[str]]:
 
 
 def render_response(prompt: str, response: str, tokenizer, template: chat.ChatTemplate, seq_len: int,
-                    long_examples: str = "truncate", where: str = "ranking") -> tuple[np.ndarray, int]:
-    """(token ids ending with the answer's end-of-turn token, packing note DOC / TRUNCATED /
-    DROPPED). Raises DataError for text the chat layer refuses."""
+                    long_examples: str = "truncate", where: str = "ranking") -> tuple[np.ndarray, np.ndarray, int]:
+    """(token ids ending with the answer's end-of-turn token, the answer's mask over them,
+    packing note DOC / TRUNCATED / DROPPED). Raises DataError for text the chat layer refuses."""
     messages = chat.check_messages([{"role": "user", "content": prompt},
                                     {"role": "assistant", "content": response}], where)
     r = chat.render(messages, tokenizer, template)
     answer = np.flatnonzero(r.mask)
     end = int(answer[-1]) + 1                 # just after the end-of-turn token
-    ids, _, note = chat.fit(chat.Rendering(r.ids[:end], r.mask[:end], r.turn_starts, r.roles),
-                            seq_len, long_examples)
-    return ids, note
+    ids, mask, note = chat.fit(chat.Rendering(r.ids[:end], r.mask[:end], r.turn_starts, r.roles),
+                               seq_len, long_examples)
+    return ids, mask, note
 
 
 class Encoded(NamedTuple):
     ids: list          # kept responses' token ids, rank order
+    masks: list        # their answer masks (the response tokens and end-of-turn: DPO's targets)
     truncated: int     # responses whose prompt side was cut
     dropped: int       # responses that did not fit a row
 
@@ -131,22 +133,24 @@ class RankingEncode:
     def encode(self, rec: Record) -> Encoded:
         """Raises DataError for a bad record (the message starts with its location)."""
         prompt, responses = check_ranking(rec.obj, rec.where, self.k_max)
-        kept, truncated, dropped = [], 0, 0
+        kept, masks, truncated, dropped = [], [], 0, 0
         for resp in responses:
-            ids, note = render_response(prompt, resp, self.tok, self.template, self.seq_len,
+            ids, mask, note = render_response(prompt, resp, self.tok, self.template, self.seq_len,
                                         self.long_examples, rec.where)
             if note == packing.DROPPED:
                 dropped += 1
                 continue
             truncated += note == packing.TRUNCATED
             kept.append(ids)
-        return Encoded(kept, truncated, dropped)
+            masks.append(mask)
+        return Encoded(kept, masks, truncated, dropped)
 
     def empty(self) -> dict:
         """An all-masked block (eval padding): it adds no pair to any sum."""
         k, t = self.k_max, self.seq_len   # fresh arrays each: __call__ fills them in place
         return {"tokens": np.full((k, t), self.tok.pad_id, np.int32), "positions": np.zeros((k, t), np.int32),
-                "segment_ids": np.zeros((k, t), np.int32), "response_mask": np.zeros((k,), np.int32)}
+                "segment_ids": np.zeros((k, t), np.int32), "response_mask": np.zeros((k,), np.int32),
+                "loss_mask": np.zeros((k, t), np.int32)}
 
     def __call__(self, rec) -> dict:
         if isinstance(rec, packing.Bad):
@@ -157,8 +161,9 @@ class RankingEncode:
             raise DataError(f"{rec.where}: fewer than 2 responses fit seq_len={self.seq_len} (this "
                             f"record passed the start-up scan: did the file change during the run?)")
         out = self.empty()
-        for i, ids in enumerate(enc.ids):
+        for i, (ids, mask) in enumerate(zip(enc.ids, enc.masks)):
             n = len(ids)
+            out["loss_mask"][i, :n] = mask
             out["tokens"][i, :n] = ids
             out["positions"][i, :n] = np.arange(n)
             out["segment_ids"][i, :n] = 1
