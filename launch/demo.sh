@@ -1,13 +1,11 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: set up, generate the synthetic corpus (no download),
-# train its sentencepiece tokenizer, then pretrain the tiny model on CPU (a few minutes).
-# Extra arguments are config overrides, e.g. `bash launch/demo.sh train.steps=50`.
+# The whole pipeline on this machine, nothing downloaded: set up, then `jaxllm demo`, which
+# generates a raw crawl and the synthetic corpora, curates, trains the tokenizer, pretrains
+# the tiny model, SFTs it (LoRA; --full-sft for every parameter), trains a reward model, runs
+# PPO and writes runs/demo/report.md comparing the pretrained, SFT and PPO models.
+# Arguments go to `jaxllm demo`: --quick (tiny budgets), --out DIR, --force, --full-sft.
+# A killed demo resumes where it stopped when run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
-J=.venv/bin/jaxllm
-if [ ! -f data/synth/tokenizer/tokenizer.model ]; then
-  $J data synth --out data/synth
-  $J tokenizer train --input 'data/synth/pretrain/train-*.jsonl' --vocab-size 512 --out data/synth/tokenizer
-fi
-$J demo configs/pretrain/tiny.yaml "$@"
+exec .venv/bin/jaxllm demo "$@"

@@ -1,0 +1,103 @@
+"""`jaxllm demo --quick` end to end, as a user runs it: killed during pretraining, then run again.
+
+One demo is run for the module (about three minutes on 2 CPU cores): the first run gets
+SIGTERM once pretraining has written a checkpoint; the second run finishes the demo. Every
+path is under a temporary directory (the current directory too), so nothing lands in the
+repository's runs/ or data/.
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+STAGES = ("synth", "crawl", "curate", "tokenizer", "pretrain", "sft", "merge", "reward", "ppo", "compare", "report")
+BEFORE_PRETRAIN = ("raw/truth.jsonl", "curated/report.json", "tokenizer/tokenizer.model", "synth/ppo/eval.jsonl")
+
+
+def _env():
+    # the demo trains on this machine's one CPU device, not the 8 the unit tests simulate
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return dict(env, PYTHONUNBUFFERED="1")
+
+
+def _demo(out, cwd, log):
+    cmd = [sys.executable, "-m", "jaxllm.cli", "demo", "--quick", "--out", str(out)]
+    return subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=open(log + ".out", "w"), stderr=open(log + ".err", "w"))
+
+
+def _checkpointed(run_dir) -> bool:
+    ckpts = run_dir / "checkpoints"
+    return ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out, cwd = tmp_path_factory.mktemp("demo"), tmp_path_factory.mktemp("cwd")
+    log = str(tmp_path_factory.mktemp("logs"))
+    p = _demo(out, cwd, f"{log}/first")
+    deadline = time.time() + 300
+    while not _checkpointed(out / "runs/pretrain") and p.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert p.poll() is None, open(f"{log}/first.err").read()[-3000:]
+    p.send_signal(signal.SIGTERM)
+    first_rc = p.wait(timeout=120)
+    mtimes = {f: os.stat(out / f).st_mtime_ns for f in BEFORE_PRETRAIN}
+    t0 = time.time()
+    second_rc = _demo(out, cwd, f"{log}/second").wait(timeout=600)
+    read = lambda name: open(f"{log}/{name}").read()   # noqa: E731
+    return {"out": out, "cwd": cwd, "mtimes": mtimes, "seconds": time.time() - t0,
+            "first": (first_rc, read("first.out"), read("first.err")),
+            "second": (second_rc, read("second.out"), read("second.err"))}
+
+
+def test_quick_demo_makes_every_stage_and_a_report(demo):
+    out = demo["out"]
+    rc, stdout, stderr = demo["second"]
+    assert rc == 0, stderr[-3000:]
+    for stage in STAGES:
+        assert re.search(rf"\] {stage}: (done in|skipped, )", stderr), stage
+    for path in ("synth/ppo/eval.jsonl", "raw/truth.jsonl", "curated/report.json", "tokenizer/tokenizer.model",
+                 "runs/sft-lora/adapter", "runs/sft/config.json", "compare/answers.json", "report.md"):
+        assert (out / path).exists(), path
+    for run in ("pretrain", "sft-lora", "reward", "ppo"):
+        assert _checkpointed(out / "runs" / run), run
+    report = (out / "report.md").read_text()
+    for stage in STAGES:
+        assert f"| {stage} |" in report, stage
+    for png in re.findall(r"\]\((report-[a-z]+\.png)\)", report):
+        assert (out / png).stat().st_size > 0, png
+    assert {"report-curation.png", "report-pretrain.png", "report-sft.png", "report-ppo.png",
+            "report-compare.png"} <= {p.name for p in out.glob("report-*.png")}
+    assert "demo: report at" in stdout and len(stdout.strip().splitlines()) == 4
+    # nothing was written outside the demo directory
+    assert not any(demo["cwd"].iterdir())
+
+
+def test_ppo_beats_sft_on_held_out_prompts(demo):
+    res = json.loads((demo["out"] / "compare/answers.json").read_text())
+    mean = res["mean_true_reward"]
+    assert len(res["prompts"]) == 64
+    print(f"mean true reward: {mean}")
+    assert mean["PPO"] > mean["SFT"] > mean["pretrained"], mean
+
+
+def test_killed_demo_resumes_pretraining_without_redoing_earlier_stages(demo):
+    rc, _, stderr = demo["first"]
+    assert rc == 1 and "pretrain stopped at step" in stderr, stderr[-3000:]
+    _, _, stderr = demo["second"]
+    for stage in ("synth", "crawl", "curate", "tokenizer"):
+        assert re.search(rf"\] {stage}: skipped, ", stderr), stage
+    assert re.search(r"\] pretrain: .*has a checkpoint at step \d+: resuming it", stderr)
+    assert re.search(r"resumed \S*runs/pretrain at step \d+", stderr)
+    for f, t in demo["mtimes"].items():
+        assert os.stat(demo["out"] / f).st_mtime_ns == t, f"{f} was rewritten"
+    steps = [json.loads(line)["step"] for line in (demo["out"] / "runs/pretrain/metrics.jsonl").open()
+             if '"loss"' in line]
+    assert steps == sorted(steps) and steps[-1] == 300   # one run's metrics, as if never killed
