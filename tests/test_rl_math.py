@@ -120,3 +120,28 @@ def test_group_advantages_normalise_within_each_prompt():
     g = np.array([1.0, 2.0, 3.0, 6.0])
     np.testing.assert_allclose(a[0], (g - g.mean()) / (g.std() + 1e-6), rtol=1e-5)
     np.testing.assert_allclose(a[1], 0.0)                # all equal: no signal, not NaN
+
+
+def test_dpo_objective_over_rankings_is_the_mean_over_its_pairs():
+    import jaxllm
+    from jaxllm.objectives.dpo import make_dpo_loss, sequence_logps
+    cfg = jaxllm.ModelConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32)
+    params = jaxllm.init_params(cfg, jax.random.key(0))
+    b, k, t = 2, 3, 8
+    batch = {"tokens": jax.random.randint(jax.random.key(1), (b, k, t), 0, 32),
+             "positions": jnp.broadcast_to(jnp.arange(t), (b, k, t)),
+             "segment_ids": jnp.ones((b, k, t), jnp.int32),
+             "loss_mask": jnp.zeros((b, k, t), jnp.int32).at[:, :, 4:].set(1),
+             "response_mask": jnp.array([[1, 1, 1], [1, 1, 0]]),      # row 1: K padded to 3
+             "ref_logps": jax.random.normal(jax.random.key(2), (b, k))}
+    loss, sums = make_dpo_loss(cfg, beta=0.5)(params, batch, None)
+    pol = np.asarray(sequence_logps(params, batch, cfg))
+    ref = np.asarray(batch["ref_logps"])
+    pairs = [(0, 0, 1), (0, 0, 2), (0, 1, 2), (1, 0, 1)]          # (row, better, worse)
+    want = [-math.log(1 / (1 + math.exp(-0.5 * ((pol[r, i] - ref[r, i]) - (pol[r, j] - ref[r, j])))))
+            for r, i, j in pairs]
+    np.testing.assert_allclose(float(loss), sum(want), rtol=1e-5)
+    assert float(sums["weight"]) == 4
+    # a policy equal to its reference: every pair log 2
+    same = dict(batch, ref_logps=jnp.asarray(pol))
+    np.testing.assert_allclose(float(make_dpo_loss(cfg)(params, same, None)[0]) / 4, math.log(2), rtol=1e-5)
