@@ -140,6 +140,10 @@ class TrainConfig:
     mlm_mask_id: int = -1           # -1: the tokenizer's <mask> (text data) or vocab_size-1
     log_every: int = 10
     eval_every: int = 50
+    # At each evaluation, completions of these prompts (sampled, a fixed key) go to the run
+    # dir's samples.jsonl and TensorBoard: what the model writes next to its loss curve.
+    sample_prompts: tuple[str, ...] = ()
+    sample_tokens: int = 32
     eval_batches: int = 4           # 0: the data config decides (text data: the whole held-out set)
     run_dir: str = "runs/default"
     progress: bool = True

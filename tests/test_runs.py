@@ -207,16 +207,32 @@ def test_train_cli_errors_are_one_line_with_exit_codes(tmp_path):
     assert "Traceback" in shown.stderr
 
 
-def test_eval_data_errors_surface_at_start_up(tmp_path):
-    from jaxllm.data.synthetic import write_corpus
-    write_corpus(str(tmp_path / "d"), train_docs=200, eval_docs=20, tasks=False)
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("text")
     from jaxllm.data.sources import iter_texts
+    from jaxllm.data.synthetic import write_corpus
     from jaxllm.data.tokenizer import train_tokenizer
-    train_tokenizer(iter_texts([str(tmp_path / "d/pretrain/train-*.jsonl")]), str(tmp_path / "tok"), 400)
-    overrides = ["data.kind=text", f"data.tokenizer={tmp_path / 'tok'}",
-                 f"data.sources=[{{path: '{tmp_path}/d/pretrain/train-*.jsonl'}}]",
-                 f"data.eval_sources=[{{path: '{tmp_path}/missing/eval-*.jsonl'}}]",
-                 "model.vocab_size=512", "train.eval_every=1000", "train.steps=2000"]
+    write_corpus(str(d / "d"), train_docs=200, eval_docs=20, tasks=False)
+    train_tokenizer(iter_texts([str(d / "d/pretrain/train-*.jsonl")]), str(d / "tok"), 400)
+    return d, ["data.kind=text", f"data.tokenizer={d / 'tok'}", "model.vocab_size=512",
+               f"data.sources=[{{path: '{d}/d/pretrain/train-*.jsonl'}}]"]
+
+
+def test_eval_data_errors_surface_at_start_up(tmp_path, text_data):
+    _, data = text_data
+    overrides = data + [f"data.eval_sources=[{{path: '{tmp_path}/missing/eval-*.jsonl'}}]",
+                        "train.eval_every=1000", "train.steps=2000"]
     with pytest.raises(jaxllm.UserError, match=r"missing/eval-\*.jsonl"):
         run(tmp_path / "run", *overrides)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()   # failed before any step
+
+
+def test_samples_of_fixed_prompts_are_logged_at_each_evaluation(tmp_path, text_data):
+    d, data = text_data
+    run(tmp_path, *data, f"data.eval_sources=[{{path: '{d}/d/pretrain/eval-*.jsonl'}}]", "train.steps=4",
+        "train.eval_every=2", "train.sample_prompts=[Once upon a time, '7 + 5 =']", "train.sample_tokens=8")
+    rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["prompt"]) for r in rows] == [(2, "Once upon a time"), (2, "7 + 5 ="),
+                                                        (4, "Once upon a time"), (4, "7 + 5 =")]
+    assert all(isinstance(r["completion"], str) and r["completion"] for r in rows)

@@ -37,6 +37,11 @@ def convert(src: str, dst: str, to: str, overwrite: bool = False) -> str:
     _check_destination(out, overwrite)
     if to in ("hf", "peft"):
         params, model, delta = load_policy(src)
+        if "reward_head" in params:   # a reward model: *ForSequenceClassification, with pad/eos ids
+            if to == "peft":
+                raise UserError(f"{src} is a reward model; --to peft exports a LoRA run's adapter")
+            from jaxllm.training.reward import export_hf
+            return export_hf(src, out)
         if model is None:
             raise CheckpointError(f"{src}: the checkpoint holds no model config (meta item)")
         if isinstance(model.get("rope_scaling"), list):

@@ -86,6 +86,17 @@ class MetricsWriter:
                 if k != "step" and isinstance(v, (int, float)):
                     self._tb.add_scalar(k, v, int(step))
 
+    def write_samples(self, step: int, samples: list[dict]) -> None:
+        """Completions of fixed prompts: one JSON line each in samples.jsonl, and TensorBoard text."""
+        if not self.enabled:
+            return
+        with (self.path.parent / "samples.jsonl").open("a") as f:
+            for s in samples:
+                f.write(json.dumps({"step": int(step), **s}) + "\n")
+        if self._tb is not None:
+            for i, s in enumerate(samples):
+                self._tb.add_text(f"sample/{i}", f"**{s['prompt']}** {s['completion']}", int(step))
+
     def close(self):
         if self._tb is not None:
             self._tb.close()

@@ -136,11 +136,19 @@ def train(cfg: Config, batches: Iterator[dict] | None = None) -> dict:
                                   optimizer_metrics=skip_metrics(lr_schedule(cfg.optim, meta["schedule_steps"])),
                                   **merge_kw)
         eval_step = make_eval_step(loss_fn, shardings=shardings, **merge_kw)
+
+        def evaluate_and_sample(s):
+            out = {} if make_eval is None else evaluate(eval_step, s.params, make_eval, shardings.batch, base)
+            if t.sample_prompts and tokenizer is not None:
+                from jaxllm.evaluation.samples import sample_completions
+                policy = s.params if merge is None else merge(s.params, base)
+                run.writer.write_samples(int(s.step), sample_completions(
+                    policy, cfg.model, tokenizer, t.sample_prompts, t.sample_tokens, jax.random.key(t.seed)))
+            return out
         summary = fit(run, state, step_fn, batches if batches is not None else train_it,
                       shardings=shardings, meta=meta, frozen=base,
                       data_iter=None if batches is not None else train_it,
-                      evaluate=None if make_eval is None else
-                      (lambda s: evaluate(eval_step, s.params, make_eval, shardings.batch, base)),
+                      evaluate=None if make_eval is None and not t.sample_prompts else evaluate_and_sample,
                       flops_per_token=metrics_lib.flops_per_token(cfg.model, t.seq_len),
                       resumed_from=resumed)
         if cfg.lora.r and run.is_main:
