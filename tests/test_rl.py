@@ -135,3 +135,28 @@ def test_bad_rl_configs_are_refused(policy, tmp_path):
     no_base = [a for a in args if not a.startswith("checkpoint.init_from")]
     with pytest.raises(jaxllm.ConfigError, match="set checkpoint.init_from"):
         rl_run(no_base, tmp_path, "mesh.devices=1")
+
+
+def test_rankings_of_own_samples_are_best_first_distinct_and_finished(policy, monkeypatch):
+    """`jaxllm data rank`: the labeler's order, ties merged, unfinished answers left out."""
+    from jaxllm.data.tokenizer import load_tokenizer
+    from jaxllm.model.generate import Generation
+    from jaxllm.rl import labels
+    d, _ = policy
+    tok = load_tokenizer(str(d / "tok"))
+    eot = tok.special_ids["<|im_end|>"]
+    task = {"kind": "add", "a": 2, "b": 3}
+    answers = ["2 + 3 = 5.", "2 + 3 = 6.", "2 + 3 = 5.", "2 + 3 = 9."]   # a duplicate; -0.1 vs -0.4 wrong
+
+    def fake_generate(params, prompts, cfg, **kw):
+        rows = [tok.encode(a) + [eot] for a in answers] * (len(prompts) // 4)
+        rows[-1] = tok.encode("2 + 3 = 5")                              # cut at max_new_tokens: no eot
+        n = max(map(len, rows))
+        toks = np.array([r + [0] * (n - len(r)) for r in rows])
+        mask = np.array([[1] * len(r) + [0] * (n - len(r)) for r in rows])
+        return Generation(toks, np.zeros(toks.shape, np.float32), mask, None, None)
+    monkeypatch.setattr(labels, "generate", fake_generate)
+    out, skipped = labels.rank_samples(None, None, tok, [{"prompt": "What is 2 + 3?", "task": task}], k=4,
+                                       temperature=1.0, max_new_tokens=8, seed=0)
+    assert skipped == 0 and len(out) == 1
+    assert out[0]["responses"] == ["2 + 3 = 5.", "2 + 3 = 6."] and out[0]["scores"] == [1.0, -0.1]

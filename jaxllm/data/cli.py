@@ -48,6 +48,19 @@ def _data_synth(args) -> None:
         print(f"{args.out}/{rel}: {n} records")
 
 
+def _data_rank(args) -> None:
+    from jaxllm.evaluation.source import load_model
+    from jaxllm.rl.labels import rank_samples, read_prompt_records, write_rankings
+    model = load_model(args.model)
+    records = read_prompt_records(args.prompts, args.num)
+    rankings, skipped = rank_samples(model.params, model.cfg, model.tokenizer, records, k=args.k,
+                                     temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                                     seed=args.seed)
+    write_rankings(args.out, rankings)
+    print(f"{args.out}: {len(rankings)} rankings of {args.model}'s answers ({skipped} of {len(records)} "
+          f"prompts skipped: fewer than 2 finished answers with distinct scores)")
+
+
 def register(subparsers) -> None:
     tok = subparsers.add_parser("tokenizer", help="train or use a SentencePiece tokenizer")
     tsub = tok.add_subparsers(dest="tokenizer_cmd", required=True)
@@ -78,3 +91,14 @@ def register(subparsers) -> None:
     sy.add_argument("--seed", type=int, default=0)
     sy.add_argument("--no-tasks", action="store_true", help="skip chat/reward/ppo files")
     sy.set_defaults(func=_data_synth)
+    rk = dsub.add_parser("rank", help="rank a model's own sampled answers with the synthetic tasks' "
+                                      "programmatic preference (reward-model data, as InstructGPT's labelers)")
+    rk.add_argument("--model", required=True, help="run dir / checkpoint / HF dir of the policy (an SFT run)")
+    rk.add_argument("--prompts", required=True, help="prompt records with a 'task' (data/synth/ppo/*.jsonl)")
+    rk.add_argument("--out", required=True, help="JSONL of {prompt, responses (best first), scores}")
+    rk.add_argument("--num", type=int, default=0, help="use the first N prompts (0: all)")
+    rk.add_argument("--k", type=int, default=4, help="answers sampled per prompt")
+    rk.add_argument("--temperature", type=float, default=1.0)
+    rk.add_argument("--max-new-tokens", type=int, default=48)
+    rk.add_argument("--seed", type=int, default=0)
+    rk.set_defaults(func=_data_rank)
