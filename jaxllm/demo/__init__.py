@@ -5,7 +5,6 @@ report that compares the pretrained, SFT and PPO models on the same held-out pro
     stages.py    each stage: its command, its outputs, when it is done
     config.py    corpus sizes and per-stage overrides (configs/demo/demo.yaml, quick.yaml)
     crawl.py     the raw crawl-like corpus (curate/synthetic.py plus languages, URLs, PII)
-    merge.py     a LoRA SFT run folded into its base, for the stages after SFT
     evaluate.py  held-out prompts answered greedily, scored by the true (programmatic) reward
     report.py    report.md and its figures
 """

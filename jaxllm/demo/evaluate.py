@@ -35,11 +35,9 @@ def answer(src: str, tokenizer: str, records: list[dict], max_new_tokens: int) -
     """[{"answer", "true_reward", "ended"}] of the model at `src`, one per record, in order."""
     model = load_model(src, tokenizer)
     tok = model.tokenizer
-    # a PPO run's params carry its value head; decoding reads the language model only
-    params = {k: v for k, v in model.params.items() if k != "value_head"}
     stops = end_of_turn_ids(tok)
     prompts = [chat_prompt(R.prompt_messages(r, f"prompt {i}"), tok) for i, r in enumerate(records)]
-    gen = jax.device_get(generate(params, prompts, model.cfg, max_new_tokens=max_new_tokens,
+    gen = jax.device_get(generate(model.params, prompts, model.cfg, max_new_tokens=max_new_tokens,
                                   key=jax.random.key(0), temperature=0.0, eos_id=tok.eos_id,
                                   pad_id=tok.pad_id, stop_ids=stops, vocab_limit=tok.vocab_size))
     texts = R.response_texts(tok, gen, stops)

@@ -32,16 +32,14 @@ def log(msg: str) -> None:
     print(f"[demo] {msg}", file=sys.stderr, flush=True)
 
 
-def reward_capabilities() -> tuple[str | None, str | None]:
-    """(why no reward model can be trained, why PPO cannot score with one), None when it can."""
+def reward_recipe_missing() -> str | None:
+    """Why no reward model can be trained here (then PPO scores with the programmatic
+    reward), or None."""
     try:
-        from jaxllm.training import reward
+        import jaxllm.training.reward  # noqa: F401
     except ModuleNotFoundError:
-        why = "the reward-model recipe (jaxllm/training/reward.py) is not in this checkout"
-        return why, why
-    if not hasattr(reward, "load_scorer"):
-        return None, "PPO cannot read a reward model yet (jaxllm.training.reward.load_scorer is missing)"
-    return None, None
+        return "the reward-model recipe (jaxllm/training/reward.py) is not in this checkout"
+    return None
 
 
 def _check_settings(settings: dict, force: bool) -> None:
@@ -76,8 +74,7 @@ def run(out: str = "runs/demo", *, quick: bool = False, force: bool = False, ful
         only: list[str] | None = None) -> int:
     out = os.path.abspath(out)
     cfg, cfg_path = demo_config.load(quick)
-    no_recipe, no_rm = reward_capabilities()
-    ctx = Context(out, cfg, cfg_path, quick, full_sft, no_recipe, no_rm)
+    ctx = Context(out, cfg, cfg_path, quick, full_sft, reward_recipe_missing())
     stages = all_stages(ctx)
     names = [s.name for s in stages]
     unknown = sorted(set(only or ()) - set(names))

@@ -160,7 +160,7 @@ def summary_lines(ctx: Context) -> list[str]:
             f" (held-out {_f(last(pre, 'eval_loss'))})"
     kind = "full" if ctx.full_sft else "LoRA"
     rm_text = (f"reward model held-out accuracy {_f(last(rm, 'eval_accuracy'))}" if rm
-               else f"no reward model ({ctx.no_reward_recipe})")
+               else f"no reward model ({ctx.no_reward_model})")
     ppo_rows = [r for r in ppo if "kl" in r]
     train = (f"SFT ({kind}) held-out loss {_f(last(sft, 'eval_loss'))}; {rm_text}; "
              f"PPO {len(ppo_rows)} iterations, final KL {_f(last(ppo_rows, 'kl'), '.2f')}")
@@ -233,7 +233,7 @@ def write(ctx: Context) -> str:
               f"on {_f(last(rm, 'eval_pairs'), '.0f')} pairs (train batch {_f(last(rm, 'accuracy'))}).", "",
               "![reward](report-reward.png)", ""]
     else:
-        L += [f"Not trained: {ctx.no_reward_recipe or 'the stage did not finish'}.", ""]
+        L += [f"Not trained: {ctx.no_reward_model or 'the stage did not finish'}.", ""]
     L += ["## 5. PPO", ""]
     ppo = [r for r in metrics(runs["ppo"]) if "kl" in r]
     if ppo:
@@ -254,8 +254,9 @@ def write(ctx: Context) -> str:
               "| model | mean true reward | ended by itself | " + " | ".join(kinds) + " |",
               "|---|---|---|" + "---|" * len(kinds)]
         for k in names:
+            by_task = " | ".join(f"{cmp['by_task'][k][t]:+.2f}" for t in kinds)
             L.append(f"| {k} (`{cmp['models'][k]}`) | {cmp['mean_true_reward'][k]:+.3f} | "
-                     f"{cmp['ended_fraction'][k]:.0%} | " + " | ".join(f"{cmp['by_task'][k][t]:+.2f}" for t in kinds) + " |")
+                     f"{cmp['ended_fraction'][k]:.0%} | {by_task} |")
         L += ["", "![compare](report-compare.png)", "",
               "| prompt | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         for i, p in enumerate(cmp["prompts"][:ctx.cfg.eval_show]):

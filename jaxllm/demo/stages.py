@@ -1,7 +1,7 @@
 """The demo's stages, in order. Each reads the previous stages' files, writes its own under the
 demo directory (its current directory while it runs), and is the command it prints: a
 `jaxllm` verb over a recipe in configs/demo/, or `jaxllm demo --stage NAME` for the demo's
-own steps (the crawl generator, the LoRA merge, the comparison, the report).
+own steps (the crawl generator, the comparison, the report).
 
     synth      jaxllm data synth           synth/ (pretraining, chat, rankings, PPO prompts)
     crawl      the raw crawl-like corpus   raw/crawl-*.jsonl + raw/truth.jsonl
@@ -9,7 +9,7 @@ own steps (the crawl generator, the LoRA merge, the comparison, the report).
     tokenizer  jaxllm tokenizer train      tokenizer/ (curated + synthetic pretraining text)
     pretrain   jaxllm train                runs/pretrain
     sft        jaxllm train                runs/sft-lora (LoRA) or runs/sft (--full-sft)
-    merge      the LoRA delta folded in    runs/sft (HF safetensors; LoRA only)
+    merge      jaxllm convert --to hf      runs/sft: the LoRA delta folded into its base (LoRA only)
     reward     jaxllm train                runs/reward
     ppo        jaxllm train                runs/ppo
     compare    held-out prompts answered   compare/answers.json
@@ -42,8 +42,8 @@ class Context:
     cfg_path: str
     quick: bool
     full_sft: bool
-    no_reward_recipe: str | None  # why the reward model cannot be trained here, or None
-    no_reward_model: str | None   # why PPO cannot score with a reward model, or None
+    no_reward_model: str | None   # why no reward model can be trained here (PPO then scores
+                                  # with the programmatic reward), or None
 
     def cli(self, *args: str) -> str:
         return " ".join(shlex.quote(a) for a in ("jaxllm", *args))
@@ -192,10 +192,25 @@ def train_stage(name: str, what: str, cannot=lambda ctx: None) -> Stage:
         s = jaxllm.train(_train_cfg(ctx, name))
         if s.get("preempted"):
             raise Interrupted(f"{name} stopped at step {s['steps']} on a signal (checkpoint saved)")
+        h = [r for r in s.get("history") or [] if "score" in r]
+        if h:   # RL: what it maximised and what it is judged by
+            true = (f", true reward {h[0]['true_reward']:.3f} -> {h[-1]['true_reward']:.3f}"
+                    if "true_reward" in h[-1] else "")
+            return (f"{s['run_dir']}: score {h[0]['score']:.3f} -> {h[-1]['score']:.3f}{true} "
+                    f"(sampled), KL {h[-1]['kl']:.2f}, over {s['steps']} iterations")
         if s.get("first_loss") is None:
             return f"{s['run_dir']}: {s['steps']} steps"
-        return f"{s['run_dir']}: loss {s['first_loss']:.3f} -> {s['final_loss']:.3f} over {s['steps']} steps"
+        e = s.get("eval") or {}
+        held = (f"; held-out accuracy {e['eval_accuracy']:.3f}" if name == "reward" and "eval_accuracy" in e
+                else f"; held-out loss {e['eval_loss']:.3f}" if "eval_loss" in e else "")
+        return f"{s['run_dir']}: loss {s['first_loss']:.3f} -> {s['final_loss']:.3f} over {s['steps']} steps{held}"
     return Stage(name, what, command, outputs, done, run, started, cannot)
+
+
+# The reward model and PPO start from a full model (checkpoint.init_from): the LoRA run's
+# delta is folded into its base by `jaxllm convert --to hf`.
+def _merge_args(ctx: Context) -> list[str]:
+    return [_train_cfg(ctx, "sft").train.run_dir, "runs/sft", "--to", "hf"]
 
 
 def _merge_done(ctx: Context) -> str | None:
@@ -204,8 +219,9 @@ def _merge_done(ctx: Context) -> str | None:
 
 
 def _merge_run(ctx: Context) -> str:
-    from jaxllm.demo.merge import merge_lora_run
-    return merge_lora_run(_train_cfg(ctx, "sft").train.run_dir, "runs/sft")
+    from jaxllm.interop.cli import convert
+    src, dst, _, to = _merge_args(ctx)
+    return convert(src, dst, to)
 
 
 # ---------------------------------------------------------------------------- comparison, report
@@ -251,10 +267,11 @@ def all_stages(ctx: Context) -> list[Stage]:
         train_stage("sft", "chat SFT (full)" if ctx.full_sft else "chat SFT (LoRA)"),
     ]
     if not ctx.full_sft:
-        stages.append(Stage("merge", "the LoRA delta folded into its base -> runs/sft",
-                            lambda c: c.demo_cli("merge"), lambda c: ["runs/sft"], _merge_done, _merge_run))
+        stages.append(Stage("merge", "the LoRA delta folded into its base -> runs/sft (HF safetensors)",
+                            lambda c: c.cli("convert", *_merge_args(c)), lambda c: ["runs/sft"], _merge_done,
+                            _merge_run))
     stages += [
-        train_stage("reward", "the reward model on the synthetic rankings", lambda c: c.no_reward_recipe),
+        train_stage("reward", "the reward model on the synthetic rankings", lambda c: c.no_reward_model),
         train_stage("ppo", "PPO against the reward model" if not ctx.no_reward_model
                     else "PPO against the programmatic reward"),
         Stage("compare", "held-out prompts answered greedily by the pretrained, SFT and PPO models",
