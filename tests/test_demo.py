@@ -6,6 +6,7 @@ path is under a temporary directory (the current directory too), so nothing land
 repository's runs/ or data/.
 """
 import json
+import math
 import os
 import re
 import signal
@@ -80,12 +81,22 @@ def test_quick_demo_makes_every_stage_and_a_report(demo):
     assert not any(demo["cwd"].iterdir())
 
 
-def test_ppo_beats_sft_on_held_out_prompts(demo):
+def test_ppo_raises_its_reward_and_sft_beats_pretraining_on_held_out_prompts(demo):
+    # PPO climbs the reward model's score (plus the missing-EOS penalty): its last iterations
+    # score above its first ones.
+    rows = [json.loads(line) for line in (demo["out"] / "runs/ppo/metrics.jsonl").open()]
+    scores = [r["score"] for r in rows if "score" in r]
+    assert len(scores) == 20 and all(map(math.isfinite, scores))
+    first, last = sum(scores[:5]) / 5, sum(scores[-5:]) / 5
+    assert last > first + 0.05, scores
     res = json.loads((demo["out"] / "compare/answers.json").read_text())
     mean = res["mean_true_reward"]
     assert len(res["prompts"]) == 64
-    print(f"mean true reward: {mean}")
-    assert mean["PPO"] > mean["SFT"] > mean["pretrained"], mean
+    # The true (programmatic) reward: SFT well above the pretrained model. PPO against the
+    # quick demo's reward model does not reliably raise it (reward hacking; see the README's
+    # demo results), so PPO vs SFT is printed here, not asserted.
+    print(f"PPO score {first:.3f} -> {last:.3f}; mean true reward: {mean}")
+    assert mean["SFT"] > mean["pretrained"] + 0.3, mean
 
 
 def test_killed_demo_resumes_pretraining_without_redoing_earlier_stages(demo):
