@@ -113,7 +113,11 @@ def _variants(task: dict, world: World, rng: random.Random) -> list[str]:
         want = list(range(task["start"], task["end"] + 1))
         half = ", ".join(str(i) for i in want[: len(want) // 2]) + "."
         by_two = ", ".join(str(want[0] + 2 * i) for i in range(len(want))) + "."
-        return [good, half, by_two, "Counting is fun."]
+        # A count that stops a little early or runs a little late: without it a reward model
+        # learns "a few numbers from the start" and PPO exploits that (measured: counts cut to 4).
+        end = task["end"] + rng.choice([-2, -1, 1, 2])
+        near = ", ".join(str(i) for i in range(task["start"], end + 1)) + "."
+        return [good, near, half, by_two]
     n = task["name"]
     return [good, good.replace(n, "someone"), f"{n} was sad and angry all day.", "the sky is big"]
 
