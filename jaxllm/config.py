@@ -273,6 +273,7 @@ class RLConfig:
     missing_eos_penalty: float = 0.0  # added to the score of a response that hit max_new_tokens
     value_init: Literal["zero", "reward_model"] = "zero"
     dpo_beta: float = 0.1
+    dpo_rpo_alpha: float = 0.0       # > 0: + alpha * the best response's per-token NLL (RPO)
 
     def __post_init__(self):
         for name in ("group_size", "max_prompt_tokens", "max_new_tokens", "epochs", "minibatches"):
@@ -282,6 +283,9 @@ class RLConfig:
             raise ConfigError(f"rl.temperature must be > 0 (rollouts sample), got {self.temperature}")
         if self.kl_coef < 0 or self.clip <= 0 or self.value_clip <= 0:
             raise ConfigError("rl.kl_coef must be >= 0, rl.clip and rl.value_clip > 0")
+        if not self.dpo_beta > 0 or not self.dpo_rpo_alpha >= 0:
+            raise ConfigError(f"rl.dpo_beta must be > 0 and rl.dpo_rpo_alpha >= 0, got "
+                              f"{self.dpo_beta} and {self.dpo_rpo_alpha}")
 
 
 @dataclasses.dataclass(frozen=True)

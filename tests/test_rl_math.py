@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxllm.configlib import ConfigError
 from jaxllm.objectives.dpo import dpo_loss
 from jaxllm.objectives.ppo import clipped_policy_loss, clipped_value_loss
 from jaxllm.rl.advantages import gae, group_advantages, masked_mean, masked_whiten
@@ -145,3 +146,25 @@ def test_dpo_objective_over_rankings_is_the_mean_over_its_pairs():
     # a policy equal to its reference: every pair log 2
     same = dict(batch, ref_logps=jnp.asarray(pol))
     np.testing.assert_allclose(float(make_dpo_loss(cfg)(params, same, None)[0]) / 4, math.log(2), rtol=1e-5)
+
+
+def test_rpo_alpha_adds_the_best_answers_per_token_nll_once_per_pair():
+    import jaxllm
+    from jaxllm.objectives.dpo import make_dpo_loss, sequence_logps
+    cfg = jaxllm.ModelConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32)
+    params = jaxllm.init_params(cfg, jax.random.key(0))
+    b, k, t = 2, 3, 8
+    loss_mask = jnp.zeros((b, k, t), jnp.int32).at[:, :, 4:].set(1).at[1, 0, 4:6].set(0)  # row 1 best: 2 tokens
+    batch = {"tokens": jax.random.randint(jax.random.key(1), (b, k, t), 0, 32),
+             "positions": jnp.broadcast_to(jnp.arange(t), (b, k, t)),
+             "segment_ids": jnp.ones((b, k, t), jnp.int32), "loss_mask": loss_mask,
+             "response_mask": jnp.array([[1, 1, 1], [1, 1, 0]]),      # 3 pairs, then 1
+             "ref_logps": jax.random.normal(jax.random.key(2), (b, k))}
+    plain, _ = make_dpo_loss(cfg, beta=0.5)(params, batch, None)
+    rpo, sums = make_dpo_loss(cfg, beta=0.5, rpo_alpha=0.7)(params, batch, None)
+    pol = np.asarray(sequence_logps(params, batch, cfg))
+    want_nll = 3 * (-pol[0, 0] / 4) + 1 * (-pol[1, 0] / 2)
+    np.testing.assert_allclose(float(sums["chosen_nll"]), want_nll, rtol=1e-5)
+    np.testing.assert_allclose(float(rpo) - float(plain), 0.7 * want_nll, rtol=1e-5)
+    with pytest.raises(ConfigError, match="dpo_rpo_alpha"):
+        jaxllm.config.RLConfig(dpo_rpo_alpha=-1.0)

@@ -236,3 +236,17 @@ def test_samples_of_fixed_prompts_are_logged_at_each_evaluation(tmp_path, text_d
     assert [(r["step"], r["prompt"]) for r in rows] == [(2, "Once upon a time"), (2, "7 + 5 ="),
                                                         (4, "Once upon a time"), (4, "7 + 5 =")]
     assert all(isinstance(r["completion"], str) and r["completion"] for r in rows)
+
+
+def test_a_config_key_added_since_the_checkpoint_is_no_change_at_its_default():
+    from jaxllm import configlib
+    from jaxllm.config import Config
+    from jaxllm.training.run import config_changes
+    now = configlib.to_dict(Config())
+    saved = configlib.to_dict(Config())
+    del saved["rl"]["dpo_rpo_alpha"]                    # a checkpoint from before the key existed
+    assert config_changes(saved, now, now) == []
+    changed = configlib.to_dict(Config())
+    changed["rl"]["dpo_rpo_alpha"] = 1.0
+    assert config_changes(saved, changed, now) == [("rl.dpo_rpo_alpha", None, 1.0)]
+    assert config_changes(saved, now) == [("rl.dpo_rpo_alpha", None, 0.0)]   # without defaults: said

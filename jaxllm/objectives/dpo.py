@@ -46,7 +46,11 @@ def reference_logps(params, batch, model_cfg) -> jax.Array:
                      "params['reference'], or a LoRA/adapter delta over a frozen base")
 
 
-def make_dpo_loss(model_cfg, *, beta: float = 0.1, label_smoothing: float = 0.0):
+def make_dpo_loss(model_cfg, *, beta: float = 0.1, label_smoothing: float = 0.0, rpo_alpha: float = 0.0):
+    """Summed over pairs (the step divides by the pair count). rpo_alpha > 0 adds RPO's term
+    (Pang et al. 2024; TRL's `rpo_alpha`): alpha times the best response's per-token NLL, once
+    per pair its prompt contributes, so the mean loss is DPO's mean + alpha * that NLL's mean
+    over pairs. It keeps DPO from lowering the likelihood of the answers it prefers."""
     def loss_fn(params, batch, rng):
         del rng
         policy_params = {k: v for k, v in params.items() if k != "reference"}
@@ -57,5 +61,12 @@ def make_dpo_loss(model_cfg, *, beta: float = 0.1, label_smoothing: float = 0.0)
         loss = -(1 - label_smoothing) * jax.nn.log_sigmoid(diff) - label_smoothing * jax.nn.log_sigmoid(-diff)
         sums = {"weight": jnp.sum(on), "accuracy": jnp.sum(on * (diff > 0)), "margin": jnp.sum(on * diff),
                 "chosen_reward": jnp.sum(implicit[:, 0] * (jnp.sum(on, -1)[:, 0] > 0))}
-        return jnp.sum(loss * on), sums
+        total = jnp.sum(loss * on)
+        if rpo_alpha:
+            pairs_b = jnp.sum(on, axis=(1, 2))                                   # (B,)
+            n_best = jnp.maximum(jnp.sum(batch["loss_mask"][:, 0].astype(jnp.float32), -1), 1.0)
+            nll_b = -logps[:, 0] / n_best                                        # (B,) per-token NLL
+            sums["chosen_nll"] = jnp.sum(nll_b * pairs_b)
+            total = total + rpo_alpha * sums["chosen_nll"]
+        return total, sums
     return loss_fn

@@ -44,7 +44,7 @@ def train(cfg: Config) -> dict:
     with Run(cfg) as run:
         run.check_layout()
         train_it, make_eval, _ = data_iterators(cfg, run.log)
-        loss_fn = make_dpo_loss(cfg.model, beta=cfg.rl.dpo_beta)
+        loss_fn = make_dpo_loss(cfg.model, beta=cfg.rl.dpo_beta, rpo_alpha=cfg.rl.dpo_rpo_alpha)
         base_specs, base_shapes = param_logical_axes(cfg.model), param_shapes(cfg.model)
         if delta is None:
             def init_fn(k):

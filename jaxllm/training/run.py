@@ -58,10 +58,12 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def config_changes(saved: dict, now: dict) -> list[tuple[str, Any, Any]]:
-    """(key, saved value, current value) for every key that differs."""
-    a, b = _flat(saved), _flat(now)
-    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+def config_changes(saved: dict, now: dict, defaults: dict | None = None) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, current value) for every key that differs. A key the saved config
+    does not have (added to jaxllm since it was saved) is no change while it holds its default."""
+    a, b, d = _flat(saved), _flat(now), _flat(defaults or {})
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+            and not (k not in a and k in d and b.get(k) == d[k])]
 
 
 class RunLock:
@@ -287,7 +289,7 @@ class Run:
         """Refuse trajectory-changing config changes; keep the lr schedule's horizon."""
         now = configlib.to_dict(self.cfg)
         if "config" in saved:
-            changes = [c for c in config_changes(saved["config"], now)
+            changes = [c for c in config_changes(saved["config"], now, configlib.to_dict(Config()))
                        if c[0] != "train.steps" and not c[0].startswith(RESUMABLE_CHANGES)]
             if changes:
                 listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes)
