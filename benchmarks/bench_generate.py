@@ -19,6 +19,8 @@ Times on a shared CPU swing from run to run; compare the ratio within one run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import time
 
 import jax
@@ -83,6 +85,10 @@ def main() -> None:
     ap.add_argument("--new", default="64,256")
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--compute-dtypes", default="config",
+                    help="comma list of model.compute_dtype values to run each model at; 'config' = "
+                         "the model config's own (on CPU, batch-1 decoding is much faster in float32: "
+                         "XLA's CPU bf16 matrix-vector products run ~7x slower than float32 here)")
     a = ap.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; prompt {a.prompt} tokens; greedy; "
           f"recompute extrapolated per token from one timed forward per {BUCKET}-token bucket")
@@ -90,8 +96,10 @@ def main() -> None:
             f"{'recompute tok/s':>15} {'speedup':>8} | {'prefill tok/s':>13} {'cache MiB':>9}")
     print(head)
     print("-" * len(head))
-    for name in a.models.split(","):
+    for name, dtype in itertools.product(a.models.split(","), a.compute_dtypes.split(",")):
         cfg = model_cfg(name)
+        if dtype != "config":
+            cfg = dataclasses.replace(cfg, compute_dtype=dtype)
         params = jaxllm.init_params(cfg, jax.random.key(0))
         n = jaxllm.model.count_params(params)
         for b in map(int, a.batches.split(",")):
