@@ -222,10 +222,13 @@ class AdapterConfig:
     sublayers of every layer, up initialised to zero; the base is frozen."""
     size: int = 0                   # bottleneck width; 0 = adapters off
     activation: Literal["gelu", "relu", "silu"] = "gelu"
+    init_std: float = 1e-2          # std of the down projection's init (Houlsby's near-identity)
 
     def __post_init__(self):
         if self.size < 0:
             raise ConfigError(f"adapter.size must be >= 0 (0 = off), got {self.size}")
+        if not self.init_std > 0:
+            raise ConfigError(f"adapter.init_std must be > 0, got {self.init_std}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -84,3 +84,13 @@ def test_bad_adapter_input_is_refused(base):
     delta = adapter.init_delta(base, ACFG, jax.random.key(1))
     with pytest.raises(ConfigError, match=r"adapter.size=16: .*\(2, 64, 8\) \(expected \(2, 64, 16\)\)"):
         adapter.attach(base, delta, AdapterConfig(size=16))
+
+
+def test_down_projection_init_has_the_configured_std(base):
+    for std in (1e-2, 0.125):
+        delta = adapter.init_delta(base, AdapterConfig(size=32, init_std=std), jax.random.key(0))
+        down = np.asarray(delta["layers"]["after_mlp"]["down"]["kernel"], np.float64)
+        np.testing.assert_allclose(down.std(), std, rtol=0.1)
+        assert not np.any(np.asarray(delta["layers"]["after_mlp"]["up"]["kernel"]))
+    with pytest.raises(ConfigError, match="init_std"):
+        AdapterConfig(size=8, init_std=0.0)

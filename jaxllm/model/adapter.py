@@ -23,7 +23,6 @@ from jaxllm.configlib import ConfigError
 from jaxllm.model.transformer import ADAPTER_ACTIVATIONS, AdapterOptions
 
 SITES = ("after_attn", "after_mlp")
-DOWN_INIT_STD = 1e-2    # Houlsby's near-identity init; up is zero, so the start is exact anyway
 
 
 def check_config(cfg: AdapterConfig) -> None:
@@ -47,13 +46,13 @@ def delta_shapes(n_layers: int, d: int, size: int) -> dict:
 
 
 def init_delta(base, cfg: AdapterConfig, key: jax.Array) -> dict:
-    """down ~ N(0, 1e-2^2), up and both biases 0, in the base's param dtype."""
+    """down ~ N(0, adapter.init_std^2), up and both biases 0, in the base's param dtype."""
     check_config(cfg)
     n, d, dtype = _geometry(base)
     delta: dict = {"layers": {}}
     for i, site in enumerate(SITES):
         k = jax.random.fold_in(key, i)
-        down = DOWN_INIT_STD * jax.random.normal(k, (n, d, cfg.size), jnp.float32)
+        down = cfg.init_std * jax.random.normal(k, (n, d, cfg.size), jnp.float32)
         delta["layers"][site] = {
             "down": {"kernel": down.astype(dtype), "bias": jnp.zeros((n, cfg.size), dtype)},
             "up": {"kernel": jnp.zeros((n, cfg.size, d), dtype), "bias": jnp.zeros((n, d), dtype)}}
