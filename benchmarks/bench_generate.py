@@ -87,8 +87,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--compute-dtypes", default="config",
                     help="comma list of model.compute_dtype values to run each model at; 'config' = "
-                         "the model config's own (on CPU, batch-1 decoding is much faster in float32: "
-                         "XLA's CPU bf16 matrix-vector products run ~7x slower than float32 here)")
+                         "the model config's own")
     a = ap.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; prompt {a.prompt} tokens; greedy; "
           f"recompute extrapolated per token from one timed forward per {BUCKET}-token bucket")

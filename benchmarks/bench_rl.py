@@ -2,7 +2,7 @@
 value / old-log-prob pass and the updates; and the rollout's tokens/s. Self-contained: builds a
 small synthetic corpus, a tokenizer and a briefly pretrained tiny policy in a temp dir first.
 
-    .venv/bin/python benchmarks/bench_rl.py [--prompts 64] [--iterations 4] [--reward-model RUN]
+    .venv/bin/python benchmarks/bench_rl.py [--prompts 64] [--iterations 4] [--new-tokens 32] [--objective ppo|grpo]
 
 Absolute seconds on this shared machine are noisy: compare the split within one run.
 """

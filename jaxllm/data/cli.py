@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import sys
 
+from jaxllm.errors import UserError
+
 
 def _fail(e: Exception) -> None:
     # User mistakes (bad files, impossible vocab sizes) get one clear line, not a traceback.
@@ -51,8 +53,13 @@ def _data_synth(args) -> None:
 def _data_rank(args) -> None:
     from jaxllm.evaluation.source import load_model
     from jaxllm.rl.labels import rank_samples, read_prompt_records, write_rankings
+    if args.k < 2 or args.num < 0:
+        raise UserError(f"data rank: --k must be >= 2 (a ranking needs 2 answers) and --num >= 0, "
+                        f"got --k {args.k} --num {args.num}")
+    records, unusable = read_prompt_records(args.prompts, args.num)
+    if unusable:
+        print(f"{args.prompts}: {unusable} records without a 'task' and a 'prompt' left out", file=sys.stderr)
     model = load_model(args.model)
-    records = read_prompt_records(args.prompts, args.num)
     rankings, skipped = rank_samples(model.params, model.cfg, model.tokenizer, records, k=args.k,
                                      temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                                      seed=args.seed)

@@ -18,35 +18,36 @@ import os
 from typing import Sequence
 
 import jax
-import numpy as np
 
 from jaxllm.data.chat import chat_prompt
 from jaxllm.data.synthetic_tasks import score_response
 from jaxllm.errors import UserError
 from jaxllm.evaluation.chat import end_of_turn_ids
 from jaxllm.model.generate import generate
+from jaxllm.rl import rollout as R
 
 
 def rank_samples(params, model_cfg, tokenizer, records: Sequence[dict], *, k: int, temperature: float,
                  max_new_tokens: int, seed: int, batch_prompts: int = 64) -> tuple[list[dict], int]:
-    """-> (ranking records {"prompt", "task", "responses": best first, "scores"}, skipped)."""
+    """-> (ranking records {"prompt", "task", "responses": best first, "scores"}, skipped).
+    Prompts are rendered as PPO renders them (rl/rollout.py), so the reward model learns on
+    the inputs PPO will score."""
     stops = end_of_turn_ids(tokenizer)
     out, skipped = [], 0
     for start in range(0, len(records), batch_prompts):
         chunk = records[start:start + batch_prompts]
-        prompts = [chat_prompt([{"role": "user", "content": r["prompt"]}], tokenizer) for r in chunk]
+        prompts = [chat_prompt(R.prompt_messages(r, f"prompt {start + i}"), tokenizer) for i, r in enumerate(chunk)]
         gen = jax.device_get(generate(
             params, [p for p in prompts for _ in range(k)], model_cfg, max_new_tokens=max_new_tokens,
             key=jax.random.fold_in(jax.random.key(seed), start), temperature=temperature,
             eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, stop_ids=stops, vocab_limit=tokenizer.vocab_size))
+        texts, finished = R.response_texts(tokenizer, gen, stops), R.ended(gen, stops)
         for i, rec in enumerate(chunk):
             answers = {}
             for j in range(i * k, (i + 1) * k):
-                toks, m = np.asarray(gen.tokens[j]), np.asarray(gen.mask[j])
-                if not (m.sum() and int(toks[m.sum() - 1]) in stops):
-                    continue                     # cut at max_new_tokens: not a finished answer
-                text = tokenizer.decode([int(t) for t, b in zip(toks, m) if b and int(t) not in stops]).strip()
-                if text and text != rec["prompt"].strip():
+                text = texts[j].strip()
+                # an answer cut at max_new_tokens is not a finished answer
+                if finished[j] and text and text != rec["prompt"].strip():
                     answers[text] = score_response(rec["task"], text)
             by_score = {}
             for text, s in sorted(answers.items(), key=lambda x: -x[1]):
@@ -67,13 +68,21 @@ def write_rankings(path: str, rankings: list[dict]) -> None:
             f.write(json.dumps(r) + "\n")
 
 
-def read_prompt_records(path: str, num: int) -> list[dict]:
+def read_prompt_records(path: str, num: int) -> tuple[list[dict], int]:
+    """-> (the first `num` (0: all) records with a 'task' and a 'prompt', how many records
+    lacked them and were left out)."""
     from jaxllm.data.sources import expand_paths
     records = []
     for p in expand_paths(path):
-        with open(p) as f:
-            records += [json.loads(line) for line in f if line.strip()]
-    records = [r for r in records if isinstance(r.get("task"), dict) and isinstance(r.get("prompt"), str)]
-    if not records:
+        with open(p, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise UserError(f"{p}:{n}: not a JSON record ({e.msg})") from None
+    usable = [r for r in records if isinstance(r, dict) and isinstance(r.get("task"), dict)
+              and isinstance(r.get("prompt"), str)]
+    if not usable:
         raise UserError(f"{path}: no prompt records with a 'task' (the programmatic labeler needs it)")
-    return records[:num] if num else records
+    return (usable[:num] if num else usable), len(records) - len(usable)
