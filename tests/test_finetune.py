@@ -21,6 +21,7 @@ def base(tmp_path_factory):
     return d, jax.device_get(s["state"].params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("delta", [["lora.r=4"], ["adapter.size=8"]], ids=["lora", "adapter"])
 def test_delta_run_trains_only_the_delta_and_resumes_exactly(tmp_path, base, delta):
     base_dir, base_params = base

@@ -165,6 +165,7 @@ def test_trunk_then_unembed_is_forward_and_heads_share_one_pass(params):
     np.testing.assert_array_equal(jaxllm.unembed(params, hidden, CFG), jaxllm.forward(params, x, CFG))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tie", [False, True])
 def test_chunked_token_stats_equal_unchunked_values_and_gradients(tie):
     from jaxllm.model.heads import token_stats
@@ -252,6 +253,7 @@ def test_residual_projections_start_smaller():
     np.testing.assert_allclose(float(jnp.std(off["layers"]["mlp"]["down"]["kernel"])), 0.02, rtol=0.05)
 
 
+@pytest.mark.slow
 def test_eager_init_and_forward_equal_jitted(params):
     with jax.disable_jit():
         eager = jaxllm.init_params(CFG, jax.random.key(0))

@@ -398,6 +398,7 @@ def recipe_args(synth, run_dir, *extra):
             f"data.eval_sources=[{{path: '{synth['eval']}'}}]", f"train.run_dir={run_dir}", *extra]
 
 
+@pytest.mark.slow
 def test_sharded_reward_steps_match_single_device(synth, tmp_path):
     assert len(jax.devices()) == 8, "conftest must give 8 CPU devices"
     out = {}
@@ -419,6 +420,7 @@ def test_sharded_reward_steps_match_single_device(synth, tmp_path):
     assert set(state.params) == {"embed", "layers", "final_norm", "reward_head"}   # no LM head
 
 
+@pytest.mark.slow
 def test_reward_learning_starts_from_log_2_and_drops(synth, tmp_path):
     """The short form of the end-to-end test (random init, 40 steps): clear learning."""
     s = jaxllm.train(jaxllm.load_config(None, recipe_args(synth, tmp_path / "short", "train.steps=40",
@@ -487,6 +489,7 @@ def test_init_from_a_language_model_a_reward_run_or_an_exported_reward_model(syn
     chex.assert_trees_all_equal(jax.device_get(start("from_export", tmp_path / "exported")), trained)
 
 
+@pytest.mark.slow
 def test_a_resumed_reward_run_continues_exactly(synth, tmp_path):
     # optim.decay_steps fixes the lr horizon (a run started with train.steps=2 keeps its own)
     args = ["train.eval_every=0", "mesh.devices=1", "checkpoint.every=2", "checkpoint.async_save=false",

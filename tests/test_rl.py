@@ -45,6 +45,7 @@ def rl_run(args, run_dir, *extra):
     return jaxllm.train(jaxllm.load_config(None, args + [f"train.run_dir={run_dir}", *extra]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("delta", [[], ["lora.r=4"]], ids=["full", "lora"])
 def test_policy_starts_as_the_reference_and_the_reference_is_frozen(policy, tmp_path, delta):
     _, args = policy
@@ -74,6 +75,7 @@ def test_lora_reference_is_the_base_with_the_delta_off():
     assert not np.allclose(policy_outputs(policy, batch, cfg)["logprob"], ref)
 
 
+@pytest.mark.slow
 def test_one_ppo_iteration_is_the_same_on_a_sharded_mesh(policy, tmp_path):
     _, args = policy
     keys = ("score", "kl", "loss", "pg_loss", "vf_loss", "entropy", "clipfrac", "approx_kl", "response_length")
@@ -85,6 +87,7 @@ def test_one_ppo_iteration_is_the_same_on_a_sharded_mesh(policy, tmp_path):
             np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
+@pytest.mark.slow
 def test_a_killed_ppo_run_resumes_with_the_uninterrupted_metrics(policy, tmp_path):
     _, args = policy
     full = rl_run(args, tmp_path / "full", "train.steps=4", "mesh.devices=1")["history"]
@@ -114,6 +117,7 @@ def _even_token_reward(self, batch, records, texts):
     return ((toks % 2 == 0) * m).sum(1) / np.maximum(m.sum(1), 1)
 
 
+@pytest.mark.slow
 def test_grpo_and_ppo_follow_the_reward(policy, tmp_path, monkeypatch):
     _, args = policy
     monkeypatch.setattr(rl_recipe.Scorer, "__call__", _even_token_reward)

@@ -30,6 +30,7 @@ def cli(*argv, cwd=REPO):
                           text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"), timeout=600)
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_trajectory_change_and_keeps_config_yaml(tmp_path):
     run(tmp_path, "train.steps=2")
     before = (tmp_path / "config.yaml").read_text()
@@ -44,6 +45,7 @@ def test_resume_refuses_a_trajectory_change_and_keeps_config_yaml(tmp_path):
     assert s["steps"] == 4
 
 
+@pytest.mark.slow
 def test_extending_steps_keeps_the_lr_of_steps_already_planned(tmp_path, capsys):
     a = run(tmp_path / "a", "train.steps=10", "checkpoint.every=5")
     lr_a = {h["step"]: h["lr"] for h in a["history"]}
@@ -58,6 +60,7 @@ def test_extending_steps_keeps_the_lr_of_steps_already_planned(tmp_path, capsys)
     assert lr_b[11] <= lr_a[10] * 1.0001   # no jump back up (a 20-step plan would give ~5.9x)
 
 
+@pytest.mark.slow
 def test_init_from_restores_only_params_into_the_target_shardings(tmp_path):
     src = run(tmp_path / "src", "train.steps=3")
     s = run(tmp_path / "dst", "train.steps=1", f"checkpoint.init_from={tmp_path / 'src'}",
@@ -110,6 +113,7 @@ def test_concurrent_train_on_one_run_dir_fails_the_second_at_start_up(tmp_path):
         first.wait()
 
 
+@pytest.mark.slow
 def test_corrupt_newest_checkpoint_is_one_clear_line_or_falls_back(tmp_path, capsys):
     run(tmp_path, "train.steps=4", "checkpoint.every=2")
     # truncate every array file of the newest checkpoint
@@ -132,6 +136,7 @@ def test_bf16_params_train(tmp_path):
     assert s["final_loss"] < s["first_loss"] - 0.2
 
 
+@pytest.mark.slow
 def test_eager_debug_mode_reproduces_the_jitted_run(tmp_path):
     common = ["train.steps=3", "train.batch_size=2", "train.seq_len=16"]
     jitted = run(tmp_path / "jit", *common)

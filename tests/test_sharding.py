@@ -69,6 +69,7 @@ def test_rules_drop_mesh_axes_that_do_not_divide_and_the_report_says_so():
     np.testing.assert_allclose(rep["replicated_fraction"], k_bytes / rep["total_bytes"])
 
 
+@pytest.mark.slow
 def test_silent_replication_is_refused(tmp_path, capsys):
     # d_model=100 cannot split over fsdp=8: every matrix and its Adam moments would be
     # replicated on all 8 devices while the preset says "shard"
@@ -84,6 +85,7 @@ def test_silent_replication_is_refused(tmp_path, capsys):
     assert "layers/mlp/up/kernel" in err and "MiB/device" in err
 
 
+@pytest.mark.slow
 def test_idle_mesh_axis_is_said(tmp_path, capsys):
     jaxllm.train(jaxllm.load_config(None, BASE + [f"train.run_dir={tmp_path}", "train.steps=1",
                                                   "mesh.fsdp=4", "mesh.tensor=2", "mesh.preset=fsdp"]))
@@ -137,6 +139,7 @@ def _rank_and_frozen_step(mesh_shape, preset):
         return float(m["loss"]), jax.device_get(state.params), frozen["layers"]["attn"]["q"]["kernel"].sharding.spec
 
 
+@pytest.mark.slow
 def test_batch_leaves_of_any_rank_and_a_sharded_frozen_tree():
     loss1, params1, _ = _rank_and_frozen_step((1, 1, 1), "fsdp_tp")
     loss8, params8, frozen_spec = _rank_and_frozen_step((2, 2, 2), "fsdp_tp")

@@ -86,6 +86,7 @@ def test_nonfinite_gradients_skip_the_update():
     assert int(state.opt_state.skipped) == 1 and int(state.opt_state.applied) == 0
 
 
+@pytest.mark.slow
 def test_nonfinite_update_with_finite_gradients_is_skipped():
     # eps=0, b2=0: an untouched embedding row has g = 0, so Adam's update is 0/0 = NaN while
     # every gradient is finite (optax.apply_if_finite, which checks gradients only, applies it)
@@ -120,6 +121,7 @@ def test_loss_falls_on_synthetic_stream_and_run_dir_is_written(tmp_path):
     assert jaxllm.load_config(tmp_path / "config.yaml").train.steps == 60  # resolved config reloads
 
 
+@pytest.mark.slow
 def test_mlm_loss_falls(tmp_path):
     cfg = jaxllm.load_config("configs/pretrain/tiny.yaml",
                              QUIET + ["train.objective=mlm", "train.mlm_mask_id=511", "train.steps=120",
