@@ -206,6 +206,9 @@ class LoraConfig:
     targets: str = r"layers/(attn/(q|k|v|o)|mlp/(gate|up|down))/kernel"
     init: Literal["gaussian", "peft"] = "gaussian"   # A ~ N(0, 1/r) or PEFT's kaiming-uniform; B = 0
     dropout: float = 0.0            # on the LoRA input, training only
+    # token ids or pieces whose embedding and LM-head rows are trained too (PEFT's
+    # trainable_token_indices): e.g. a chat template's specials that pretraining never saw
+    trainable_tokens: tuple[int | str, ...] = ()
 
     def __post_init__(self):
         if self.r < 0:
@@ -223,6 +226,7 @@ class AdapterConfig:
     size: int = 0                   # bottleneck width; 0 = adapters off
     activation: Literal["gelu", "relu", "silu"] = "gelu"
     init_std: float = 1e-2          # std of the down projection's init (Houlsby's near-identity)
+    trainable_tokens: tuple[int | str, ...] = ()   # as lora.trainable_tokens
 
     def __post_init__(self):
         if self.size < 0:

@@ -80,3 +80,26 @@ def test_a_lora_run_exports_merged_to_hf_and_as_peft_and_generates(tmp_path, bas
     assert (tmp_path / "peft" / "adapter_config.json").exists()
     with pytest.raises(jaxllm.UserError, match="exports a LoRA run's adapter"):
         convert(str(base_dir), str(tmp_path / "peft2"), "peft")
+
+
+def test_a_lora_run_with_trainable_tokens_trains_their_rows_and_exports_merged(tmp_path, base):
+    base_dir, base_params = base
+    run = tmp_path / "run"
+    s = jaxllm.train(jaxllm.load_config(None, ARGS + ["lora.r=4", "lora.trainable_tokens=[3,5]", "train.steps=2",
+                                                      f"train.run_dir={run}", f"checkpoint.init_from={base_dir}"]))
+    chex.assert_trees_all_equal(jax.device_get(s["frozen"]), base_params)   # the base is untouched
+    rows = jax.device_get(s["state"].params)["tokens"]
+    assert {k: v.shape for k, v in rows.items()} == {"embed": (2, 64), "unembed": (2, 64)}
+    assert np.abs(rows["unembed"]).min(axis=1).max() > 0                    # the rows trained
+    assert not (run / "adapter").exists()          # no PEFT file that would drop the rows
+    from jaxllm.interop.cli import convert
+    from jaxllm.interop.hf import CheckpointFormatError
+    from jaxllm.training.checkpoint import load_policy
+    params, _, delta = load_policy(run)
+    assert delta[1].trainable_tokens == (3, 5) and "tokens" in params
+    convert(str(run), str(tmp_path / "hf"), "hf")
+    cfg, merged = jaxllm.load_hf(tmp_path / "hf")
+    ids = np.array([[1, 3, 4, 5, 6, 3, 7, 8]], np.int32)
+    np.testing.assert_allclose(jaxllm.forward(merged, ids, cfg), jaxllm.forward(params, ids, cfg), atol=1e-5)
+    with pytest.raises(CheckpointFormatError, match="trainable_tokens"):
+        convert(str(run), str(tmp_path / "peft"), "peft")

@@ -59,7 +59,7 @@ def convert(src: str, dst: str, to: str, overwrite: bool = False) -> str:
                 raise UserError(f"{src}: bottleneck adapters have no place in a transformers Llama "
                                 f"checkpoint; export the base, or train LoRA to merge")
             from jaxllm.model import lora
-            params = lora.merge({k: v for k, v in params.items() if k != "lora"}, delta[2], delta[1])
+            params = lora.merge({k: v for k, v in params.items() if k not in ("lora", "tokens")}, delta[2], delta[1])
         save_hf(out, cfg, params)
         return f"wrote HF checkpoint to {out}" + (" (LoRA merged into the base)" if delta else "")
     cfg, params = load_hf(src)

@@ -66,6 +66,11 @@ def save_peft(directory: str | pathlib.Path, model_cfg: ModelConfig, delta: dict
     from safetensors.numpy import save_file
     directory = pathlib.Path(directory)
     lora.check_config(lora_cfg)
+    if "tokens" in delta:
+        # PEFT stores trainable tokens as full rows (base + delta), which needs the base here
+        raise CheckpointFormatError("this LoRA delta trains token rows (lora.trainable_tokens), which the "
+                                    "PEFT export does not write yet: export the merged model with "
+                                    "`jaxllm convert RUN DST --to hf`")
     modules = _modules(model_cfg)
     paths = lora.delta_paths(delta)
     tensors = {}

@@ -9,6 +9,7 @@ with the base frozen and only the adapters trained.
 The delta, stacked along `layers` like the base (model/transformer.py Block reads it):
     {"layers": {"after_attn" | "after_mlp": {"down": {"kernel": (L, d, size), "bias": (L, size)},
                                              "up":   {"kernel": (L, size, d), "bias": (L, d)}}}}
+With adapter.trainable_tokens the delta also holds {"tokens": rows} (model/tokens.py).
 Unlike LoRA an adapter cannot be folded into the base weights (the activation sits between
 down and up), so there is no merge of weights: serving keeps the attached params.
 """
@@ -20,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxllm.config import AdapterConfig, ModelConfig
 from jaxllm.configlib import ConfigError
+from jaxllm.model import tokens
 from jaxllm.model.transformer import ADAPTER_ACTIVATIONS, AdapterOptions
 
 SITES = ("after_attn", "after_mlp")
@@ -56,6 +58,8 @@ def init_delta(base, cfg: AdapterConfig, key: jax.Array) -> dict:
         delta["layers"][site] = {
             "down": {"kernel": down.astype(dtype), "bias": jnp.zeros((n, cfg.size), dtype)},
             "up": {"kernel": jnp.zeros((n, cfg.size, d), dtype), "bias": jnp.zeros((n, d), dtype)}}
+    if cfg.trainable_tokens:
+        delta["tokens"] = tokens.init_rows(base, tokens.ids_of(cfg))
     return delta
 
 
@@ -63,15 +67,19 @@ def delta_logical_axes(model_cfg: ModelConfig, cfg: AdapterConfig) -> dict:
     """Logical names, same structure as init_delta's result: the bottleneck is 'adapter'
     (unsharded by the presets), d is 'embed' in the kernels and 'norm' in the up bias (like
     the other d-vectors)."""
-    del model_cfg
     check_config(cfg)
     site = {"down": {"kernel": P("layers", "embed", "adapter"), "bias": P("layers", "adapter")},
             "up": {"kernel": P("layers", "adapter", "embed"), "bias": P("layers", "norm")}}
-    return {"layers": {s: site for s in SITES}}
+    out = {"layers": {s: site for s in SITES}}
+    if cfg.trainable_tokens:
+        out["tokens"] = tokens.logical_axes(model_cfg.tie_embeddings)
+    return out
 
 
 def check_delta(base, delta, cfg: AdapterConfig) -> None:
     n, d, _ = _geometry(base)
+    tokens.check_rows(base, delta.get("tokens"), tokens.ids_of(cfg))
+    delta = {k: v for k, v in delta.items() if k != "tokens"}
     flat_want = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_flatten_with_path(
         delta_shapes(n, d, cfg.size), is_leaf=lambda x: isinstance(x, tuple))[0]}
     flat_have = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in
@@ -89,7 +97,9 @@ def attach(base: dict, delta: dict, cfg: AdapterConfig) -> dict:
     if "adapter" in base:
         raise ConfigError("these params already carry adapters (an 'adapter' key): attach to the base")
     check_delta(base, delta, cfg)
-    return {**base, "adapter": {**delta, "options": AdapterOptions(cfg.activation)}}
+    out = {**base, "adapter": {**{k: v for k, v in delta.items() if k != "tokens"},
+                               "options": AdapterOptions(cfg.activation)}}
+    return tokens.attach(out, delta["tokens"], tokens.ids_of(cfg)) if "tokens" in delta else out
 
 
 def make_merge(cfg: AdapterConfig):

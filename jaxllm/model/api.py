@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxllm.config import ModelConfig
 from jaxllm.model.matmul import mixed_matmul
+from jaxllm.model.tokens import patch_embeddings, patch_logits
 from jaxllm.model.transformer import Block, constrain, rms_norm
 
 REMAT_POLICIES = {
@@ -138,6 +139,8 @@ def trunk(params: dict, tokens_bt, cfg: ModelConfig, *, positions=None, segment_
     tokens_bt, positions, segment_ids = _inputs(tokens_bt, positions, segment_ids)
     dt = jnp.dtype(cfg.compute_dtype)
     x_btd = jnp.take(params["embed"]["embedding"].astype(dt), tokens_bt, axis=0)
+    if "tokens" in params:          # trainable token rows beside a delta (model/tokens.py)
+        x_btd = patch_embeddings(x_btd, tokens_bt, params["tokens"])
     x_btd = constrain(x_btd, ("activation_batch", "activation_length", "activation_embed"))
 
     kv_seg, index, layer_caches = None, None, None
@@ -193,6 +196,8 @@ def unembed(params: dict, hidden_btd: jax.Array, cfg: ModelConfig) -> jax.Array:
     large vocabulary would add ~0.1 of noise to the cross-entropy."""
     w_dv = unembed_matrix(params, cfg)
     logits = mixed_matmul(hidden_btd.astype(w_dv.dtype), w_dv, 1)
+    if "tokens" in params:
+        logits = patch_logits(logits, hidden_btd, params["tokens"])
     if logits.ndim == 3:
         logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
     return logits

@@ -169,14 +169,14 @@ def _compute_params(params: dict, cfg: ModelConfig) -> dict:
     """Matrices cast to the compute dtype once, outside the decode loop. The layers cast every
     kernel, bias and the embedding to the compute dtype at each call; in a loop of N steps that
     would re-read the float32 weights N times. The result is bit-identical (a cast of a cast).
-    Norm scales stay as they are (rms_norm reads them in float32), and so do LoRA/adapter
+    Norm scales stay as they are (rms_norm reads them in float32), and so do LoRA/adapter/token-row
     subtrees, which the layers apply in their own way."""
     dt = jnp.dtype(cfg.compute_dtype)
 
     def cast(path, x):
         keys = [getattr(k, "key", None) for k in path]
         if (dt != x.dtype and jnp.issubdtype(x.dtype, jnp.floating) and keys[-1] in ("kernel", "bias", "embedding")
-                and not {"lora", "adapter"} & set(keys)):
+                and not {"lora", "adapter", "tokens"} & set(keys)):
             return x.astype(dt)
         return x
     return jax.tree_util.tree_map_with_path(cast, params)

@@ -22,11 +22,14 @@ from jax.sharding import PartitionSpec as P
 from jaxllm.config import ModelConfig
 from jaxllm.model.api import unembed_matrix
 from jaxllm.model.matmul import mixed_matmul
+from jaxllm.model.tokens import patch_logits
 from jaxllm.model.transformer import constrain
 
 
-def _chunk_stats(h_bcd, y_bc, w_dv, temperature: float, entropy: bool) -> dict:
+def _chunk_stats(h_bcd, y_bc, w_dv, temperature: float, entropy: bool, tok: dict | None = None) -> dict:
     logits = mixed_matmul(h_bcd.astype(w_dv.dtype), w_dv, 1)             # (B, c, V) fp32
+    if tok is not None:             # trainable token rows beside a delta (model/tokens.py)
+        logits = patch_logits(logits, h_bcd, tok)
     logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
     if temperature != 1.0:
         logits = logits / temperature
@@ -47,10 +50,11 @@ def token_stats(params: dict, hidden_btd: jax.Array, targets_bt: jax.Array, cfg:
     target) and, if asked, `entropy`. Logits are divided by `temperature` first.
     chunk: sequence positions per chunk (default model.logits_chunk; 0 = all at once)."""
     w_dv = unembed_matrix(params, cfg)
+    tok = params.get("tokens")
     b, t, d = hidden_btd.shape
     c = cfg.logits_chunk if chunk is None else chunk
     if not c or c >= t:
-        return _chunk_stats(hidden_btd, targets_bt, w_dv, temperature, entropy)
+        return _chunk_stats(hidden_btd, targets_bt, w_dv, temperature, entropy, tok)
     n = -(-t // c)
     pad = n * c - t
     h = jnp.pad(hidden_btd, ((0, 0), (0, pad), (0, 0)))
@@ -61,7 +65,7 @@ def token_stats(params: dict, hidden_btd: jax.Array, targets_bt: jax.Array, cfg:
 
     @jax.checkpoint
     def body(carry, xs):
-        return carry, _chunk_stats(xs[0], xs[1], w_dv, temperature, entropy)
+        return carry, _chunk_stats(xs[0], xs[1], w_dv, temperature, entropy, tok)
     _, out = jax.lax.scan(body, None, (h_nbcd, y_nbc))
     return jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1).reshape(b, n * c)[:, :t], out)
 

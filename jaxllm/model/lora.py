@@ -9,6 +9,7 @@ applied inside the layers as y = x W + s ((x A) B) with W frozen.
 
 The delta mirrors the paths of the matrices it adapts, stacked along `layers` like them:
     {"layers": {"attn": {"q": {"kernel": {"a": (L, *in_dims, r), "b": (L, r, *out_dims)}}}}}
+With lora.trainable_tokens the delta also holds {"tokens": rows} (model/tokens.py).
 No dimension is flattened, so A keeps the logical names of the kernel's input dims and B those
 of its output dims (delta_logical_axes) and LoRA shards like its base on every mesh preset.
 Why never materialise W + s A B for training: autodiff would then build a full-size gradient
@@ -26,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxllm.config import LoraConfig, ModelConfig
 from jaxllm.configlib import ConfigError
+from jaxllm.model import tokens
 from jaxllm.model.transformer import LoraOptions
 
 # How many leading dims of each kernel (after `layers`) are its input dims; the rest are
@@ -106,7 +108,7 @@ def factor_shapes(path: str, kernel_shape: tuple[int, ...], r: int) -> tuple[tup
 
 def delta_paths(delta) -> list[str]:
     """Kernel paths a delta adapts (each leaf pair {"a", "b"} under one kernel path)."""
-    return sorted({p.rsplit("/", 1)[0] for p in param_paths(delta)})
+    return sorted({p.rsplit("/", 1)[0] for p in param_paths(delta) if not p.startswith("tokens/")})
 
 
 # ---------------------------------------------------------------------------- init and specs
@@ -127,6 +129,8 @@ def init_delta(base, cfg: LoraConfig, key: jax.Array) -> dict:
             bound = 1.0 / math.sqrt(math.prod(a_shape[1:-1]))
             a = jax.random.uniform(k, a_shape, jnp.float32, -bound, bound)
         set_path(delta, path, {"a": a.astype(w.dtype), "b": jnp.zeros(b_shape, w.dtype)})
+    if cfg.trainable_tokens:
+        delta["tokens"] = tokens.init_rows(base, tokens.ids_of(cfg))
     return delta
 
 
@@ -141,12 +145,15 @@ def delta_logical_axes(model_cfg: ModelConfig, cfg: LoraConfig) -> dict:
         n_in = KERNEL_INPUT_DIMS[path]
         set_path(out, path, {"a": P(*names[:1 + n_in], "lora_rank"),
                              "b": P(names[0], "lora_rank", *names[1 + n_in:])})
+    if cfg.trainable_tokens:
+        out["tokens"] = tokens.logical_axes(model_cfg.tie_embeddings)
     return out
 
 
 # ---------------------------------------------------------------------------- use
 def check_delta(base, delta, cfg: LoraConfig) -> None:
     """The delta adapts exactly cfg's targets with factors of rank cfg.r that fit base."""
+    tokens.check_rows(base, delta.get("tokens"), tokens.ids_of(cfg))
     want = sorted(target_paths(base, cfg))
     have = delta_paths(delta)
     if have != want:
@@ -169,7 +176,9 @@ def attach(base: dict, delta: dict, cfg: LoraConfig) -> dict:
     if "lora" in base:
         raise ConfigError("these params already carry a LoRA delta (a 'lora' key): attach to the base")
     check_delta(base, delta, cfg)
-    return {**base, "lora": {**delta, "options": LoraOptions(scale(cfg), cfg.dropout)}}
+    out = {**base, "lora": {**{k: v for k, v in delta.items() if k != "tokens"},
+                            "options": LoraOptions(scale(cfg), cfg.dropout)}}
+    return tokens.attach(out, delta["tokens"], tokens.ids_of(cfg)) if "tokens" in delta else out
 
 
 def make_merge(cfg: LoraConfig):
@@ -182,8 +191,9 @@ def make_merge(cfg: LoraConfig):
 
 
 def _fold(params: dict, delta: dict, cfg: LoraConfig, sign: float) -> dict:
-    if "lora" in params:
-        raise ConfigError("merge/unmerge take params without a 'lora' key (the base, or a merged model)")
+    if "lora" in params or "tokens" in params:
+        raise ConfigError("merge/unmerge take params without a 'lora' or 'tokens' key (the base, or a "
+                          "merged model)")
     check_delta(params, delta, cfg)
     s = sign * scale(cfg)
     out = jax.tree.map(lambda x: x, params)    # new containers; arrays are shared
@@ -194,6 +204,8 @@ def _fold(params: dict, delta: dict, cfg: LoraConfig, sign: float) -> dict:
         b = f["b"].astype(jnp.float32).reshape(n, r, -1)
         ab = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST).reshape(w.shape)
         set_path(out, path, (w.astype(jnp.float32) + s * ab).astype(w.dtype))
+    if "tokens" in delta:
+        out = tokens.fold(out, delta["tokens"], tokens.ids_of(cfg), sign)
     return out
 
 

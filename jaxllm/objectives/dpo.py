@@ -40,7 +40,7 @@ def reference_logps(params, batch, model_cfg) -> jax.Array:
         return batch["ref_logps"]
     if "reference" in params:
         return sequence_logps(params["reference"], batch, model_cfg)
-    if "lora" in params or "adapter" in params:
+    if "lora" in params or "adapter" in params or "tokens" in params:
         return sequence_logps(reference_params(params), batch, model_cfg)
     raise ValueError("DPO needs reference log-probs: batch['ref_logps'], a frozen "
                      "params['reference'], or a LoRA/adapter delta over a frozen base")

@@ -49,4 +49,4 @@ def policy_outputs(params: dict, batch: dict, model_cfg, *, temperature: float =
 def reference_params(params: dict) -> dict:
     """The policy with its trainable delta switched off: LoRA / adapters removed. Under a
     delta the base is frozen, so this IS the reference policy, without a second copy."""
-    return {k: v for k, v in params.items() if k not in ("lora", "adapter", "value_head")}
+    return {k: v for k, v in params.items() if k not in ("lora", "adapter", "tokens", "value_head")}

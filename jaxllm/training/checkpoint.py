@@ -290,4 +290,6 @@ def load_policy(path: str | pathlib.Path):
     else:
         from jaxllm.model import adapter as module
         dcfg = cfg.adapter
+    # trainable tokens as the ids the run resolved with its tokenizer (older runs: none)
+    dcfg = dataclasses.replace(dcfg, trainable_tokens=tuple(delta_info.get("token_ids", ())))
     return module.attach(base, delta, dcfg), model, (delta_info["kind"], dcfg, delta)

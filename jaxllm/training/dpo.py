@@ -17,7 +17,7 @@ from jaxllm.objectives.dpo import make_dpo_loss
 from jaxllm.training import metrics as metrics_lib
 from jaxllm.training.loop import fit
 from jaxllm.training.optim import lr_schedule, make_optimizer, skip_metrics
-from jaxllm.training.pretrain import _delta
+from jaxllm.training.pretrain import _delta, _delta_meta
 from jaxllm.training.reward import data_iterators
 from jaxllm.training.run import Run
 from jaxllm.training.step import make_eval_step, make_train_step
@@ -40,10 +40,10 @@ def train(cfg: Config) -> dict:
         raise ConfigError("train.objective=dpo reads rankings rendered as chats: set data.kind=chat")
     if not cfg.checkpoint.init_from:
         raise ConfigError("DPO starts from a policy (an SFT run): set checkpoint.init_from")
-    delta = _delta(cfg)
     with Run(cfg) as run:
         run.check_layout()
-        train_it, make_eval, _ = data_iterators(cfg, run.log)
+        train_it, make_eval, tokenizer = data_iterators(cfg, run.log)
+        delta = _delta(cfg, tokenizer)
         loss_fn = make_dpo_loss(cfg.model, beta=cfg.rl.dpo_beta, rpo_alpha=cfg.rl.dpo_rpo_alpha)
         base_specs, base_shapes = param_logical_axes(cfg.model), param_shapes(cfg.model)
         if delta is None:
@@ -61,8 +61,7 @@ def train(cfg: Config) -> dict:
             specs, merge = module.delta_logical_axes(cfg.model, dcfg), module.make_merge(dcfg)
         state, shardings, optimizer, meta, resumed = run.start_state(
             init_fn=init_fn, param_specs=specs, make_optimizer=lambda h: make_optimizer(cfg.optim, h),
-            meta={"delta": None if delta is None else {"kind": delta[0].__name__.rsplit(".", 1)[-1],
-                                                       "base": cfg.checkpoint.init_from}},
+            meta={"delta": _delta_meta(delta, cfg.checkpoint.init_from)},
             data_iter=train_it, frozen_specs=base_specs, frozen_shapes=base_shapes, init_from_trainable=False)
         frozen = run.load_init_from(jax.tree.map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), base_shapes, shardings.frozen))

@@ -87,22 +87,35 @@ def check_objective(cfg: Config, log) -> None:
                           f"(got {t.objective})")
 
 
-def _delta(cfg: Config):
-    """(module, its config) of the trainable delta, or None for full training."""
+def _delta(cfg: Config, tokenizer=None, *, resolve: bool = True):
+    """(module, its config) of the trainable delta, or None for full training. The config's
+    trainable_tokens are resolved to ids with the run's tokenizer (resolve=False: as given)."""
+    from jaxllm.model import tokens
     if cfg.lora.r:
         from jaxllm.model import lora
-        return lora, cfg.lora
-    if cfg.adapter.size:
+        module, dcfg, field = lora, cfg.lora, "lora.trainable_tokens"
+    elif cfg.adapter.size:
         from jaxllm.model import adapter
-        return adapter, cfg.adapter
-    return None
+        module, dcfg, field = adapter, cfg.adapter, "adapter.trainable_tokens"
+    else:
+        return None
+    return module, (tokens.resolved(dcfg, tokenizer, field) if resolve else dcfg)
+
+
+def _delta_meta(delta, init_from: str) -> dict | None:
+    """What a delta run's checkpoint records to rebuild it (training/checkpoint.py load_policy)."""
+    if delta is None:
+        return None
+    module, dcfg = delta
+    return {"kind": module.__name__.rsplit(".", 1)[-1], "base": init_from,
+            "token_ids": list(dcfg.trainable_tokens)}
 
 
 def train(cfg: Config, batches: Iterator[dict] | None = None) -> dict:
     """Pretraining (clm/mlm) or SFT; full parameters, or a LoRA/adapter delta over a frozen
     base read from checkpoint.init_from (the base is the step's frozen argument)."""
     t = cfg.train
-    delta = _delta(cfg)
+    delta = _delta(cfg, resolve=False)
     if delta is not None and not cfg.checkpoint.init_from:
         raise ConfigError(f"{'lora.r' if cfg.lora.r else 'adapter.size'} trains a delta over a frozen "
                           f"base: set checkpoint.init_from to a run dir, checkpoint or HF directory")
@@ -110,6 +123,7 @@ def train(cfg: Config, batches: Iterator[dict] | None = None) -> dict:
         check_objective(cfg, run.log)
         run.check_layout()
         train_it, make_eval, tokenizer = data_iterators(cfg)
+        delta = _delta(cfg, tokenizer)
         if batches is not None:
             run.log("training on the batches passed to train(); cfg.data's iterator position is "
                     "not checkpointed")
@@ -122,7 +136,7 @@ def train(cfg: Config, batches: Iterator[dict] | None = None) -> dict:
             init_fn = lambda k: module.init_delta(base_shapes, dcfg, k)   # noqa: E731
             specs, merge = module.delta_logical_axes(cfg.model, dcfg), module.make_merge(dcfg)
             frozen_kw = dict(frozen_specs=base_specs, frozen_shapes=base_shapes, init_from_trainable=False)
-            meta = {"delta": {"kind": module.__name__.rsplit(".", 1)[-1], "base": cfg.checkpoint.init_from}}
+            meta = {"delta": _delta_meta(delta, cfg.checkpoint.init_from)}
         state, shardings, optimizer, meta, resumed = run.start_state(
             init_fn=init_fn, param_specs=specs, meta=meta,
             make_optimizer=lambda horizon: make_optimizer(cfg.optim, horizon),
@@ -151,9 +165,12 @@ def train(cfg: Config, batches: Iterator[dict] | None = None) -> dict:
                       evaluate=None if make_eval is None and not t.sample_prompts else evaluate_and_sample,
                       flops_per_token=metrics_lib.flops_per_token(cfg.model, t.seq_len),
                       resumed_from=resumed)
-        if cfg.lora.r and run.is_main:
+        if cfg.lora.r and run.is_main and delta[1].trainable_tokens:
+            run.log("no PEFT adapter written: the PEFT export of trainable token rows is not built; "
+                    f"`jaxllm convert {run.dir} DST --to hf` exports the merged model")
+        elif cfg.lora.r and run.is_main:
             from jaxllm.interop.peft import save_peft
-            save_peft(run.dir / "adapter", cfg.model, jax.device_get(summary["state"].params), cfg.lora,
+            save_peft(run.dir / "adapter", cfg.model, jax.device_get(summary["state"].params), delta[1],
                       base_model_name_or_path=cfg.checkpoint.init_from)
             run.log(f"wrote the LoRA adapter in PEFT format to {run.dir / 'adapter'}")
         summary["frozen"] = base

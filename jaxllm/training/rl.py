@@ -132,8 +132,7 @@ class Scorer:
 def train(cfg: Config) -> dict:
     t, rl = cfg.train, cfg.rl
     _check(cfg)
-    from jaxllm.training.pretrain import _delta  # the same LoRA/adapter choice as SFT
-    delta = _delta(cfg)
+    from jaxllm.training.pretrain import _delta, _delta_meta  # the same LoRA/adapter choice as SFT
     with Run(cfg) as run:
         shards = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
         per_micro = t.batch_size * rl.group_size // rl.minibatches // t.microbatches
@@ -142,6 +141,7 @@ def train(cfg: Config) -> dict:
                               f"rl.minibatches / train.microbatches) must be divisible by mesh "
                               f"data*fsdp = {shards}")
         tok = load_tokenizer_for(cfg.data, cfg.model.vocab_size)
+        delta = _delta(cfg, tok)
         stops = _stop_ids(tok)
         prompts = R.prompt_iterator(cfg.data.sources, tok, template=cfg.data.chat_template,
                                     max_tokens=rl.max_prompt_tokens, global_batch=t.batch_size, seed=t.seed)
@@ -176,8 +176,7 @@ def train(cfg: Config) -> dict:
         state, shardings, optimizer, meta, resumed = run.start_state(
             init_fn=init_fn, param_specs=specs, make_optimizer=lambda h: make_optimizer(cfg.optim, horizon(h)),
             meta={"rl": {"iteration": 0, "kl_coef": rl.kl_coef},
-                  "delta": None if delta is None else {"kind": delta[0].__name__.rsplit(".", 1)[-1],
-                                                       "base": cfg.checkpoint.init_from}},
+                  "delta": _delta_meta(delta, cfg.checkpoint.init_from)},
             data_iter=prompts, init_from_trainable=False, **frozen_kw)
         # the frozen tree: the reference policy (full) or the base the delta adapts (LoRA)
         frozen = run.load_init_from(jax.tree.map(
