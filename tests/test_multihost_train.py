@@ -4,6 +4,7 @@ import os
 import pathlib
 import socket
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -40,3 +41,39 @@ def test_two_processes_match_one_process(tmp_path):
     # both processes wrote their part of the last checkpoint (grain state is per process)
     last = tmp_path / "two" / "checkpoints" / "4"
     assert last.exists() and len(list((last / "data").glob("*"))) >= 2
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_makes_both_save_the_same_step_and_exit_0(tmp_path):
+    """JAX's preemption notifier (not a Python handler) catches SIGTERM on a multi-host run,
+    and the sync point is asked every step: with log_every far away, only it can stop the run."""
+    port = free_port()
+    run_dir = tmp_path / "run"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: tiny\n")
+    args = [str(recipe), "train.steps=100000", "train.batch_size=8", "train.seq_len=64",
+            "train.log_every=100000", "train.eval_every=0", "train.progress=false", "mesh.fsdp=8",
+            "checkpoint.every=100000", f"train.run_dir={run_dir}"]
+    procs = []
+    for i in range(2):
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+        procs.append(subprocess.Popen(
+            [str(REPO / ".venv/bin/jaxllm"), "train", *args, f"distributed.coordinator=127.0.0.1:{port}",
+             "distributed.num_processes=2", f"distributed.process_id={i}"],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    lines = []
+    for line in procs[0].stdout:          # process 0 logs; wait until it trains
+        lines.append(line)
+        if "training 100000 steps" in line:
+            break
+    time.sleep(5)                          # some steps in
+    procs[1].send_signal(15)               # SIGTERM to the other process only
+    out0 = "".join(lines) + procs[0].communicate(timeout=300)[0]
+    out1 = procs[1].communicate(timeout=300)[0]
+    assert procs[0].returncode == 0 and procs[1].returncode == 0, out0[-3000:] + out1[-3000:]
+    assert "SIGTERM is left to JAX's preemption service" in out0
+    steps = [int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(steps) == 1 and 0 < steps[0] < 100000, steps
+    saved = run_dir / "checkpoints" / str(steps[0])
+    assert len(list((saved / "data").glob("*"))) >= 2      # both processes wrote their part
+    assert f"saving step {steps[0]}" in out0

@@ -85,8 +85,10 @@ def fit(run, state, step_fn, batches: Iterator[dict], *, shardings, meta: dict,
             ckpt.save(step, state, data_iter, meta)
             if progress is not None:
                 progress.update(1)
-            # multi-host: agreeing on a stop is a collective, so only at log boundaries
-            if (jax.process_count() == 1 or step % t.log_every == 0) and run.guard.should_stop(ckpt, step):
+            # multi-host: JAX's preemption sync point is asked every step (it only fires at the
+            # agreed step); exchanging the hosts' own signal flags is a collective, so only at
+            # log boundaries
+            if run.guard.should_stop(ckpt, step, agree=step % t.log_every == 0):
                 preempted = True
                 run.log(f"stop requested: saving step {step} and exiting")
                 break

@@ -178,6 +178,9 @@ class Run:
             s.enter_context(jax.set_mesh(self.mesh))
             s.enter_context(nn.logical_axis_rules(self.rules))
             s.enter_context(self.guard)
+            if not self.guard.handles_sigterm:
+                self.log("SIGTERM is left to JAX's preemption service: on a notice to any host, "
+                         "every host saves the step they agree on and exits")
         except BaseException:
             s.close()
             raise
