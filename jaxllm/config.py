@@ -86,6 +86,12 @@ class MeshConfig:
     preset: Literal["dp", "fsdp", "fsdp_tp"] = "fsdp"
     rules: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     devices: int = 0                # use the first N devices (0 = all of them)
+    # Hybrid ICI x DCN meshes (multi-slice TPU, multi-node GPU): how many slices (or hosts)
+    # each axis spans; the axis's size is split as dcn x per-slice. dcn_data 0 = auto: the
+    # number of TPU slices the devices span (data parallel across slices), else 1.
+    dcn_data: int = 0
+    dcn_fsdp: int = 1
+    dcn_tensor: int = 1
     # Start-up refuses a layout where more than this fraction of parameter bytes that the
     # preset means to shard ends up replicated (a mesh axis that does not divide a dim).
     replication_tolerance: float = 0.05
@@ -94,6 +100,9 @@ class MeshConfig:
         check_rule_overrides(self.rules)
         if self.devices < 0:
             raise ConfigError(f"mesh.devices must be >= 0 (0 = all devices), got {self.devices}")
+        if self.dcn_data < 0 or self.dcn_fsdp < 1 or self.dcn_tensor < 1:
+            raise ConfigError(f"mesh.dcn_data must be >= 0 (0 = auto) and mesh.dcn_fsdp/dcn_tensor >= 1, "
+                              f"got {self.dcn_data}, {self.dcn_fsdp}, {self.dcn_tensor}")
         if not 0 <= self.replication_tolerance <= 1:
             raise ConfigError(f"mesh.replication_tolerance must be in [0, 1], got {self.replication_tolerance}")
 

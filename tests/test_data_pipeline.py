@@ -275,3 +275,15 @@ def test_data_config_survives_the_run_dir_yaml_round_trip(data, tmp_path):
     cfg = dataclasses.replace(data[0], packing="best_fit", num_workers=2)
     configlib.dump_yaml(cfg, tmp_path / "d.yaml")
     assert configlib.load(DataConfig, tmp_path / "d.yaml") == cfg
+
+
+def test_default_shard_count_is_fixed_up_to_64_processes_and_valid_past_them():
+    cfg = DataConfig()
+    # any process count dividing 64 gets the same shards (so the same global batches)
+    assert {pipeline._layout(cfg, 512, p)[0] for p in (1, 2, 4, 8, 16, 32, 64)} == {64}
+    assert pipeline._layout(cfg, 512, 128) == (128, 4, 1)     # past 64 processes
+    assert pipeline._layout(cfg, 256, 256) == (256, 1, 1)
+    assert pipeline._layout(cfg, 24, 3) == (24, 1, 8)         # a count that does not divide 64
+    with pytest.raises(ValueError, match="cannot split"):
+        pipeline._layout(cfg, 64, 128)                        # fewer rows than processes
+    assert pipeline._layout(dataclasses.replace(cfg, num_shards=8), 512, 4) == (8, 64, 2)

@@ -44,6 +44,26 @@ def test_two_processes_match_one_process(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_hybrid_mesh_across_two_processes_trains_like_the_flat_mesh(tmp_path):
+    """mesh.dcn_data=2: the data axis spans the 2 hosts (processes), fsdp stays inside each;
+    the losses equal one process's flat data=2 x fsdp=4 mesh."""
+    mesh = ["mesh.data=2", "mesh.fsdp=4"]
+    one = jaxllm.train(jaxllm.load_config(None, ARGS + mesh + [f"train.run_dir={tmp_path}/one"]))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: tiny\n")
+    env = dict(os.environ, N="2", DEVICES="4", PORT=str(free_port()))
+    out = subprocess.run(["bash", str(REPO / "launch/local_multiprocess.sh"), str(recipe), *ARGS, *mesh,
+                          "mesh.dcn_data=2", f"train.run_dir={tmp_path}/two"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "hybrid mesh: data 2 = 2 slices/hosts x 1, fsdp 4 = 1 slices/hosts x 4" in out.stderr
+    two = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "two") if "loss" in r}
+    ref = {h["step"]: h["loss"] for h in one["history"]}
+    assert sorted(two) == sorted(ref) == [1, 2, 3, 4]
+    np.testing.assert_allclose([two[k] for k in sorted(two)], [ref[k] for k in sorted(ref)], rtol=1e-5)
+
+
+@pytest.mark.slow
 def test_sigterm_to_one_process_makes_both_save_the_same_step_and_exit_0(tmp_path):
     """JAX's preemption notifier (not a Python handler) catches SIGTERM on a multi-host run,
     and the sync point is asked every step: with log_every far away, only it can stop the run."""

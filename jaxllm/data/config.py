@@ -107,7 +107,10 @@ class DataConfig:
     # Logical shards: the fixed unit of parallel reading. Each shard is its own grain pipeline
     # and contributes global_batch_size/num_shards rows to every global batch, so the batch
     # sequence does not depend on how many processes share the shards. Must divide the
-    # global batch size and be a multiple of the process count. 0: gcd(global_batch_size, 64).
+    # global batch size and be a multiple of the process count. 0: gcd(global_batch_size,
+    # lcm(64, process count)), i.e. gcd(batch, 64) for any process count dividing 64 (the
+    # same shards, so the same batches, on 1..64 such processes) and still valid past 64
+    # processes or for counts like 3 (any count that divides the batch).
     num_shards: int = 0
     num_workers: int = 0           # grain mp_prefetch worker processes (0: read in-process)
     worker_buffer_size: int = 4    # batches each worker prefetches
@@ -154,5 +157,5 @@ class DataConfig:
         if self.worker_buffer_size < 1:
             raise ValueError(f"data.worker_buffer_size must be >= 1, got {self.worker_buffer_size}")
 
-    def shard_count(self, global_batch_size: int) -> int:
-        return self.num_shards or math.gcd(global_batch_size, 64)
+    def shard_count(self, global_batch_size: int, process_count: int = 1) -> int:
+        return self.num_shards or math.gcd(global_batch_size, math.lcm(64, process_count))

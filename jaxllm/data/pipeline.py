@@ -4,7 +4,8 @@ resumable. (data.kind=text: packing.py's chain per shard; data.kind=chat: chat.p
 How the global batch sequence is made independent of the number of processes
 -----------------------------------------------------------------------------
 Documents are divided among S *logical shards* (S = data.num_shards, default
-gcd(global_batch_size, 64)), fixed by the config and never by the machine:
+gcd(global_batch_size, 64) on up to 64 processes, or any process count dividing 64; see
+DataConfig.num_shards for other counts), fixed by the config, not by the machine:
 
   global document stream   mixture of sources, each shuffled per epoch (seeded), repeated
   shard s                  documents s, s+S, s+2S, ... of that stream
@@ -68,7 +69,7 @@ def _tracked(it: grain.DatasetIterator) -> grain.DatasetIterator:
 
 def _layout(cfg: DataConfig, global_batch_size: int, process_count: int) -> tuple[int, int, int]:
     """(num shards S, rows per shard per batch R, shards per process m), validated."""
-    S = cfg.shard_count(global_batch_size)
+    S = cfg.shard_count(global_batch_size, process_count)
     if global_batch_size % S:
         raise ValueError(f"data.num_shards={S} must divide the global batch size {global_batch_size}")
     if S % process_count:

@@ -22,7 +22,7 @@ def jax_preemption_service() -> bool:
     if jax.process_count() == 1:
         return False
     try:
-        from jax._src import distributed   # no public accessor for the sync manager
+        from jax._src import distributed  # no public accessor for the sync manager
         return distributed.global_state.preemption_sync_manager is not None
     except (ImportError, AttributeError):
         return False

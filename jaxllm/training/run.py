@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import socket
@@ -140,7 +141,9 @@ class Run:
         if not cfg.checkpoint.resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
             raise ConfigError(f"{ckpt_dir} already holds checkpoints and checkpoint.resume=false: "
                               f"use a new train.run_dir (or resume=true to continue that run)")
-        self.mesh = mesh_lib.make_mesh(cfg.mesh, self._devices())
+        devices = self._devices()
+        self.mesh = mesh_lib.make_mesh(cfg.mesh, devices)
+        self.dcn = mesh_lib.dcn_shape(cfg.mesh, devices)   # slices/hosts each mesh axis spans
         self.rules = rules_lib.logical_rules(cfg.mesh)
         self.lock = RunLock(self.dir)
         self.checkpointer: Checkpointer | None = None
@@ -208,6 +211,10 @@ class Run:
         if per_micro % shards:
             raise ConfigError(f"train.batch_size / train.microbatches = {per_micro} rows per microbatch "
                               f"must be divisible by mesh data*fsdp = {shards}")
+        if math.prod(self.dcn) > 1:
+            self.log("hybrid mesh: " + ", ".join(
+                f"{ax} {self.mesh.shape[ax]} = {d} slices/hosts x {self.mesh.shape[ax] // d}"
+                for ax, d in zip(self.mesh.axis_names, self.dcn)))
         for ax in rules_lib.idle_mesh_axes(self.rules, self.mesh):
             self.log(f"warning: mesh.{ax}={self.mesh.shape[ax]} shards nothing under "
                      f"mesh.preset={self.cfg.mesh.preset}: those devices repeat the same work")
