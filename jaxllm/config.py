@@ -313,6 +313,16 @@ class DistributedConfig:
     local_device_ids: tuple[int, ...] = ()
     cpu_collectives: Literal["gloo", "mpi"] = "gloo"
     auto: bool = True
+    # Dead peers: a process that sends no heartbeat for this long is declared dead and every
+    # other process stops with an error (JAX's coordination service); JAX's defaults.
+    heartbeat_timeout_s: int = 100
+    initialization_timeout_s: int = 300   # waiting for all processes to join at start-up
+    shutdown_timeout_s: int = 300         # waiting for all processes at the shutdown barrier
+
+    def __post_init__(self):
+        for name in ("heartbeat_timeout_s", "initialization_timeout_s", "shutdown_timeout_s"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"distributed.{name} must be >= 1 second, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -63,6 +63,20 @@ def test_a_hybrid_mesh_across_two_processes_trains_like_the_flat_mesh(tmp_path):
     np.testing.assert_allclose([two[k] for k in sorted(two)], [ref[k] for k in sorted(ref)], rtol=1e-5)
 
 
+def _start(args, port, i):
+    """Process i of 2 (4 CPU devices each), its stdout and stderr in one pipe."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    return subprocess.Popen([str(REPO / ".venv/bin/jaxllm"), "train", *args,
+                             f"distributed.coordinator=127.0.0.1:{port}", "distributed.num_processes=2",
+                             f"distributed.process_id={i}"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _steps(run_dir):
+    d = run_dir / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+
+
 @pytest.mark.slow
 def test_sigterm_to_one_process_makes_both_save_the_same_step_and_exit_0(tmp_path):
     """JAX's preemption notifier (not a Python handler) catches SIGTERM on a multi-host run,
@@ -74,13 +88,7 @@ def test_sigterm_to_one_process_makes_both_save_the_same_step_and_exit_0(tmp_pat
     args = [str(recipe), "train.steps=100000", "train.batch_size=8", "train.seq_len=64",
             "train.log_every=100000", "train.eval_every=0", "train.progress=false", "mesh.fsdp=8",
             "checkpoint.every=100000", f"train.run_dir={run_dir}"]
-    procs = []
-    for i in range(2):
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-        procs.append(subprocess.Popen(
-            [str(REPO / ".venv/bin/jaxllm"), "train", *args, f"distributed.coordinator=127.0.0.1:{port}",
-             "distributed.num_processes=2", f"distributed.process_id={i}"],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    procs = [_start(args, port, i) for i in range(2)]
     lines = []
     for line in procs[0].stdout:          # process 0 logs; wait until it trains
         lines.append(line)
@@ -97,3 +105,49 @@ def test_sigterm_to_one_process_makes_both_save_the_same_step_and_exit_0(tmp_pat
     saved = run_dir / "checkpoints" / str(steps[0])
     assert len(list((saved / "data").glob("*"))) >= 2      # both processes wrote their part
     assert f"saving step {steps[0]}" in out0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", [1, 0], ids=["worker_dies", "coordinator_dies"])
+def test_a_dead_peer_stops_the_other_process_and_a_relaunch_resumes(tmp_path, victim):
+    """kill -9 one of 2 processes: the other exits non-zero within the heartbeat timeout with
+    JAX's "another task died" message (never hangs); relaunching resumes from the last
+    checkpoint (and a SIGTERM right away, during its first step, still stops it cleanly)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: tiny\n")
+    run_dir = tmp_path / "run"
+    args = [str(recipe), "train.steps=100000", "train.batch_size=8", "train.seq_len=64", "train.log_every=100000",
+            "train.eval_every=0", "train.progress=false", "mesh.fsdp=8", "checkpoint.every=10",
+            "checkpoint.async_save=false", f"train.run_dir={run_dir}", "distributed.heartbeat_timeout_s=10"]
+    port = free_port()
+    procs = [_start(args, port, i) for i in range(2)]
+    try:
+        deadline = time.time() + 240
+        while not _steps(run_dir) and time.time() < deadline:   # a checkpoint exists
+            time.sleep(0.5)
+        assert _steps(run_dir), "no checkpoint was written"
+        procs[victim].kill()
+        t0 = time.time()
+        out = procs[1 - victim].communicate(timeout=120)[0]      # a hang fails here
+        waited = time.time() - t0
+        assert procs[1 - victim].returncode != 0 and waited < 60, (procs[1 - victim].returncode, waited)
+        assert "another task died" in out
+        last = _steps(run_dir)[-1]
+        # relaunch: resumes from the last complete checkpoint; SIGTERM then saves and stops it
+        port = free_port()
+        procs = [_start(args, port, i) for i in range(2)]
+        lines = []
+        for line in procs[0].stdout:
+            lines.append(line)
+            if " steps from step " in line:
+                break
+        procs[0].send_signal(15)
+        out0 = "".join(lines) + procs[0].communicate(timeout=300)[0]
+        procs[1].communicate(timeout=300)
+        assert procs[0].returncode == 0 and procs[1].returncode == 0, out0[-3000:]
+        resumed = int(out0.split(" at step ")[1].split()[0])
+        assert resumed >= last > 0 and _steps(run_dir)[-1] > resumed
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()

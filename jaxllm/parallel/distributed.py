@@ -22,6 +22,12 @@ def _cluster_detected() -> bool:
     return slurm or tpu_pod or "JAX_COORDINATOR_ADDRESS" in os.environ
 
 
+def _timeouts(cfg: DistributedConfig) -> dict:
+    return dict(heartbeat_timeout_seconds=cfg.heartbeat_timeout_s,
+                initialization_timeout=cfg.initialization_timeout_s,
+                shutdown_timeout_seconds=cfg.shutdown_timeout_s)
+
+
 def initialize(cfg: DistributedConfig) -> bool:
     """Initialise jax.distributed if configured or detected. Returns whether it did."""
     global _initialized
@@ -35,9 +41,9 @@ def initialize(cfg: DistributedConfig) -> bool:
         jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
         jax.distributed.initialize(cfg.coordinator, num_processes=cfg.num_processes,
                                    process_id=cfg.process_id,
-                                   local_device_ids=cfg.local_device_ids or None)
+                                   local_device_ids=cfg.local_device_ids or None, **_timeouts(cfg))
     elif cfg.auto and _cluster_detected():
-        jax.distributed.initialize()   # SLURM / TPU pod / GKE: peers from the environment
+        jax.distributed.initialize(**_timeouts(cfg))   # SLURM / TPU pod / GKE: peers from the environment
     else:
         return False
     _initialized = True

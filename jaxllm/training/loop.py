@@ -48,6 +48,7 @@ def fit(run, state, step_fn, batches: Iterator[dict], *, shardings, meta: dict,
     preempted = False
     prev_metrics = None
     t_last, steps_since, real_since, padded_since = time.perf_counter(), 0, 0, 0
+    run.guard.start(ckpt, step)
     try:
         while step < t.steps:
             local = next(batches)

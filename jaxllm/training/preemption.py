@@ -57,6 +57,14 @@ class PreemptionGuard:
         for s, h in self._previous.items():
             signal.signal(s, h)
 
+    def start(self, checkpointer, step: int) -> None:
+        """Tell JAX's sync point the step the loop starts from, before the first (compiling)
+        step: a notice that arrives before any call is answered with sync step 1, which a
+        resumed run never reaches (measured: a SIGTERM during a resumed run's first step was
+        never acted on)."""
+        if jax.process_count() > 1 and checkpointer is not None:
+            checkpointer.reached_preemption(step)
+
     def should_stop(self, checkpointer=None, step: int = 0, *, agree: bool = True) -> bool:
         """True when this run must save and stop after `step`.
         One host: a signal arrived. Multi-host: JAX's preemption sync point was reached (asked
