@@ -43,7 +43,10 @@ def initialize(cfg: DistributedConfig) -> bool:
                                    process_id=cfg.process_id,
                                    local_device_ids=cfg.local_device_ids or None, **_timeouts(cfg))
     elif cfg.auto and _cluster_detected():
-        jax.distributed.initialize(**_timeouts(cfg))   # SLURM / TPU pod / GKE: peers from the environment
+        # SLURM / TPU pod / GKE: peers from the environment. Under SLURM, JAX gives each
+        # process one GPU (SLURM_LOCALID) unless local_device_ids says otherwise: one process
+        # per node must list its GPUs (launch/slurm_gpu.sbatch does).
+        jax.distributed.initialize(local_device_ids=cfg.local_device_ids or None, **_timeouts(cfg))
     else:
         return False
     _initialized = True
