@@ -342,6 +342,15 @@ class Config:
     def __post_init__(self):
         if self.lora.r and self.adapter.size:
             raise ConfigError("lora.r and adapter.size are both set: train one kind of delta at a time")
+        # options of a delta that is off would be ignored without a word
+        if self.lora.trainable_tokens and not self.lora.r:
+            raise ConfigError("lora.trainable_tokens needs lora.r > 0 (full fine-tuning trains every "
+                              "token row already)")
+        if self.adapter.trainable_tokens and not self.adapter.size:
+            raise ConfigError("adapter.trainable_tokens needs adapter.size > 0 (full fine-tuning trains "
+                              "every token row already)")
+        if self.adapter.init_std != AdapterConfig.init_std and not self.adapter.size:
+            raise ConfigError("adapter.init_std is set but adapters are off (adapter.size=0)")
 
 
 def load_config(path: str | pathlib.Path | None = None, overrides: Sequence[str] = ()) -> Config:

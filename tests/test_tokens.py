@@ -112,3 +112,14 @@ def test_pieces_resolve_through_the_tokenizer_and_bad_entries_are_refused(tmp_pa
     delta = lora.init_delta(base, LoraConfig(r=4, trainable_tokens=(1, 2)), jax.random.key(0))
     with pytest.raises(ConfigError, match="do not fit"):
         lora.attach(base, delta, LoraConfig(r=4, trainable_tokens=(1, 2, 3)))
+
+
+def test_options_of_a_delta_that_is_off_are_refused():
+    import jaxllm
+    with pytest.raises(ConfigError, match="lora.trainable_tokens needs lora.r > 0"):
+        jaxllm.load_config(None, ["lora.trainable_tokens=[3]"])
+    with pytest.raises(ConfigError, match="adapter.trainable_tokens needs adapter.size > 0"):
+        jaxllm.load_config(None, ["adapter.trainable_tokens=[3]"])
+    with pytest.raises(ConfigError, match="adapter.init_std is set but adapters are off"):
+        jaxllm.load_config(None, ["adapter.init_std=0.1"])
+    jaxllm.load_config(None, ["lora.r=4", "lora.trainable_tokens=[3]"])    # on: accepted

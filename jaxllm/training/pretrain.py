@@ -87,9 +87,9 @@ def check_objective(cfg: Config, log) -> None:
                           f"(got {t.objective})")
 
 
-def _delta(cfg: Config, tokenizer=None, *, resolve: bool = True):
+def _delta(cfg: Config, tokenizer=None):
     """(module, its config) of the trainable delta, or None for full training. The config's
-    trainable_tokens are resolved to ids with the run's tokenizer (resolve=False: as given)."""
+    trainable_tokens are resolved to ids with the run's tokenizer."""
     from jaxllm.model import tokens
     if cfg.lora.r:
         from jaxllm.model import lora
@@ -99,7 +99,7 @@ def _delta(cfg: Config, tokenizer=None, *, resolve: bool = True):
         module, dcfg, field = adapter, cfg.adapter, "adapter.trainable_tokens"
     else:
         return None
-    return module, (tokens.resolved(dcfg, tokenizer, field) if resolve else dcfg)
+    return module, tokens.resolved(dcfg, tokenizer, field)
 
 
 def _delta_meta(delta, init_from: str) -> dict | None:
@@ -115,8 +115,7 @@ def train(cfg: Config, batches: Iterator[dict] | None = None) -> dict:
     """Pretraining (clm/mlm) or SFT; full parameters, or a LoRA/adapter delta over a frozen
     base read from checkpoint.init_from (the base is the step's frozen argument)."""
     t = cfg.train
-    delta = _delta(cfg, resolve=False)
-    if delta is not None and not cfg.checkpoint.init_from:
+    if (cfg.lora.r or cfg.adapter.size) and not cfg.checkpoint.init_from:
         raise ConfigError(f"{'lora.r' if cfg.lora.r else 'adapter.size'} trains a delta over a frozen "
                           f"base: set checkpoint.init_from to a run dir, checkpoint or HF directory")
     with Run(cfg) as run:

@@ -181,6 +181,10 @@ class Run:
             s.enter_context(jax.set_mesh(self.mesh))
             s.enter_context(nn.logical_axis_rules(self.rules))
             s.enter_context(self.guard)
+            if math.prod(self.dcn) > 1:
+                self.log("hybrid mesh: " + ", ".join(
+                    f"{ax} {self.mesh.shape[ax]} = {d} slices/hosts x {self.mesh.shape[ax] // d}"
+                    for ax, d in zip(self.mesh.axis_names, self.dcn)))
             if not self.guard.handles_sigterm:
                 self.log("SIGTERM is left to JAX's preemption service: on a notice to any host, "
                          "every host saves the step they agree on and exits")
@@ -211,10 +215,6 @@ class Run:
         if per_micro % shards:
             raise ConfigError(f"train.batch_size / train.microbatches = {per_micro} rows per microbatch "
                               f"must be divisible by mesh data*fsdp = {shards}")
-        if math.prod(self.dcn) > 1:
-            self.log("hybrid mesh: " + ", ".join(
-                f"{ax} {self.mesh.shape[ax]} = {d} slices/hosts x {self.mesh.shape[ax] // d}"
-                for ax, d in zip(self.mesh.axis_names, self.dcn)))
         for ax in rules_lib.idle_mesh_axes(self.rules, self.mesh):
             self.log(f"warning: mesh.{ax}={self.mesh.shape[ax]} shards nothing under "
                      f"mesh.preset={self.cfg.mesh.preset}: those devices repeat the same work")
