@@ -86,6 +86,25 @@ def _expected(e: BaseException) -> int | None:
     return _expected(cause) if cause is not None and cause is not e else None
 
 
+def _peer_failure(e: BaseException) -> str | None:
+    """One line for a runtime error of a multi-process run: a collective that fails there is
+    almost always a peer that died or was stopped (gloo: "Received data size doesn't match",
+    NCCL: "remote process exited"), which JAX reports as an internal error."""
+    jax = sys.modules.get("jax")
+    if jax is None or not isinstance(e, jax.errors.JaxRuntimeError):
+        return None
+    try:
+        n, i = jax.process_count(), jax.process_index()
+    except Exception:  # noqa: BLE001 - the backend itself may be gone
+        return None
+    if n <= 1:
+        return None
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+    return (f"process {i} of {n}: a computation with the other processes failed, most likely because "
+            f"a peer process died or was stopped; relaunch every process to resume from the last "
+            f"checkpoint (JAX: {first})")
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     show = "--traceback" in argv or os.environ.get("JAXLLM_TRACEBACK") == "1"
@@ -94,6 +113,10 @@ def main(argv=None) -> int:
         args.func(args)
     except Exception as e:  # noqa: BLE001 - the one place that turns failures into exit codes
         code = _expected(e)
+        peer = _peer_failure(e) if code is None else None
+        if peer is not None and not show:
+            print(f"jaxllm: error: {peer}", file=sys.stderr)
+            return 1
         if code is None or show:
             raise
         root = e

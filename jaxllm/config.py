@@ -40,6 +40,10 @@ class ModelConfig:
     # bf16 compute is the accelerator default; on CPU XLA's bf16 matmuls are slower, so fp32.
     compute_dtype: Dtype = "float32"
     remat: RematPolicy = "none"
+    # Layers run under lax.scan (compile time flat in depth) or unrolled (each layer its own
+    # HLO: no per-layer residual stacks, so faster steps on CPU; see benchmarks/bench_train.py).
+    # Same params (stacked on layers) and the same math either way.
+    scan_layers: bool = True
     attention: Literal["xla", "cudnn"] = "xla"
     # Attention-output and MLP-down kernels start at init_std / sqrt(2 * n_layers) (GPT-2).
     scale_residual_init: bool = True

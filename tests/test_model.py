@@ -261,3 +261,26 @@ def test_eager_init_and_forward_equal_jitted(params):
     chex.assert_trees_all_equal(eager, params)
     np.testing.assert_allclose(out, jax.jit(jaxllm.forward, static_argnums=2)(params, tokens(1, 6), CFG),
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_unrolled_layers_equal_the_scan(params, remat):
+    """model.scan_layers=false: the same params, logits, gradients and KV cache as the scan;
+    its compiled step has no loop (each layer is its own code)."""
+    x = tokens(2, 8, 3)
+    scan = dataclasses.replace(CFG, remat=remat)
+    loop = dataclasses.replace(scan, scan_layers=False)
+
+    def loss(p, cfg):
+        return jnp.mean(jaxllm.forward(p, x, cfg) ** 2)
+    f_scan, f_loop = (jax.jit(jax.value_and_grad(loss), static_argnums=1) for _ in range(2))
+    (l0, g0), (l1, g1) = f_scan(params, scan), f_loop(params, loop)
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    chex.assert_trees_all_close(g1, g0, rtol=1e-5, atol=1e-7)
+    assert "while" in f_scan.lower(params, scan).as_text()
+    assert "while" not in f_loop.lower(params, loop).as_text()
+    c0, c1 = jaxllm.init_cache(scan, 2, 8), jaxllm.init_cache(loop, 2, 8)
+    h0, c0 = jax.jit(lambda p, c: jaxllm.trunk(p, x[:, :5], scan, cache=c))(params, c0)
+    h1, c1 = jax.jit(lambda p, c: jaxllm.trunk(p, x[:, :5], loop, cache=c))(params, c1)
+    np.testing.assert_allclose(h1, h0, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(c1, c0, rtol=1e-5, atol=1e-6)

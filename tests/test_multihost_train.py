@@ -110,8 +110,8 @@ def test_sigterm_to_one_process_makes_both_save_the_same_step_and_exit_0(tmp_pat
 @pytest.mark.slow
 @pytest.mark.parametrize("victim", [1, 0], ids=["worker_dies", "coordinator_dies"])
 def test_a_dead_peer_stops_the_other_process_and_a_relaunch_resumes(tmp_path, victim):
-    """kill -9 one of 2 processes: the other exits non-zero within the heartbeat timeout with
-    JAX's "another task died" message (never hangs); relaunching resumes from the last
+    """kill -9 one of 2 processes: the other exits non-zero within the heartbeat timeout, saying
+    why (never hangs); relaunching resumes from the last
     checkpoint (and a SIGTERM right away, during its first step, still stops it cleanly)."""
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: tiny\n")
@@ -131,7 +131,14 @@ def test_a_dead_peer_stops_the_other_process_and_a_relaunch_resumes(tmp_path, vi
         out = procs[1 - victim].communicate(timeout=120)[0]      # a hang fails here
         waited = time.time() - t0
         assert procs[1 - victim].returncode != 0 and waited < 60, (procs[1 - victim].returncode, waited)
-        assert "another task died" in out
+        # Who reports it depends on what notices first: JAX's coordination service ("another
+        # task died"), a collective that fails with a Python error (jaxllm's one line), or, on
+        # CPU's gloo, the collective library aborting when the dead peer's connection breaks
+        # mid-message (seen in CI: "terminate called ... gloo::EnforceNotMet ... Received data
+        # size doesn't match"), which no Python code can catch.
+        reasons = ("another task died", "a peer process died or was stopped", "gloo::EnforceNotMet",
+                   "gloo::IoException")
+        assert any(r in out for r in reasons), out[-3000:]
         last = _steps(run_dir)[-1]
         # relaunch: resumes from the last complete checkpoint; SIGTERM then saves and stops it
         port = free_port()
@@ -151,3 +158,48 @@ def test_a_dead_peer_stops_the_other_process_and_a_relaunch_resumes(tmp_path, vi
         for p in procs:
             if p.poll() is None:
                 p.kill()
+
+
+def _launch(tmp_path, n, args, timeout=600):
+    """`n` local processes (8/n CPU devices each) through the local launcher."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: tiny\n")
+    env = dict(os.environ, N=str(n), DEVICES=str(8 // n), PORT=str(free_port()))
+    out = subprocess.run(["bash", str(REPO / "launch/local_multiprocess.sh"), str(recipe), *args], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return out.stderr
+
+
+@pytest.mark.slow
+def test_a_checkpoint_continues_on_another_process_count_with_its_data(tmp_path):
+    """Text data through the logical-shard pipeline: 2 processes train to step 3 and 1 process
+    continues to 6; 1 process trains to 3 and 2 processes continue. Both give the losses of an
+    uninterrupted run: the grain iterator states are remapped onto the new process layout
+    (restarting the data, or reading another process's shards, would change steps 4-6)."""
+    from jaxllm.data import synthetic
+    paths = synthetic.prepare_default_data(str(tmp_path / "synth"), train_docs=400, eval_docs=10,
+                                           vocab_size=512, tasks=False)
+    args = ARGS + ["train.steps=6", "checkpoint.every=3", "data.kind=text", f"data.tokenizer={paths['tokenizer']}",
+                   f"data.sources=[{{path: '{paths['train']}'}}]", "optim.lr=3e-3", "optim.decay_steps=6"]
+    one = jaxllm.train(jaxllm.load_config(None, args + [f"train.run_dir={tmp_path}/one"]))
+    ref = {h["step"]: h["loss"] for h in one["history"]}
+    assert sorted(ref) == [1, 2, 3, 4, 5, 6]
+
+    def losses(run):
+        return {r["step"]: r["loss"] for r in read_metrics(tmp_path / run) if "loss" in r}
+
+    # 2 -> 1
+    _launch(tmp_path, 2, args + ["train.steps=3", f"train.run_dir={tmp_path}/a"])
+    assert len(list((tmp_path / "a/checkpoints/3/data").glob("process_*-of-2.json"))) == 2
+    out = jaxllm.train(jaxllm.load_config(None, args + [f"train.run_dir={tmp_path}/a"]))
+    assert [h["step"] for h in out["history"]] == [4, 5, 6]
+    # 1 -> 2
+    jaxllm.train(jaxllm.load_config(None, args + ["train.steps=3", f"train.run_dir={tmp_path}/b"]))
+    log = _launch(tmp_path, 2, args + [f"train.run_dir={tmp_path}/b"])
+    assert "data: the iterator states of the 1 processes that wrote step 3 are mapped onto 2 processes" in log
+    for run in ("a", "b"):
+        got = losses(run)
+        assert sorted(got) == [1, 2, 3, 4, 5, 6], (run, got)
+        np.testing.assert_allclose([got[k] for k in range(1, 7)], [ref[k] for k in range(1, 7)], rtol=1e-5,
+                                   err_msg=run)

@@ -25,7 +25,9 @@ slices an interleave by its list of datasets) and reads the workers round-robin;
 stacks one batch per shard, and the stacks are transposed back into shard order. So the batches
 are also the same for any worker count dividing the shards per process (0 = in-process).
 Iterator state (get_state/set_state, grain.checkpoint) restores exactly, with the same
-num_workers. Bookkeeping counts (documents, split pieces, skipped records, padding) are in
+num_workers; on another process (or worker) count, `remap_state` rebuilds this process's state
+from every process's saved one (layout.py), since a state is one state per logical shard.
+Bookkeeping counts (documents, split pieces, skipped records, padding) are in
 `iterator.stats` and are part of that state.
 
 Chat data is first rendered once in full (chat.scan): process 0 prints one line of counts
@@ -47,7 +49,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxllm.data import chat, packing
 from jaxllm.data.config import DataConfig
-from jaxllm.data.sources import open_source
+from jaxllm.data.sources import DataError, open_source
 from jaxllm.data.tokenizer import Tokenizer, check_vocab, fingerprint, load_tokenizer
 
 # grain iterators own prefetch threads; closing them only from __del__ during interpreter
@@ -182,8 +184,39 @@ class _StripStatsIterator(grain.DatasetIterator):
         s["padding_tokens"] += batch["tokens"].size - real
         return batch
 
+    layout: dict | None = None   # train iterators: {"shards", "processes", "process", "workers"}
+
     def get_state(self):
-        return {"parent": self._parent.get_state(), "stats": dict(self.stats)}
+        state = {"parent": self._parent.get_state(), "stats": dict(self.stats)}
+        if self.layout is not None:
+            state["layout"] = dict(self.layout)
+        return state
+
+    def remap_state(self, states: list[dict]) -> dict:
+        """This process's state from the states every process of a run with another process
+        count saved (layout.py): shard states in global shard order, re-split. The running
+        counts of all old processes go to process 0 (the totals over processes stay right)."""
+        mine = self.layout
+        if mine is None:
+            raise DataError("only training iterators can be restored on another process count")
+        old = [st.get("layout") for st in states]
+        if any(o is None for o in old):
+            raise DataError("the checkpoint's data state predates process-count changes (no layout "
+                            "in it): resume it on the process count that wrote it")
+        S, n_old = old[0]["shards"], len(states)
+        if any(o["shards"] != S or o["processes"] != n_old for o in old) or \
+                [o["process"] for o in old] != list(range(n_old)):
+            raise DataError(f"the checkpoint's data states do not form one layout: {old}")
+        if S != mine["shards"]:
+            raise DataError(f"the checkpoint's data has {S} logical shards and this run "
+                            f"{mine['shards']}: set data.num_shards={S} to continue its batch sequence")
+        shards = [sh for st, o in zip(states, old)
+                  for sh in _shard_states(st["parent"], S // n_old, o["workers"])]
+        m, p = S // mine["processes"], mine["process"]
+        stats = {k: sum(st["stats"][k] for st in states) if p == 0 else 0 for k in self.stats}
+        stats["batches"] = states[0]["stats"]["batches"]   # local batches = global batches
+        return {"parent": _with_shard_states(shards[p * m:(p + 1) * m], mine["workers"]),
+                "stats": stats, "layout": dict(mine)}
 
     def close(self):
         super().close()
@@ -192,8 +225,53 @@ class _StripStatsIterator(grain.DatasetIterator):
         self._parents = ()
 
     def set_state(self, state):
-        self._parent.set_state(state["parent"])
+        parent, saved, mine = state["parent"], state.get("layout"), self.layout
+        if saved is not None and mine is not None and saved != mine:
+            if {k: saved[k] for k in ("shards", "processes", "process")} != \
+                    {k: mine[k] for k in ("shards", "processes", "process")}:
+                raise DataError(f"data state saved with layout {saved} does not fit this iterator "
+                                f"({mine}); remap_state maps a run's states onto another process count")
+            # only data.num_workers changed: the same shards, regrouped by worker
+            m = mine["shards"] // mine["processes"]
+            parent = _with_shard_states(_shard_states(parent, m, saved["workers"]), mine["workers"])
+        self._parent.set_state(parent)
         self.stats = dict(state["stats"])
+
+
+def _interleaved(state: dict, count: int) -> list:
+    """The `count` iterator states of an InterleaveIterDataset state taken at a batch boundary
+    (every batch reads each interleaved iterator once, so the cycle is back at its start)."""
+    ok = (state.get("next_index_in_cycle") == 0 and state.get("iterators_in_use_indices") == list(range(count))
+          and len(state.get("iterators_in_use_states") or ()) == count and not any(state.get("exhausted", [1]))
+          and not state.get("future_states"))
+    if not ok:
+        raise DataError("the saved data state is not that of a training iterator between two "
+                        "batches; it cannot be mapped onto another process count")
+    return state["iterators_in_use_states"]
+
+
+def _shard_states(state: dict, m: int, workers: int) -> list:
+    """A process's m shard states in shard order, from its combined state (_combine_shards:
+    one interleave of the shards, or W workers each interleaving shards w, w+W, ...)."""
+    if not workers:
+        return list(_interleaved(state, m))
+    per_worker = [_interleaved(w, m // workers) for w in _interleaved(state, workers)]
+    return [per_worker[s % workers][s // workers] for s in range(m)]
+
+
+def _interleave_state(states: list) -> dict:
+    """An InterleaveIterDataset state between two batches, holding `states` (the form that
+    _interleaved reads; grain's mp_prefetch keeps one such state per started worker)."""
+    return {"next_index_in_cycle": 0, "next_index_in_datasets": len(states),
+            "iterators_in_use_indices": list(range(len(states))), "iterators_in_use_states": list(states),
+            "exhausted": [0] * len(states), "future_states": {}}
+
+
+def _with_shard_states(shards: list, workers: int) -> dict:
+    """The combined state of a process that reads `shards` (in shard order) with `workers`."""
+    if not workers:
+        return _interleave_state(shards)
+    return _interleave_state([_interleave_state(shards[w::workers]) for w in range(workers)])
 
 
 def _combine_shards(shards: list, workers: int, worker_buffer: int, limit: int | None = None):
@@ -260,6 +338,7 @@ def make_train_iterator(data_cfg: DataConfig, *, seq_len: int, global_batch_size
               .batch(R, drop_remainder=True) for s in range(p * m, (p + 1) * m)]
     it = _tracked(iter(_combine_shards(shards, cfg.num_workers, cfg.worker_buffer_size)))
     it.scan = scan
+    it.layout = {"shards": S, "processes": n, "process": p, "workers": cfg.num_workers}
     return it
 
 

@@ -49,7 +49,7 @@ from typing import NamedTuple
 import grain
 import numpy as np
 
-from jaxllm.data import chat, packing, pipeline
+from jaxllm.data import chat, layout, packing, pipeline
 from jaxllm.data.config import DataConfig
 from jaxllm.data.sources import DataError, Record
 from jaxllm.data.tokenizer import fingerprint
@@ -319,7 +319,7 @@ def make_train_iterator(data_cfg: DataConfig, *, seq_len: int, global_batch_size
     s = _setup(data_cfg, data_cfg.sources, seq_len=seq_len, global_batch_size=global_batch_size, seed=seed,
                k_max=k_max, tokenizer=tokenizer, process_index=process_index, process_count=process_count,
                label="train", train=True)
-    it = _batches(s, 1 << 40)
+    it = layout.global_index(_batches(s, 1 << 40))   # the global batch index: any process count
     it.scan = s.scan
     return it
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import grain
 import numpy as np
 
+from jaxllm.data import layout
+
 BOS = 1
 
 
@@ -52,4 +54,5 @@ def synthetic_batches(*, seq_len: int, global_batch_size: int, vocab_size: int, 
         return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
     n = num_batches if num_batches is not None else 1 << 40
-    return iter(grain.MapDataset.range(n).map(make).to_iter_dataset())
+    # every process holds the global batch index: restorable on any process count
+    return layout.global_index(iter(grain.MapDataset.range(n).map(make).to_iter_dataset()))

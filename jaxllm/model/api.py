@@ -130,7 +130,8 @@ def trunk(params: dict, tokens_bt, cfg: ModelConfig, *, positions=None, segment_
     are written at slots [index, index + T) and attend to every filled slot before them;
     their segment id defaults to 1 (pass 0 for left padding of a prompt).
     Under jax.disable_jit (debug mode) the layers run as a Python loop without remat, so a
-    debugger sees concrete arrays inside every layer.
+    debugger sees concrete arrays inside every layer; model.scan_layers=false unrolls them
+    under jit too.
     Fine-tuning deltas ride in params (model/lora.py, model/adapter.py `attach`): params["lora"]
     and params["adapter"] hold {"layers": factors stacked on layers, "options": static}; each
     layer reads its slice as a variable collection. dropout_rng: training-time LoRA dropout
@@ -164,15 +165,16 @@ def trunk(params: dict, tokens_bt, cfg: ModelConfig, *, positions=None, segment_
                            rngs=None if rng is None else {"dropout": rng})
 
     xs = (params["layers"], layer_caches, deltas, layer_rngs)
-    if _eager():
+    if cfg.remat != "none" and not _eager():
+        layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    if _eager() or not cfg.scan_layers:
+        # a Python loop over the stacked layers: eager debugging, or model.scan_layers=false
         new = []
         for i in range(cfg.n_layers):
             x_btd, c = layer(x_btd, jax.tree.map(lambda a: a[i], xs))
             new.append(c)
         new_caches = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *new)
     else:
-        if cfg.remat != "none":
-            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
         x_btd, new_caches = jax.lax.scan(layer, x_btd, xs)
     x_btd = rms_norm(x_btd, params["final_norm"]["scale"], cfg.norm_eps)
     new_cache = None

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm.data import layout
 from jaxllm.data.chat import chat_prompt, resolve_template
 from jaxllm.data.sources import DataError, open_source
 from jaxllm.model.generate import Generation
@@ -86,7 +87,7 @@ def prompt_iterator(source_cfgs: Sequence, tokenizer, *, template: str = "", max
         raise DataError(f"{global_batch} prompts per iteration do not split over {n} processes")
     local = global_batch // n
     ds = ds.batch(global_batch, drop_remainder=repeat, batch_fn=lambda rows: rows[p * local:(p + 1) * local])
-    return iter(ds.to_iter_dataset())
+    return layout.global_index(iter(ds.to_iter_dataset()))   # the global batch index: any process count
 
 
 def repeat_prompts(prompts: list[dict], group_size: int) -> list[dict]:

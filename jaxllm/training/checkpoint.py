@@ -2,7 +2,8 @@
 
 One checkpoint holds three items:
   state   the TrainState (trainable params, optimizer state, step, PRNG key data),
-  data    the grain iterator state (so the resumed run reads the next batch it would have),
+  data    the grain iterator state of each process (so the resumed run reads the next batch
+          it would have; on another process count the states are remapped, data/layout.py),
   meta    JSON: the model config, the resolved run config, and controller state (e.g. an
           adaptive KL coefficient, the lr schedule's horizon).
 Orbax writes each checkpoint to a temporary directory and renames it when complete, so a
@@ -13,8 +14,10 @@ saved on one mesh or device count loads onto another without gathering the model
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import pathlib
+import sys
 from typing import Any, Callable
 
 import jax
@@ -27,6 +30,10 @@ from jaxllm.errors import RunError, UserError
 
 class CheckpointError(RunError):
     pass
+
+
+class CheckpointMismatch(CheckpointError):
+    """The checkpoint is intact but cannot continue in this run (an older one would not either)."""
 
 
 class _QuietReadOnly(logging.Filter):
@@ -124,14 +131,52 @@ class Checkpointer:
             raise CheckpointError(f"no complete checkpoint in {self.directory}")
         self._check_compatible(step, abstract_state)
         items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
+        remapped = None
         if data_iter is not None:
-            import grain
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+            remapped = self._data_state_for_this_layout(step, data_iter)
+            if remapped is None:   # saved by this process count: grain reads this process's file
+                import grain
+                items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # noqa: BLE001 - orbax raises many types; name the checkpoint
             raise CheckpointError(f"cannot restore {self.directory}/{step}: {_one_line(e)}") from e
+        if remapped is not None:
+            data_iter.set_state(remapped)
+            if hasattr(data_iter, "start_prefetch"):
+                data_iter.start_prefetch()   # as grain's own restore does
         return out["state"], dict(out["meta"] or {})
+
+    def _data_state_for_this_layout(self, step: int, data_iter) -> dict | None:
+        """None when the checkpoint's data state was written by this process count; else this
+        process's state built from every saved process's state (data/layout.py)."""
+        n, p = jax.process_count(), jax.process_index()
+        d = self.directory / str(step) / "data"
+        if (d / f"process_{p}-of-{n}.json").exists() or not d.is_dir():
+            return None    # (no data item at all: orbax's restore names what is missing)
+        counts = {int(f.stem.rsplit("-of-", 1)[1]) for f in d.glob("process_*-of-*.json")}
+        if len(counts) != 1:
+            raise CheckpointError(f"{d} holds data states of {sorted(counts) or 'no'} process counts; "
+                                  f"cannot tell which run wrote it")
+        n_old = counts.pop()
+        files = [d / f"process_{i}-of-{n_old}.json" for i in range(n_old)]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise CheckpointError(f"{d} lacks {', '.join(missing)}: the data state of the {n_old}-process "
+                                  f"run that wrote step {step} is incomplete")
+        remap = getattr(data_iter, "remap_state", None)
+        if remap is None:
+            raise CheckpointMismatch(f"step {step} was written by {n_old} processes and this run has {n}; "
+                                  f"its data iterator cannot be mapped onto another process count: "
+                                  f"resume on {n_old} processes")
+        try:
+            state = remap([json.loads(f.read_text()) for f in files])
+        except UserError as e:
+            raise CheckpointMismatch(f"cannot continue {d} ({n_old} processes) on {n}: {e}") from e
+        if p == 0:
+            print(f"data: the iterator states of the {n_old} processes that wrote step {step} are "
+                  f"mapped onto {n} processes (the global batch sequence continues)", file=sys.stderr, flush=True)
+        return state
 
     def restore_newest_intact(self, abstract_state, data_iter=None, *, fallback: bool,
                               log: Callable[[str], None] = print):
@@ -143,7 +188,7 @@ class Checkpointer:
             state, meta = self.restore(abstract_state, data_iter, steps[0])
             return state, meta, steps[0]
         except CheckpointError as newest_error:
-            if "does not match this run" in str(newest_error):
+            if isinstance(newest_error, CheckpointMismatch) or "does not match this run" in str(newest_error):
                 raise
             for older in steps[1:]:
                 try:

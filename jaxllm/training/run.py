@@ -46,7 +46,8 @@ RESUMABLE_CHANGES = ("train.log_every", "train.eval_every", "train.eval_batches"
                      "checkpoint.keep", "checkpoint.async_save", "checkpoint.resume",
                      "checkpoint.allow_config_change", "checkpoint.fallback", "distributed.",
                      "mesh.", "model.remat", "model.attention", "model.logits_chunk",
-                     "data.eval_sources", "data.eval_batches", "data.worker_buffer_size")
+                     "model.scan_layers", "data.eval_sources", "data.eval_batches",
+                     "data.worker_buffer_size", "data.num_workers")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -325,7 +326,7 @@ class Run:
         src_model = source_model_config(cfg.checkpoint.init_from)
         if src_model:
             ignore = {"param_dtype", "compute_dtype", "remat", "attention", "max_seq_len", "init_std",
-                      "scale_residual_init", "logits_chunk"}
+                      "scale_residual_init", "logits_chunk", "scan_layers"}
             ours = dataclasses.asdict(cfg.model)
             diffs = [f"{k}: {src_model[k]!r} there vs {ours[k]!r} here" for k in ours
                      if k not in ignore and k in src_model
