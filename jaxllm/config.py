@@ -123,6 +123,10 @@ class OptimConfig:
     weight_decay: float = 0.1
     clip_norm: float = 1.0          # global-norm clipping; 0 disables
     max_nonfinite_skips: int = 5    # consecutive non-finite updates skipped before the run stops
+    # AdamW's two moments: "" keeps them in the param dtype; "bfloat16" halves the optimizer
+    # state under fp32 master weights (updates are computed in fp32, then rounded to bf16; with
+    # b2 >= ~0.99 a step moves nu by less than bf16's resolution, so it tracks poorly)
+    moment_dtype: Literal["", "float32", "bfloat16"] = ""
 
     def __post_init__(self):
         import math

@@ -45,13 +45,19 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+def skip_nonfinite(inner: optax.GradientTransformation, moment_dtype: str = "") -> optax.GradientTransformation:
     """Apply `inner` only when its gradients AND its updates are finite; otherwise leave the
     parameters and the inner state as they were and count the skip. The new state keeps the
-    old state's dtypes (bf16 parameters keep bf16 moments; see README)."""
+    old state's dtypes (bf16 parameters keep bf16 moments; see README), so `moment_dtype`
+    only has to cast the initial state's float arrays (AdamW's mu and nu) once."""
     def init(params):
+        state = inner.init(params)
+        if moment_dtype:
+            dt = jnp.dtype(moment_dtype)
+            state = jax.tree.map(lambda x: x.astype(dt) if x.ndim and jnp.issubdtype(x.dtype, jnp.floating) else x,
+                                 state)
         # three distinct buffers (the state is donated; one shared buffer would be donated thrice)
-        return SkipState(inner.init(params), *(jnp.zeros((), jnp.int32) for _ in range(3)))
+        return SkipState(state, *(jnp.zeros((), jnp.int32) for _ in range(3)))
 
     def update(grads, state: SkipState, params=None):
         updates, new_inner = inner.update(grads, state.inner, params)
@@ -71,7 +77,7 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
         chain.append(optax.clip_by_global_norm(cfg.clip_norm))
     chain.append(optax.adamw(lr_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                              weight_decay=cfg.weight_decay, mask=decay_mask))
-    return skip_nonfinite(optax.chain(*chain))
+    return skip_nonfinite(optax.chain(*chain), cfg.moment_dtype)
 
 
 def skip_metrics(schedule: optax.Schedule | None = None):
