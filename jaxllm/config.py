@@ -41,7 +41,7 @@ class ModelConfig:
     compute_dtype: Dtype = "float32"
     remat: RematPolicy = "none"
     # Layers run under lax.scan (compile time flat in depth) or unrolled (each layer its own
-    # HLO: no per-layer residual stacks, so faster steps on CPU; see benchmarks/bench_train.py).
+    # HLO: no per-layer residual stacks, so faster steps on CPU; see benchmarks/bench_layers.py).
     # Same params (stacked on layers) and the same math either way.
     scan_layers: bool = True
     attention: Literal["xla", "cudnn"] = "xla"
