@@ -44,7 +44,10 @@ class ModelConfig:
     # HLO: no per-layer residual stacks, so faster steps on CPU; see benchmarks/bench_layers.py).
     # Same params (stacked on layers) and the same math either way.
     scan_layers: bool = True
-    attention: Literal["xla", "cudnn"] = "xla"
+    # xla: the reference (scores at (B, heads, T, S) in fp32); blockwise: flash attention in
+    # plain JAX, memory linear in T (model/blockwise.py); cudnn: fused kernel on NVIDIA GPUs.
+    attention: Literal["xla", "cudnn", "blockwise"] = "xla"
+    attention_block: int = 512      # blockwise: queries and keys per block
     # Attention-output and MLP-down kernels start at init_std / sqrt(2 * n_layers) (GPT-2).
     scale_residual_init: bool = True
     # The LM head's loss is computed this many sequence positions at a time, so the full
@@ -66,6 +69,8 @@ class ModelConfig:
         if self.attention == "cudnn" and self.compute_dtype == "float32":
             raise ConfigError("model.attention=cudnn needs model.compute_dtype bfloat16 or float16 "
                               "(cuDNN fused attention has no fp32 kernel)")
+        if self.attention_block <= 0:
+            raise ConfigError(f"model.attention_block must be positive, got {self.attention_block}")
         if self.logits_chunk < 0:
             raise ConfigError(f"model.logits_chunk must be >= 0, got {self.logits_chunk}")
         if not self.init_std > 0:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxllm.model.blockwise import blockwise_attention
+
 
 def attention_mask(q_positions: jax.Array, kv_positions: jax.Array,
                    q_segment_ids: jax.Array | None, kv_segment_ids: jax.Array | None,
@@ -32,13 +34,15 @@ def attention_mask(q_positions: jax.Array, kv_positions: jax.Array,
 def attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, *,
               q_positions: jax.Array | None = None, kv_positions: jax.Array | None = None,
               q_segment_ids: jax.Array | None = None, kv_segment_ids: jax.Array | None = None,
-              causal: bool = True, implementation: str = "xla") -> jax.Array:
+              causal: bool = True, implementation: str = "xla", block: int = 512) -> jax.Array:
     """Scaled dot-product attention; q has N heads, k/v have K heads with N % K == 0.
 
     Positions default to 0..T-1 and 0..S-1, so with T == S and no segments this is plain
     causal (or bidirectional) attention. Segment ids: both or neither.
     `implementation` "xla" runs everywhere; "cudnn" (fused flash attention, NVIDIA GPUs) is
-    used where it applies (equal lengths, no segments, no cache) and XLA otherwise.
+    used where it applies (equal lengths, no segments, no cache) and XLA otherwise;
+    "blockwise" (model/blockwise.py: flash attention in plain JAX, `block` queries x `block`
+    keys at a time) keeps memory linear in the sequence length on every backend.
     Softmax runs in fp32 whatever the compute dtype.
     """
     b, t, n, h = q_btnh.shape
@@ -54,10 +58,14 @@ def attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, *,
         q_positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32) + (s - t), (b, t))
     if kv_positions is None:
         kv_positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    mask = attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids, causal)
-    # Group query heads per kv head: (B, T, K, G, H) so GQA needs no repeat of k/v in memory.
+    # Group query heads per kv head, (B, T, K, G, H), so GQA needs no repeat of k/v in memory.
     g = n // k
     qg = q_btnh.reshape(b, t, k, g, h)
+    if implementation == "blockwise":
+        out = blockwise_attention(qg, k_bskh, v_bskh, q_positions, kv_positions, q_segment_ids,
+                                  kv_segment_ids, causal, block, block)
+        return out.reshape(b, t, n, h).astype(q_btnh.dtype)
+    mask = attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids, causal)
     scores = jnp.einsum("btkgh,bskh->bkgts", qg, k_bskh,
                         preferred_element_type=jnp.float32) * (h ** -0.5)
     if mask is not None:

@@ -175,7 +175,7 @@ class Attention(nn.Module):
         if cache is None:
             out_btnh = attention(q, kk, v, q_segment_ids=segment_ids_bt,
                                  kv_segment_ids=segment_ids_bt, causal=self.causal,
-                                 implementation=cfg.attention)
+                                 implementation=cfg.attention, block=cfg.attention_block)
             new_cache = None
         else:
             b, t = x_btd.shape[:2]
@@ -188,7 +188,7 @@ class Attention(nn.Module):
             out_btnh = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype),
                                  q_positions=q_slots, kv_positions=kv_slots,
                                  q_segment_ids=segment_ids_bt, kv_segment_ids=kv_segment_ids,
-                                 causal=self.causal, implementation=cfg.attention)
+                                 causal=self.causal, implementation=cfg.attention, block=cfg.attention_block)
             new_cache = {"k": k_all, "v": v_all}
         out = Dense((n, h), (d,), ("heads", "head_dim", "embed"), cfg,
                     init_std=residual_init_std(cfg), lora=lo, name="o")(out_btnh)
