@@ -14,7 +14,7 @@ from jaxllm.data.config import DataConfig
 from jaxllm.parallel.axes import check_rule_overrides
 
 Dtype = Literal["float32", "bfloat16", "float16"]
-RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
+RematPolicy = Literal["none", "full", "dots", "dots_no_batch", "offload"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +132,10 @@ class OptimConfig:
     # state under fp32 master weights (updates are computed in fp32, then rounded to bf16; with
     # b2 >= ~0.99 a step moves nu by less than bf16's resolution, so it tracks poorly)
     moment_dtype: Literal["", "float32", "bfloat16"] = ""
+    # ZeRO-Offload: the optimizer state lives in host memory (memory kind pinned_host) between
+    # steps; each step moves it to the device, updates it there and moves it back. Frees the
+    # moments' device memory for a host<->device copy per step (same numbers either way).
+    offload_state: bool = False
 
     def __post_init__(self):
         import math

@@ -21,10 +21,23 @@ from jaxllm.model.matmul import mixed_matmul
 from jaxllm.model.tokens import patch_embeddings, patch_logits
 from jaxllm.model.transformer import Block, constrain, rms_norm
 
+_policies = jax.checkpoint_policies
+# What the backward pass keeps of each layer's forward; the rest is recomputed. The Dense
+# projections are custom VJPs (model/matmul.py), invisible to dot-matching policies, so they
+# are matched by their checkpoint name "projection" (model/transformer.py).
 REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole layer
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    # every matmul output: projections and the attention einsums (scores, probs @ v)
+    "dots": _policies.save_from_both_policies(
+        _policies.checkpoint_dots, _policies.save_only_these_names("projection")),
+    # the projections only; attention is recomputed (its (B, heads, T, S) scores are not kept)
+    "dots_no_batch": _policies.save_from_both_policies(
+        _policies.checkpoint_dots_with_no_batch_dims, _policies.save_only_these_names("projection")),
+    # what dots_no_batch keeps, moved to host memory (pinned_host) until the backward needs it;
+    # on CPU host and device memory are one RAM, so there it neither costs nor saves anything
+    "offload": _policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=["projection"],
+        offload_src="device", offload_dst="pinned_host"),
 }
 
 

@@ -19,6 +19,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxllm.config import ModelConfig
 from jaxllm.model.attention import attention
@@ -122,7 +123,9 @@ class Dense(nn.Module):
         y = mixed_matmul(x.astype(dt), kernel.astype(dt), len(self.in_dims))
         if self.lora is not None and self.has_variable("lora", "kernel"):
             y = y + self._lora_update(x, dt)
-        y = y.astype(dt)
+        # Named for the remat policies (model/api.py): mixed_matmul is a custom VJP, which
+        # dot-matching policies do not see, so "save the projections" is said by name.
+        y = checkpoint_name(y.astype(dt), "projection")
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(
                 nn.initializers.zeros, self.names[len(self.in_dims):]), self.out_dims, _dtype(cfg.param_dtype))

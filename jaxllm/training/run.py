@@ -45,7 +45,7 @@ RESUMABLE_CHANGES = ("train.log_every", "train.eval_every", "train.eval_batches"
                      "train.progress", "train.debug", "train.disable_jit", "checkpoint.every",
                      "checkpoint.keep", "checkpoint.async_save", "checkpoint.resume",
                      "checkpoint.allow_config_change", "checkpoint.fallback", "distributed.",
-                     "mesh.", "model.remat", "model.attention", "model.logits_chunk",
+                     "mesh.", "optim.offload_state", "model.remat", "model.attention", "model.logits_chunk",
                      "model.scan_layers", "data.eval_sources", "data.eval_batches",
                      "data.worker_buffer_size", "data.num_workers")
 
@@ -272,7 +272,8 @@ class Run:
                      f"away (float32 master weights are the default)")
         optimizer = make_optimizer(horizon)
         abstract, shardings = plan_state(init_fn, param_specs, optimizer, self.rules, self.mesh,
-                                         frozen_specs=frozen_specs, frozen_shapes=frozen_shapes)
+                                         frozen_specs=frozen_specs, frozen_shapes=frozen_shapes,
+                                         offload_opt_state=cfg.optim.offload_state)
         self.report_sharding(param_specs, abstract.params, abstract.opt_state,
                              label="trainable" if frozen_specs is not None else "params")
         if frozen_specs is not None:
@@ -282,6 +283,8 @@ class Run:
             state, saved_meta, resumed_from = self.checkpointer.restore_newest_intact(
                 abstract, data_iter, fallback=cfg.checkpoint.fallback, log=self.log)
             meta.update({k: v for k, v in saved_meta.items() if k not in ("model", "config")})
+            if cfg.optim.offload_state:   # orbax restores into device memory
+                state = jax.device_put(state, shardings.state)
             self.log(f"resumed {self.dir} at step {resumed_from}")
         elif cfg.checkpoint.init_from and init_from_trainable:
             params = self.load_init_from(abstract.params)

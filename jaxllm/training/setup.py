@@ -16,20 +16,34 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxllm.configlib import ConfigError
 from jaxllm.parallel import rules as R
 from jaxllm.training.state import TrainState
 from jaxllm.training.step import StepShardings
 
+HOST_MEMORY = "pinned_host"
+
+
+def check_host_offload(mesh: Mesh):
+    kinds = {m.kind for m in mesh.devices.flat[0].addressable_memories()}
+    if HOST_MEMORY not in kinds:
+        raise ConfigError(f"optim.offload_state=true needs host memory ({HOST_MEMORY}) on "
+                          f"{mesh.devices.flat[0].platform}, which offers only {sorted(kinds)}")
+
 
 def state_shardings(param_specs_logical, param_shapes, optimizer: optax.GradientTransformation,
-                    rules, mesh: Mesh) -> TrainState:
+                    rules, mesh: Mesh, offload_opt_state: bool = False) -> TrainState:
     """Shardings for a TrainState whose params have these logical specs. Optimizer moments
-    follow their parameter (ZeRO: Adam states are sharded exactly like the weights)."""
+    follow their parameter (ZeRO: Adam states are sharded exactly like the weights); with
+    offload_opt_state they sit in host memory, same layout (the step moves them in and out)."""
     p_sh = R.param_shardings(param_specs_logical, param_shapes, rules, mesh)
     rep = NamedSharding(mesh, P())
     opt_shapes = jax.eval_shape(optimizer.init, param_shapes)
     opt_sh = optax.tree_map_params(optimizer, lambda _, s: s, opt_shapes, p_sh,
                                    transform_non_params=lambda _: rep)
+    if offload_opt_state:
+        check_host_offload(mesh)
+        opt_sh = jax.tree.map(lambda sh: sh.with_memory_kind(HOST_MEMORY), opt_sh)
     return TrainState(step=rep, params=p_sh, opt_state=opt_sh, rng=rep)
 
 
@@ -39,11 +53,11 @@ def _keys(seed: int):
 
 def plan_state(init_fn: Callable[[jax.Array], object], param_specs_logical,
                optimizer: optax.GradientTransformation, rules, mesh: Mesh, *,
-               frozen_specs=None, frozen_shapes=None):
+               frozen_specs=None, frozen_shapes=None, offload_opt_state: bool = False):
     """-> (abstract TrainState of ShapeDtypeStructs with shardings, StepShardings)."""
     init_key, state_key = _keys(0)
     shapes = jax.eval_shape(init_fn, init_key)
-    sh = state_shardings(param_specs_logical, shapes, optimizer, rules, mesh)
+    sh = state_shardings(param_specs_logical, shapes, optimizer, rules, mesh, offload_opt_state)
     abstract = jax.eval_shape(lambda k1, k2: TrainState.create(init_fn(k1), optimizer, k2),
                               init_key, state_key)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, sh)

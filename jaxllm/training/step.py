@@ -52,6 +52,16 @@ def _split_microbatches(batch: dict, m: int, batch_sharding) -> dict:
     return jax.tree.map(split, batch, batch_sharding)
 
 
+def _offload_shardings(shardings: StepShardings | None):
+    """(device, host) shardings of the optimizer state when it lives in host memory, else None."""
+    if shardings is None:
+        return None
+    host = shardings.state.opt_state
+    if all(sh.memory_kind in (None, "device") for sh in jax.tree.leaves(host)):
+        return None
+    return jax.tree.map(lambda sh: sh.with_memory_kind("device"), host), host
+
+
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
                     shardings: StepShardings | None = None, *, microbatches: int = 1,
                     merge: Callable = _identity_merge,
@@ -59,6 +69,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
                     jit: bool = True):
     """optimizer_metrics(opt_state_before, opt_state_after) -> extra metrics (for the
     default optimizer: optim.skip_metrics, the skip counters and the lr used)."""
+    offload = _offload_shardings(shardings)
+
     def grads_of(params, frozen, batch, rng):
         def f(p):
             return loss_fn(merge(p, frozen), batch, rng)
@@ -83,7 +95,10 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
         # Token-weighted mean: gradient of sum(loss) / total weight, over all microbatches.
         weight = jnp.maximum(sums["weight"], 1.0)
         grads = jax.tree.map(lambda g, p: (g / weight).astype(p.dtype), grads, state.params)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        opt_before = state.opt_state
+        if offload is not None:    # host -> device for the update (ZeRO-Offload)
+            opt_before = jax.device_put(opt_before, offload[0])
+        updates, opt_state = optimizer.update(grads, opt_before, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {k: v / weight for k, v in sums.items() if k != "weight"}
         metrics["weight"] = sums["weight"]
@@ -91,7 +106,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
         if "segment_ids" in batch:    # real (non-padding) tokens, for tokens/s and MFU
             metrics["real_tokens"] = jnp.sum(batch["segment_ids"] != 0)
         if optimizer_metrics is not None:
-            metrics.update(optimizer_metrics(state.opt_state, opt_state))
+            metrics.update(optimizer_metrics(opt_before, opt_state))
+        if offload is not None:    # device -> host until the next step
+            opt_state = jax.device_put(opt_state, offload[1])
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                                rng=jax.random.key_data(rng))
         return new_state, metrics
