@@ -232,6 +232,8 @@ class Run:
         lines.append(f"{label} {rep['bytes_per_device'] / 2**20:.2f} MiB/device "
                      f"(of {rep['total_bytes'] / 2**20:.2f} MiB)"
                      + (f", optimizer state {opt_bytes / 2**20:.2f} MiB/device" if opt_state is not None else "")
+                     + (" (in host memory: optim.offload_state)" if self.cfg.optim.offload_state
+                        and opt_state is not None else "")
                      + f", mesh {dict(self.mesh.shape)}")
         self.log("\n".join(lines))
         for d in rep["dropped"]:
