@@ -1,4 +1,4 @@
-"""`jaxllm <verb>`: train, demo, data, tokenizer, convert, curate.
+"""`jaxllm <verb>`: train, demo, plan, data, tokenizer, convert, curate.
 
 An expected failure prints one line (`jaxllm: error: what, where, what to do`) and exits 2
 (bad config or input) or 1 (the run cannot go on); `--traceback` or JAXLLM_TRACEBACK=1 shows
@@ -44,6 +44,20 @@ def _demo(args):
           f"run dir {s['run_dir']}")
 
 
+def _plan(args):
+    from jaxllm.training import plan
+    savers = list(plan.SAVERS) if args.savers == "all" else [] if args.savers == "none" else \
+        [x.strip() for x in args.savers.split(",") if x.strip()]
+    unknown = [x for x in savers if x not in plan.SAVERS]
+    if unknown:
+        raise UserError(f"plan --savers: unknown {unknown}; choose from {list(plan.SAVERS)}, 'all' or 'none'")
+    if args.devices < 1:
+        raise UserError(f"plan --devices must be >= 1, got {args.devices}")
+    code = plan.run_in_child(args.config, args.overrides, args.devices, savers, args.device_gib)
+    if code:
+        raise SystemExit(code)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxllm", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,6 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="(older form) train only this recipe, as `jaxllm train CONFIG` does")
     de.add_argument("overrides", nargs="*", help="key.sub=value overrides of CONFIG")
     de.set_defaults(func=_demo)
+    pl = sub.add_parser("plan", help="device memory of a config's train step on N devices, with and without "
+                                     "each memory saver (compiled on simulated CPU devices, nothing runs)")
+    pl.add_argument("config", help="a recipe YAML, or - for the built-in defaults")
+    pl.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    pl.add_argument("--devices", type=int, default=8, help="simulated devices (default: %(default)s)")
+    pl.add_argument("--device-gib", type=float, default=80.0,
+                    help="memory per device for the 'fits' column (default: %(default)s)")
+    pl.add_argument("--savers", default="all",
+                    help="comma-separated savers to compare, 'all' or 'none' (default: %(default)s)")
+    pl.set_defaults(func=_plan)
     # Sub-packages own their verbs; each exposes register(subparsers).
     for mod in ("jaxllm.data.cli", "jaxllm.curate.cli", "jaxllm.interop.cli", "jaxllm.evaluation.cli"):
         try:

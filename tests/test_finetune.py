@@ -46,6 +46,7 @@ def test_delta_run_trains_only_the_delta_and_resumes_exactly(tmp_path, base, del
     np.testing.assert_allclose([rows[s] for s in range(1, 7)], [h["loss"] for h in full["history"]], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_lora_run_writes_a_peft_adapter_that_loads_back(tmp_path, base):
     base_dir, _ = base
     s = jaxllm.train(jaxllm.load_config(None, ARGS + ["lora.r=4", "train.steps=2", f"train.run_dir={tmp_path}",

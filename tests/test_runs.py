@@ -165,6 +165,7 @@ def test_eager_layers_run_as_a_python_loop_with_concrete_values():
     assert seen == [False] * 3   # three layers, each called with concrete arrays (pdb can look)
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_run_says_so(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: tiny\n")

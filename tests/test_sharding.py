@@ -25,9 +25,12 @@ def single(tmp_path_factory):
 
 @pytest.mark.parametrize("mesh", [
     ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "mesh.preset=fsdp_tp"],
-    ["mesh.data=1", "mesh.fsdp=8", "mesh.tensor=1", "mesh.preset=fsdp"],
-    ["mesh.devices=2", "mesh.fsdp=1", "mesh.tensor=2", "mesh.preset=fsdp_tp"],
-    ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "mesh.preset=fsdp_tp", "train.microbatches=2"],
+    # the default run keeps the 3-axis mesh; the single-axis meshes and microbatching: slow
+    pytest.param(["mesh.data=1", "mesh.fsdp=8", "mesh.tensor=1", "mesh.preset=fsdp"], marks=pytest.mark.slow),
+    pytest.param(["mesh.devices=2", "mesh.fsdp=1", "mesh.tensor=2", "mesh.preset=fsdp_tp"],
+                 marks=pytest.mark.slow),
+    pytest.param(["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "mesh.preset=fsdp_tp", "train.microbatches=2"],
+                 marks=pytest.mark.slow),
 ], ids=["data2_fsdp2_tensor2", "fsdp8", "tensor2", "data2_fsdp2_tensor2_microbatch2"])
 def test_sharded_step_matches_single_device(tmp_path, single, mesh):
     assert len(jax.devices()) == 8, "conftest must give 8 CPU devices"

@@ -157,6 +157,7 @@ def test_same_seed_same_run(tmp_path):
     chex.assert_trees_all_equal(jax.device_get(a["state"].params), jax.device_get(b["state"].params))
 
 
+@pytest.mark.slow   # eager layers are also checked in the default run (test_runs.py)
 def test_debug_mode_runs_eagerly_on_one_device(tmp_path):
     cfg = jaxllm.load_config(None, ["model=tiny", "train.steps=2", "train.batch_size=2",
                                     "train.seq_len=16", "train.eval_every=0", "train.progress=false",
