@@ -53,7 +53,7 @@ def _plan(args):
         raise UserError(f"plan --savers: unknown {unknown}; choose from {list(plan.SAVERS)}, 'all' or 'none'")
     if args.devices < 1:
         raise UserError(f"plan --devices must be >= 1, got {args.devices}")
-    code = plan.run_in_child(args.config, args.overrides, args.devices, savers, args.device_gib)
+    code = plan.run_in_child(args.config, args.overrides, args.devices, savers, args.device_gb)
     if code:
         raise SystemExit(code)
 
@@ -84,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("config", help="a recipe YAML, or - for the built-in defaults")
     pl.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     pl.add_argument("--devices", type=int, default=8, help="simulated devices (default: %(default)s)")
-    pl.add_argument("--device-gib", type=float, default=80.0,
-                    help="memory per device for the 'fits' column (default: %(default)s)")
+    pl.add_argument("--device-gb", type=float, default=80.0,
+                    help="memory per device in GB (10^9 bytes, as datasheets give it) for the 'fits' column "
+                         "(default: %(default)s)")
     pl.add_argument("--savers", default="all",
                     help="comma-separated savers to compare, 'all' or 'none' (default: %(default)s)")
     pl.set_defaults(func=_plan)

@@ -79,7 +79,7 @@ def measure(config: str | None, overrides: list[str]) -> dict:
     return out
 
 
-def report(config: str | None, overrides: list[str], savers: list[str], device_gib: float) -> str:
+def report(config: str | None, overrides: list[str], savers: list[str], device_gb: float) -> str:
     rows = [("as configured", measure(config, overrides))]
     for name in savers:
         rows.append((name, measure(config, overrides + SAVERS[name])))
@@ -93,11 +93,11 @@ def report(config: str | None, overrides: list[str], savers: list[str], device_g
     lines = [f"{config or 'defaults'} {' '.join(overrides)}".strip(),
              f"model d={m.d_model} layers={m.n_layers} vocab={m.vocab_size}; mesh {first['mesh']} "
              f"({first['devices']} devices); global batch {first['tokens']:,} tokens; "
-             f"{unit} per device (fits: <= {device_gib:g} GiB)",
+             f"{unit} per device (fits: <= {device_gb:g} GB = {device_gb * 1e9 / 2**30:.1f} GiB)",
              f"  {'variant':<22} {'params':>8} {'opt state':>10} {'host opt':>9} {'batch':>7} "
              f"{'activ.+grads':>13} {'total':>8}  fits"]
     for name, r in rows:
-        fits = "yes" if r["device_total"] <= device_gib * 2**30 else "no"
+        fits = "yes" if r["device_total"] <= device_gb * 1e9 else "no"   # datasheet GB
         lines.append(f"  {name:<22} {_gib(r['params']):>8} {_gib(r['opt_state']):>10} "
                      f"{_gib(r['opt_state_host']):>9} {_gib(r['batch']):>7} {_gib(r['temp']):>13} "
                      f"{_gib(r['device_total']):>8}  {fits}")
@@ -107,18 +107,18 @@ def report(config: str | None, overrides: list[str], savers: list[str], device_g
 
 
 def run_in_child(config: str | None, overrides: list[str], devices: int, savers: list[str],
-                 device_gib: float) -> int:
+                 device_gb: float) -> int:
     """Re-execute with `devices` simulated CPU devices (jax reads the flag once, at start-up)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}")
-    cmd = [sys.executable, "-m", "jaxllm.training.plan", "--device-gib", str(device_gib),
+    cmd = [sys.executable, "-m", "jaxllm.training.plan", "--device-gb", str(device_gb),
            "--savers", ",".join(savers)] + ([config] if config else ["-"]) + list(overrides)
     return subprocess.run(cmd, env=env).returncode
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jaxllm.training.plan")
-    ap.add_argument("--device-gib", type=float, default=80.0)
+    ap.add_argument("--device-gb", type=float, default=80.0)
     ap.add_argument("--savers", default="")
     ap.add_argument("config")
     ap.add_argument("overrides", nargs="*")
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     from jaxllm.errors import UserError
     try:
         print(report(None if args.config == "-" else args.config, args.overrides,
-                     [s for s in args.savers.split(",") if s], args.device_gib))
+                     [s for s in args.savers.split(",") if s], args.device_gb))
     except UserError as e:
         print(f"jaxllm: error: {e}", file=sys.stderr)
         return 2
