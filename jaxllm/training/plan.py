@@ -6,7 +6,9 @@ program gives the temporaries: activations saved for the backward pass, gradient
 workspace. Parameters, optimizer state and the batch per device come from their shardings.
 The same is done for the config with each memory saver switched on, so one table shows what
 each buys. The temporaries are those of XLA's CPU compiler: GPU/TPU fusion differs, so read
-them as an estimate (the parameter/optimizer columns are exact).
+them as an estimate (the parameter/optimizer columns are exact). What is planned is the
+causal-LM step of the full model (train.objective, LoRA/adapter deltas and RL's extra models are
+not modelled: a delta's trainable state is tiny, its frozen base is the params column).
 
 Runs in a child process (the CLI re-executes itself) because the simulated device count must be
 set before jax starts.
@@ -81,6 +83,13 @@ def measure(config: str | None, overrides: list[str]) -> dict:
 
 def report(config: str | None, overrides: list[str], savers: list[str], device_gb: float) -> str:
     rows = [("as configured", measure(config, overrides))]
+    notes = []
+    import jaxllm
+    cfg = jaxllm.load_config(config, list(overrides))
+    if cfg.train.objective not in ("clm", "sft") or cfg.lora.r or cfg.adapter.size:
+        notes.append(f"note: planned as the full model's causal-LM step; this config's objective "
+                     f"({cfg.train.objective}{', LoRA' if cfg.lora.r else ''}"
+                     f"{', adapters' if cfg.adapter.size else ''}) is not modelled")
     for name in savers:
         rows.append((name, measure(config, overrides + SAVERS[name])))
     first = rows[0][1]
@@ -101,9 +110,9 @@ def report(config: str | None, overrides: list[str], savers: list[str], device_g
         lines.append(f"  {name:<22} {_gib(r['params']):>8} {_gib(r['opt_state']):>10} "
                      f"{_gib(r['opt_state_host']):>9} {_gib(r['batch']):>7} {_gib(r['temp']):>13} "
                      f"{_gib(r['device_total']):>8}  {fits}")
-    lines.append("activ.+grads: XLA CPU's compiled temporaries of the step (an estimate for GPU/TPU); "
-                 "savers are each applied alone on top of the config")
-    return "\n".join(lines)
+    lines.append("activ.+grads: XLA CPU's compiled temporaries of the causal-LM step of the full model (an "
+                 "estimate for GPU/TPU); savers are each applied alone on top of the config")
+    return "\n".join(lines + notes)
 
 
 def run_in_child(config: str | None, overrides: list[str], devices: int, savers: list[str],
