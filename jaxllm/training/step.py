@@ -66,9 +66,13 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
                     shardings: StepShardings | None = None, *, microbatches: int = 1,
                     merge: Callable = _identity_merge,
                     optimizer_metrics: Callable[[Any, Any], dict] | None = None,
-                    jit: bool = True):
+                    jit: bool = True, grad_compression: str = "none", mesh=None):
     """optimizer_metrics(opt_state_before, opt_state_after) -> extra metrics (for the
-    default optimizer: optim.skip_metrics, the skip counters and the lr used)."""
+    default optimizer: optim.skip_metrics, the skip counters and the lr used).
+    grad_compression "bf16" / "int8" reduces the gradients over the data axis of a
+    data-parallel `mesh` in that precision (parallel/compress.py); int8 keeps its error
+    feedback beside the optimizer state: state.opt_state is (optimizer state, error), see
+    compress.with_error_feedback."""
     offload = _offload_shardings(shardings)
 
     def grads_of(params, frozen, batch, rng):
@@ -77,25 +81,44 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
         (loss_sum, sums), grads = jax.value_and_grad(f, has_aux=True)(params)
         return grads, dict(sums, loss=loss_sum)
 
+    def summed_grads(params, frozen, batch, step_rng, batch_sharding):
+        if microbatches == 1:
+            return grads_of(params, frozen, batch, step_rng)
+        micro = _split_microbatches(batch, microbatches, batch_sharding)
+
+        def body(acc, xs):
+            mb, i = xs
+            g, s = grads_of(params, frozen, mb, jax.random.fold_in(step_rng, i))
+            return jax.tree.map(lambda a, b: a + b.astype(a.dtype), acc, g), s
+        # accumulate in fp32 whatever the parameter dtype; sums come out stacked (M,)
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        grads, sums_m = jax.lax.scan(body, zeros, (micro, jnp.arange(microbatches)))
+        return grads, jax.tree.map(lambda s: jnp.sum(s, axis=0), sums_m)
+
+    reduce = None
+    if grad_compression == "int8" and offload is not None:
+        raise ValueError("int8 gradient compression keeps its error feedback beside the optimizer state; "
+                         "it does not combine with optim.offload_state")
+    if grad_compression != "none":
+        from jaxllm.parallel import compress
+        spec = shardings.batch.spec if shardings is not None else jax.sharding.PartitionSpec("data")
+        reduce = compress.data_parallel_reduce(
+            lambda p, f, b, r: summed_grads(p, f, b, r, None), grad_compression, mesh, spec)
+
     def step(state: TrainState, batch: dict, frozen=None):
         rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
-        if microbatches == 1:
-            grads, sums = grads_of(state.params, frozen, batch, step_rng)
+        opt_state_in, comm_error = state.opt_state, None
+        if grad_compression == "int8":
+            opt_state_in, comm_error = state.opt_state
+        if reduce is None:
+            grads, sums = summed_grads(state.params, frozen, batch, step_rng,
+                                       shardings.batch if shardings else None)
         else:
-            micro = _split_microbatches(batch, microbatches, shardings.batch if shardings else None)
-
-            def body(acc, xs):
-                mb, i = xs
-                g, s = grads_of(state.params, frozen, mb, jax.random.fold_in(step_rng, i))
-                return jax.tree.map(lambda a, b: a + b.astype(a.dtype), acc, g), s
-            # accumulate in fp32 whatever the parameter dtype; sums come out stacked (M,)
-            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-            grads, sums_m = jax.lax.scan(body, zeros, (micro, jnp.arange(microbatches)))
-            sums = jax.tree.map(lambda s: jnp.sum(s, axis=0), sums_m)
+            grads, sums, comm_error = reduce(state.params, frozen, batch, step_rng, comm_error)
         # Token-weighted mean: gradient of sum(loss) / total weight, over all microbatches.
         weight = jnp.maximum(sums["weight"], 1.0)
         grads = jax.tree.map(lambda g, p: (g / weight).astype(p.dtype), grads, state.params)
-        opt_before = state.opt_state
+        opt_before = opt_state_in
         if offload is not None:    # host -> device for the update (ZeRO-Offload)
             opt_before = jax.device_put(opt_before, offload[0])
         updates, opt_state = optimizer.update(grads, opt_before, state.params)
@@ -109,6 +132,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
             metrics.update(optimizer_metrics(opt_before, opt_state))
         if offload is not None:    # device -> host until the next step
             opt_state = jax.device_put(opt_state, offload[1])
+        if grad_compression == "int8":
+            opt_state = (opt_state, comm_error)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                                rng=jax.random.key_data(rng))
         return new_state, metrics
