@@ -101,6 +101,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
                          "it does not combine with optim.offload_state")
     if grad_compression != "none":
         from jaxllm.parallel import compress
+        if mesh is None:
+            raise ValueError(f"grad_compression={grad_compression!r} reduces over a mesh's data axis: pass mesh=")
         spec = shardings.batch.spec if shardings is not None else jax.sharding.PartitionSpec("data")
         reduce = compress.data_parallel_reduce(
             lambda p, f, b, r: summed_grads(p, f, b, r, None), grad_compression, mesh, spec)
