@@ -114,8 +114,10 @@ def test_partial_checkpoint_falls_back_to_previous_complete_one(tmp_path, refere
 def test_kill9_during_an_async_save_resumes_from_the_previous_checkpoint(tmp_path):
     # A 26M-parameter model: params + Adam moments are ~300 MB, so a save takes long enough
     # to be caught in flight (orbax writes into "<step>.orbax-checkpoint-tmp-*" first).
+    # 15 steps: enough saves (every 3) to catch one in flight; few enough that the resumed run
+    # does not spend minutes writing 300 MB checkpoints
     big = ["model=25m", "train.batch_size=2", "train.seq_len=16", "checkpoint.every=3"]
-    proc = launch(tmp_path, "train.steps=60", *big)
+    proc = launch(tmp_path, "train.steps=15", *big)
     ck = tmp_path / "checkpoints"
 
     def saving_after_a_complete_one():
@@ -127,10 +129,10 @@ def test_kill9_during_an_async_save_resumes_from_the_previous_checkpoint(tmp_pat
     partial = [p.name for p in ck.iterdir() if "tmp" in p.name]
     complete = saved_steps(tmp_path)
     assert partial and complete, (partial, complete)
-    s = jaxllm.train(jaxllm.load_config(None, ARGS + ["train.steps=60", *big, "train.log_every=30",
+    s = jaxllm.train(jaxllm.load_config(None, ARGS + ["train.steps=15", *big, "train.log_every=5",
                                                       f"train.run_dir={tmp_path}"]))
-    assert s["resumed_from"] == max(complete)
-    assert s["steps"] == 60 and np.isfinite(s["final_loss"])
+    assert s["resumed_from"] == max(complete) < 15
+    assert s["steps"] == 15 and np.isfinite(s["final_loss"])
 
 
 @pytest.mark.slow
