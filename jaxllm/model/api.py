@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 from jaxllm.config import ModelConfig
 from jaxllm.model.matmul import mixed_matmul
 from jaxllm.model.tokens import patch_embeddings, patch_logits
-from jaxllm.model.transformer import Block, constrain, rms_norm
+from jaxllm.model.transformer import Block, NormalPool, constrain, drawing_from, rms_norm
 
 _policies = jax.checkpoint_policies
 # What the backward pass keeps of each layer's forward; the rest is recomputed. The Dense
@@ -76,22 +76,28 @@ def _layer_init(cfg: ModelConfig, key, causal: bool = True):
 
 def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
     """A plain pytree of arrays (no Flax boxes). Layers are stacked on a leading axis, each
-    initialised from its own key, so the values do not depend on jit, eager or sharding."""
-    k_embed, k_layers, k_head = jax.random.split(key, 3)
+    initialised from its own key, so the values do not depend on jit, eager or sharding. Each
+    layer's kernels come from one flat normal draw, and so do embedding + LM head (NormalPool:
+    one draw per kernel made init the slowest compile of a small run)."""
+    k_embed, k_layers = jax.random.split(key, 2)
     pdt = jnp.dtype(cfg.param_dtype)
+    # Every layer has the same parameter count; the pool holds that many values (norm scales
+    # take none, so its tail goes unused).
+    layer_size = sum(x.size for x in jax.tree.leaves(jax.eval_shape(lambda: _layer_init(cfg, jax.random.key(0)))))
 
     def layer(k):
-        with nn.logical_axis_rules(()):
-            return nn.meta.unbox(_layer_init(cfg, k))
+        k_pool, k_rest = jax.random.split(k)
+        with nn.logical_axis_rules(()), drawing_from(NormalPool(k_pool, layer_size)):
+            return nn.meta.unbox(_layer_init(cfg, k_rest))
+    v, d = cfg.vocab_size, cfg.d_model
+    table = NormalPool(k_embed, v * d * (1 if cfg.tie_embeddings else 2))
     params = {
-        "embed": {"embedding": (cfg.init_std * jax.random.normal(
-            k_embed, (cfg.vocab_size, cfg.d_model), jnp.float32)).astype(pdt)},
+        "embed": {"embedding": (cfg.init_std * table.take((v, d))).astype(pdt)},
         "layers": jax.vmap(layer)(jax.random.split(k_layers, cfg.n_layers)),
-        "final_norm": {"scale": jnp.ones((cfg.d_model,), pdt)},
+        "final_norm": {"scale": jnp.ones((d,), pdt)},
     }
     if not cfg.tie_embeddings:
-        params["lm_head"] = {"kernel": (cfg.init_std * jax.random.normal(
-            k_head, (cfg.d_model, cfg.vocab_size), jnp.float32)).astype(pdt)}
+        params["lm_head"] = {"kernel": (cfg.init_std * table.take((d, v))).astype(pdt)}
     return params
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import re
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -116,18 +115,26 @@ def init_delta(base, cfg: LoraConfig, key: jax.Array) -> dict:
     """A fresh delta for base (params or ShapeDtypeStructs), in each kernel's dtype.
     A: Gaussian with std 1/r (init="gaussian", as PEFT's "gaussian") or PEFT's default
     kaiming_uniform(a=sqrt(5)) over fan_in = prod(in_dims), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-    (init="peft"); B = 0, so the adapted model starts as the base exactly. Each kernel's key is
-    folded from its path, so choosing other targets does not change a kernel's A."""
+    (init="peft"); B = 0, so the adapted model starts as the base exactly. All A factors come
+    from one flat draw, sliced in target-path order: one draw per kernel compiled ~0.5 s each
+    on a CPU (see transformer.NormalPool)."""
     delta: dict = {}
-    for path in target_paths(base, cfg):
+    targets = target_paths(base, cfg)
+    shapes = [factor_shapes(path, get_path(base, path).shape, cfg.r) for path in targets]
+    total = sum(math.prod(a_shape) for a_shape, _ in shapes)
+    if cfg.init == "gaussian":
+        flat = jax.random.normal(key, (total,), jnp.float32)
+    else:
+        flat = jax.random.uniform(key, (total,), jnp.float32, -1.0, 1.0)
+    offset = 0
+    for path, (a_shape, b_shape) in zip(targets, shapes):
         w = get_path(base, path)
-        a_shape, b_shape = factor_shapes(path, w.shape, cfg.r)
-        k = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+        a = flat[offset:offset + math.prod(a_shape)].reshape(a_shape)
+        offset += math.prod(a_shape)
         if cfg.init == "gaussian":
-            a = jax.random.normal(k, a_shape, jnp.float32) / cfg.r
+            a = a / cfg.r
         else:
-            bound = 1.0 / math.sqrt(math.prod(a_shape[1:-1]))
-            a = jax.random.uniform(k, a_shape, jnp.float32, -bound, bound)
+            a = a / math.sqrt(math.prod(a_shape[1:-1]))     # U(-1/sqrt(fan_in), 1/sqrt(fan_in))
         set_path(delta, path, {"a": a.astype(w.dtype), "b": jnp.zeros(b_shape, w.dtype)})
     if cfg.trainable_tokens:
         delta["tokens"] = tokens.init_rows(base, tokens.ids_of(cfg))

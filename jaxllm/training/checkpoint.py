@@ -227,13 +227,22 @@ class Checkpointer:
         self.manager.close()
 
 
+@jax.jit
+def _count_nonfinite(leaves: list) -> jax.Array:
+    """How many leaves hold a non-finite value: one compiled check for the whole tree (one
+    eager jnp.all per leaf compiled ~20 small programs, ~2 s of a short run on a CPU). A scalar,
+    so every process of a multi-host run can read it."""
+    return sum(jnp.any(~jnp.isfinite(x)).astype(jnp.int32) for x in leaves)
+
+
 def _check_finite(state) -> None:
     """Never write a non-finite parameter: it would poison every resume."""
-    leaves = jax.tree.leaves(state.params)
-    bad = [i for i, x in enumerate(leaves) if jnp.issubdtype(x.dtype, jnp.floating)
-           and not bool(jnp.all(jnp.isfinite(x)))]
-    if bad:
-        raise CheckpointError(f"refusing to save: {len(bad)} parameter tensors are non-finite")
+    leaves = [x for x in jax.tree.leaves(state.params) if jnp.issubdtype(x.dtype, jnp.floating)]
+    if not leaves:
+        return
+    n_bad = int(_count_nonfinite(leaves))
+    if n_bad:
+        raise CheckpointError(f"refusing to save: {n_bad} parameter tensors are non-finite")
 
 
 # ---------------------------------------------------------------------- params of another run

@@ -1,6 +1,7 @@
 """Run-directory metrics: metrics.jsonl (one JSON object per logged step), TensorBoard, MFU."""
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 import time
@@ -30,9 +31,12 @@ DATASHEET_PEAK_BF16 = {
 }
 
 
-def measure_peak_flops(dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> float:
+@functools.lru_cache(maxsize=None)
+def measure_peak_flops(dtype=jnp.float32, n: int = 1024, repeats: int = 5) -> float:
     """Achievable matmul FLOP/s of the first device: best of `repeats` large jnp.dot calls
-    (bf16 operands accumulate in fp32, the mixed-precision fast path)."""
+    (bf16 operands accumulate in fp32, the mixed-precision fast path). Measured once per
+    process. n=1024 measured the same fp32 peak as n=2048 on a 2-core CPU (45 vs 44-45 GFLOP/s)
+    in 0.35 s instead of 2.4 s."""
     a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
     f(a, a).block_until_ready()
