@@ -267,7 +267,9 @@ def test_sharded_delta_training_matches_single_device(single):
     flat = jax.tree_util.tree_flatten_with_path(delta)[0]
     for (path, a), b in zip(flat, jax.tree.leaves(delta0)):
         rel = np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b))
-        assert rel < 1e-5, (jax.tree_util.keystr(path), rel)
+        # fp32 reduction order differs between meshes; B is 3 Adam steps from zero, where
+        # g / sqrt(v) magnifies it (1.1e-5 seen); a sharding bug is off by O(1)
+        assert rel < 5e-5, (jax.tree_util.keystr(path), rel)
     chex.assert_trees_all_equal_shapes(delta, delta0)
     # the delta and the frozen base really were sharded as the rules say
     assert frozen["layers"]["attn"]["q"]["kernel"].sharding.spec == \
