@@ -69,12 +69,15 @@ def test_without_the_remap_the_shards_would_be_wrong(data):
     assert not np.array_equal(fresh, ref[K])
 
 
-def test_a_worker_count_change_regroups_the_same_shards(data):
-    """data.num_workers 2 -> 0 (same process count): set_state regroups the per-worker states."""
+def test_a_worker_count_change_regroups_the_same_shards(data, capsys):
+    """data.num_workers 2 -> 0 (same process count): set_state regroups the per-worker states,
+    and says so."""
     cfg, tok = data
     ref, _ = _global(cfg, tok, 1, 2 * K)
     first, saved = _global(dataclasses.replace(cfg, num_workers=2), tok, 1, K)
+    capsys.readouterr()
     second, _ = _global(cfg, tok, 1, K, saved, remap=False)
+    assert "saved with data.num_workers=2 is regrouped onto data.num_workers=0" in capsys.readouterr().err
     for got, want in zip(first + second, ref):
         np.testing.assert_array_equal(got, want)
 

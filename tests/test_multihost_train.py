@@ -1,5 +1,8 @@
 """Two local processes (jax.distributed over gloo, 4 CPU devices each) train exactly like one
-process with 8 devices: the same global batches, the same losses."""
+process with 8 devices: the same global batches, the same losses. fsdp=8 across 2 processes
+is compared with 1 process by the process-count test below (text data: its 2-process steps
+must equal an uninterrupted 1-process run), the synthetic data over 2 processes by the hybrid
+mesh test; a separate test of fsdp=8 on synthetic data was dropped to keep CI inside its time."""
 import os
 import pathlib
 import socket
@@ -22,25 +25,6 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.mark.slow
-def test_two_processes_match_one_process(tmp_path):
-    one = jaxllm.train(jaxllm.load_config(None, ARGS + [f"train.run_dir={tmp_path}/one"]))
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("model: tiny\n")
-    env = dict(os.environ, N="2", DEVICES="4", PORT=str(free_port()))
-    out = subprocess.run(["bash", str(REPO / "launch/local_multiprocess.sh"), str(recipe), *ARGS,
-                          f"train.run_dir={tmp_path}/two"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    two = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "two") if "loss" in r}
-    ref = {h["step"]: h["loss"] for h in one["history"]}
-    assert sorted(two) == sorted(ref) == [1, 2, 3, 4]
-    np.testing.assert_allclose([two[k] for k in sorted(two)], [ref[k] for k in sorted(ref)], rtol=1e-5)
-    # both processes wrote their part of the last checkpoint (grain state is per process)
-    last = tmp_path / "two" / "checkpoints" / "4"
-    assert last.exists() and len(list((last / "data").glob("*"))) >= 2
 
 
 @pytest.mark.slow

@@ -39,6 +39,7 @@ import atexit
 import gc
 import math
 import os
+import sys
 import weakref
 from typing import Any
 
@@ -234,6 +235,10 @@ class _StripStatsIterator(grain.DatasetIterator):
             # only data.num_workers changed: the same shards, regrouped by worker
             m = mine["shards"] // mine["processes"]
             parent = _with_shard_states(_shard_states(parent, m, saved["workers"]), mine["workers"])
+            if mine["process"] == 0:
+                print(f"data: the iterator state saved with data.num_workers={saved['workers']} is regrouped "
+                      f"onto data.num_workers={mine['workers']} (same shards, the batch sequence continues)",
+                      file=sys.stderr, flush=True)
         self._parent.set_state(parent)
         self.stats = dict(state["stats"])
 
