@@ -64,8 +64,8 @@ def main():
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--models", default="tiny,25m")
     args = ap.parse_args()
-    peak32 = measure_peak_flops(jnp.float32)
-    peak16 = measure_peak_flops(jnp.bfloat16)
+    peak32 = measure_peak_flops(jnp.float32, n=2048)
+    peak16 = measure_peak_flops(jnp.bfloat16, n=2048)
     print(f"device: {jax.devices()[0].device_kind}; measured matmul peak: fp32 {peak32 / 1e9:.0f} "
           f"GFLOP/s, bf16 operands/fp32 accumulate {peak16 / 1e9:.0f} GFLOP/s")
     print(f"{'model':8} {'compute':9} {'batch x seq':12} {'tokens/s':>10} {'GFLOP/s':>9} {'MFU':>6}")
