@@ -230,7 +230,7 @@ class Checkpointer:
 @jax.jit
 def _count_nonfinite(leaves: list) -> jax.Array:
     """How many leaves hold a non-finite value: one compiled check for the whole tree (one
-    eager jnp.all per leaf compiled ~20 small programs, ~2 s of a short run on a CPU). A scalar,
+    eager jnp.all per leaf compiled 18 small programs for the tiny model, ~1.35 s). A scalar,
     so every process of a multi-host run can read it."""
     return sum(jnp.any(~jnp.isfinite(x)).astype(jnp.int32) for x in leaves)
 
