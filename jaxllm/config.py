@@ -304,7 +304,13 @@ class RLConfig:
     kl_horizon: float = 10000.0
     whiten_advantages: bool = True
     missing_eos_penalty: float = 0.0  # added to the score of a response that hit max_new_tokens
+    # the critic's head: zeros, or the reward model's scalar head (InstructGPT initialises the
+    # value function from the reward model; here the head sits on the policy's trunk)
     value_init: Literal["zero", "reward_model"] = "zero"
+    # the value head's peak learning rate (it follows optim's schedule): a linear head from
+    # zeros at the policy's small lr cannot reach the returns' scale in a run (measured:
+    # explained variance ~0 at 1e-4)
+    value_lr: float = 1.0e-2
     dpo_beta: float = 0.1
     dpo_rpo_alpha: float = 0.0       # > 0: + alpha * the best response's per-token NLL (RPO)
 
@@ -316,6 +322,10 @@ class RLConfig:
             raise ConfigError(f"rl.temperature must be > 0 (rollouts sample), got {self.temperature}")
         if self.kl_coef < 0 or self.clip <= 0 or self.value_clip <= 0:
             raise ConfigError("rl.kl_coef must be >= 0, rl.clip and rl.value_clip > 0")
+        if not 0 < self.value_lr < float("inf"):
+            raise ConfigError(f"rl.value_lr must be > 0, got {self.value_lr}")
+        if self.value_init == "reward_model" and not self.reward_model:
+            raise ConfigError("rl.value_init=reward_model needs rl.reward_model (a reward-model run dir)")
         if not self.dpo_beta > 0 or not self.dpo_rpo_alpha >= 0:
             raise ConfigError(f"rl.dpo_beta must be > 0 and rl.dpo_rpo_alpha >= 0, got "
                               f"{self.dpo_beta} and {self.dpo_rpo_alpha}")

@@ -139,6 +139,10 @@ def test_bad_rl_configs_are_refused(policy, tmp_path):
         rl_run(args, tmp_path, "rl.minibatches=3", "mesh.devices=1")
     with pytest.raises(jaxllm.ConfigError, match="rl.group_size >= 2"):
         rl_run(args, tmp_path, "train.objective=grpo", "mesh.devices=1")
+    with pytest.raises(jaxllm.ConfigError, match="rl.value_init=reward_model needs rl.reward_model"):
+        rl_run(args, tmp_path, "rl.value_init=reward_model", "mesh.devices=1")
+    with pytest.raises(jaxllm.ConfigError, match="rl.value_lr must be > 0"):
+        rl_run(args, tmp_path, "rl.value_lr=0", "mesh.devices=1")
     no_base = [a for a in args if not a.startswith("checkpoint.init_from")]
     with pytest.raises(jaxllm.ConfigError, match="set checkpoint.init_from"):
         rl_run(no_base, tmp_path, "mesh.devices=1")
@@ -167,3 +171,20 @@ def test_rankings_of_own_samples_are_best_first_distinct_and_finished(policy, mo
                                        temperature=1.0, max_new_tokens=8, seed=0)
     assert skipped == 0 and len(out) == 1
     assert out[0]["responses"] == ["2 + 3 = 5.", "2 + 3 = 6."] and out[0]["scores"] == [1.0, -0.1]
+
+
+def test_data_rank_cli_samples_with_top_k_and_takes_a_tokenizer(policy, tmp_path, capsys):
+    from jaxllm.cli import main
+    d, _ = policy
+    out = tmp_path / "ranked.jsonl"
+    args = ["data", "rank", "--model", str(d / "pre"), "--tokenizer", str(d / "tok"), "--prompts",
+            str(d / "synth/ppo/eval.jsonl"), "--num", "8", "--k", "4", "--top-k", "3", "--max-new-tokens", "8",
+            "--out", str(out)]
+    assert main(args) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    n = len(out.read_text().splitlines())
+    assert line.startswith(f"{out}: {n} rankings of") and "of 8 prompts skipped" in line, line
+    for rec in map(json.loads, out.read_text().splitlines()):
+        assert rec["scores"] == sorted(rec["scores"], reverse=True) and len(set(rec["scores"])) == len(rec["scores"])
+    assert main(args[:-2] + ["--top-k", "-1", "--out", str(out)]) == 2
+    assert "--top-k >= 0" in capsys.readouterr().err

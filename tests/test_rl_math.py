@@ -168,3 +168,38 @@ def test_rpo_alpha_adds_the_best_answers_per_token_nll_once_per_pair():
     np.testing.assert_allclose(float(rpo) - float(plain), 0.7 * want_nll, rtol=1e-5)
     with pytest.raises(ConfigError, match="dpo_rpo_alpha"):
         jaxllm.config.RLConfig(dpo_rpo_alpha=-1.0)
+
+
+def test_the_value_heads_learning_rate_is_scaled_and_a_wrong_name_is_refused():
+    from jaxllm.config import OptimConfig
+    from jaxllm.training.optim import make_optimizer
+    cfg = OptimConfig(lr=1e-3, warmup_steps=0, weight_decay=0.0, clip_norm=0.0)
+    params = {"policy": {"w": jnp.ones((3,))}, "value_head": {"kernel": jnp.ones((3,))}}
+    grads = {"policy": {"w": jnp.asarray([1.0, -2.0, 0.5])}, "value_head": {"kernel": jnp.asarray([1.0, -2.0, 0.5])}}
+    plain = make_optimizer(cfg, 10)
+    scaled = make_optimizer(cfg, 10, lr_scales={"value_head": 100.0})
+    u_plain, _ = plain.update(grads, plain.init(params), params)
+    u, _ = scaled.update(grads, scaled.init(params), params)
+    np.testing.assert_array_equal(u["policy"]["w"], u_plain["policy"]["w"])      # the rest untouched
+    np.testing.assert_allclose(u["value_head"]["kernel"], 100.0 * u_plain["value_head"]["kernel"], rtol=1e-6)
+    assert float(jnp.abs(u_plain["policy"]["w"][0])) > 0
+    bad = make_optimizer(cfg, 10, lr_scales={"value_heads": 10.0})
+    with pytest.raises(KeyError, match="value_heads"):
+        bad.update(grads, bad.init(params), params)
+
+
+def test_the_value_head_starts_as_the_reward_models_head():
+    import types
+
+    from jaxllm.training.rl import _value_head_from
+    vh = {"kernel": jnp.zeros((4,)), "bias": jnp.asarray(0.5)}
+    state = types.SimpleNamespace(params={"value_head": vh})
+    logged = []
+    run = types.SimpleNamespace(log=logged.append)
+    rm_head = {"kernel": jnp.asarray([1.0, -2.0, 3.0, 0.25])}
+    out = _value_head_from(rm_head, state, run)
+    np.testing.assert_array_equal(out["kernel"], rm_head["kernel"])
+    assert float(out["bias"]) == 0.0 and out["kernel"].dtype == vh["kernel"].dtype
+    assert logged == ["value head: initialised from the reward model's head"]
+    with pytest.raises(ConfigError, match="d_model differ"):
+        _value_head_from({"kernel": jnp.ones((8,))}, state, run)

@@ -53,16 +53,16 @@ def _data_synth(args) -> None:
 def _data_rank(args) -> None:
     from jaxllm.evaluation.source import load_model
     from jaxllm.rl.labels import rank_samples, read_prompt_records, write_rankings
-    if args.k < 2 or args.num < 0:
-        raise UserError(f"data rank: --k must be >= 2 (a ranking needs 2 answers) and --num >= 0, "
-                        f"got --k {args.k} --num {args.num}")
+    if args.k < 2 or args.num < 0 or args.top_k < 0:
+        raise UserError(f"data rank: --k must be >= 2 (a ranking needs 2 answers), --num and --top-k >= 0, "
+                        f"got --k {args.k} --num {args.num} --top-k {args.top_k}")
     records, unusable = read_prompt_records(args.prompts, args.num)
     if unusable:
         print(f"{args.prompts}: {unusable} records without a 'task' and a 'prompt' left out", file=sys.stderr)
-    model = load_model(args.model)
+    model = load_model(args.model, args.tokenizer)
     rankings, skipped = rank_samples(model.params, model.cfg, model.tokenizer, records, k=args.k,
-                                     temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                                     seed=args.seed)
+                                     temperature=args.temperature, top_k=args.top_k,
+                                     max_new_tokens=args.max_new_tokens, seed=args.seed)
     write_rankings(args.out, rankings)
     print(f"{args.out}: {len(rankings)} rankings of {args.model}'s answers ({skipped} of {len(records)} "
           f"prompts skipped: fewer than 2 finished answers with distinct scores)")
@@ -101,11 +101,14 @@ def register(subparsers) -> None:
     rk = dsub.add_parser("rank", help="rank a model's own sampled answers with the synthetic tasks' "
                                       "programmatic preference (reward-model data, as InstructGPT's labelers)")
     rk.add_argument("--model", required=True, help="run dir / checkpoint / HF dir of the policy (an SFT run)")
+    rk.add_argument("--tokenizer", default=None, help="tokenizer file or dir, instead of the model's own")
     rk.add_argument("--prompts", required=True, help="prompt records with a 'task' (data/synth/ppo/*.jsonl)")
     rk.add_argument("--out", required=True, help="JSONL of {prompt, responses (best first), scores}")
     rk.add_argument("--num", type=int, default=0, help="use the first N prompts (0: all)")
     rk.add_argument("--k", type=int, default=4, help="answers sampled per prompt")
     rk.add_argument("--temperature", type=float, default=1.0)
+    rk.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all); "
+                                                          "use the PPO recipe's rl.top_k")
     rk.add_argument("--max-new-tokens", type=int, default=48)
     rk.add_argument("--seed", type=int, default=0)
     rk.set_defaults(func=_data_rank)

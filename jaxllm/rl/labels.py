@@ -27,7 +27,7 @@ from jaxllm.model.generate import generate
 from jaxllm.rl import rollout as R
 
 
-def rank_samples(params, model_cfg, tokenizer, records: Sequence[dict], *, k: int, temperature: float,
+def rank_samples(params, model_cfg, tokenizer, records: Sequence[dict], *, k: int, temperature: float, top_k: int = 0,
                  max_new_tokens: int, seed: int, batch_prompts: int = 64) -> tuple[list[dict], int]:
     """-> (ranking records {"prompt", "task", "responses": best first, "scores"}, skipped).
     Prompts are rendered as PPO renders them (rl/rollout.py), so the reward model learns on
@@ -39,7 +39,7 @@ def rank_samples(params, model_cfg, tokenizer, records: Sequence[dict], *, k: in
         prompts = [chat_prompt(R.prompt_messages(r, f"prompt {start + i}"), tokenizer) for i, r in enumerate(chunk)]
         gen = jax.device_get(generate(
             params, [p for p in prompts for _ in range(k)], model_cfg, max_new_tokens=max_new_tokens,
-            key=jax.random.fold_in(jax.random.key(seed), start), temperature=temperature,
+            key=jax.random.fold_in(jax.random.key(seed), start), temperature=temperature, top_k=top_k,
             eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, stop_ids=stops, vocab_limit=tokenizer.vocab_size))
         texts, finished = R.response_texts(tokenizer, gen, stops), R.ended(gen, stops)
         for i, rec in enumerate(chunk):

@@ -81,13 +81,28 @@ def skip_nonfinite(inner: optax.GradientTransformation, moment_dtype: str = "") 
     return optax.GradientTransformation(init, update)
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimConfig, total_steps: int, *,
+                   lr_scales: dict[str, float] | None = None) -> optax.GradientTransformation:
+    """lr_scales: top-level parameter subtrees whose updates are multiplied (their learning
+    rate is the schedule's times the factor), e.g. RL's zero-initialised value head."""
     chain = []
     if cfg.clip_norm > 0:
         chain.append(optax.clip_by_global_norm(cfg.clip_norm))
     chain.append(optax.adamw(lr_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                              weight_decay=cfg.weight_decay, mask=decay_mask))
+    if lr_scales:
+        chain.append(_scale_subtrees(lr_scales))
     return skip_nonfinite(optax.chain(*chain), cfg.moment_dtype)
+
+
+def _scale_subtrees(scales: dict[str, float]) -> optax.GradientTransformation:
+    def scale(updates, params=None):
+        del params
+        missing = set(scales) - set(updates)
+        if missing:   # a typo would otherwise leave the rate unscaled without a word
+            raise KeyError(f"lr_scales names {sorted(missing)}, which the parameters lack: {sorted(updates)}")
+        return {k: jax.tree.map(lambda u, f=scales.get(k, 1.0): u * f, v) for k, v in updates.items()}
+    return optax.stateless(scale)
 
 
 def skip_metrics(schedule: optax.Schedule | None = None):

@@ -62,14 +62,17 @@ def _check(cfg: Config):
     if (rows // rl.minibatches) % t.microbatches:
         raise ConfigError(f"a minibatch of {rows // rl.minibatches} rows does not divide into "
                           f"train.microbatches={t.microbatches}")
+    if not cfg.optim.lr > 0:   # the value head's rate is rl.value_lr on optim's schedule (its shape)
+        raise ConfigError(f"RL trains with optim.lr > 0, got {cfg.optim.lr}")
     if not cfg.checkpoint.init_from:
         raise ConfigError("RL starts from a policy: set checkpoint.init_from to an SFT run (or an HF dir)")
 
 
 def load_reward_model(path: str, cfg: Config, tokenizer, run: Run):
     """A frozen reward model (a reward run dir or an HF *ForSequenceClassification dir) placed
-    on the run's mesh -> a jitted (batch) -> (B,) scores at each row's last real token. Its
-    vocabulary must be the policy's: it reads the policy's token ids."""
+    on the run's mesh -> (a jitted (batch) -> (B,) scores at each row's last real token, its
+    scalar head {"kernel": (d,)}). Its vocabulary must be the policy's: it reads the policy's
+    token ids."""
     import pathlib
 
     from jaxllm.data.tokenizer import fingerprint, load_tokenizer
@@ -99,7 +102,7 @@ def load_reward_model(path: str, cfg: Config, tokenizer, run: Run):
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, sh))
     run.log(f"reward model: {path} ({sum(x.size for x in jax.tree.leaves(params)):,} parameters, frozen)")
     fn = jax.jit(lambda p, b: score(p, b["tokens"], b["segment_ids"], rm_cfg, positions_nt=b["positions"]))
-    return lambda batch: jax.device_get(fn(params, batch))
+    return (lambda batch: jax.device_get(fn(params, batch))), params["reward_head"]
 
 
 class Scorer:
@@ -108,9 +111,9 @@ class Scorer:
 
     def __init__(self, cfg: Config, tokenizer, run: Run):
         self.tok, self.cfg = tokenizer, cfg
-        self.rm = None
+        self.rm = self.rm_head = None
         if cfg.rl.reward_model:
-            self.rm = load_reward_model(cfg.rl.reward_model, cfg, tokenizer, run)
+            self.rm, self.rm_head = load_reward_model(cfg.rl.reward_model, cfg, tokenizer, run)
 
     @staticmethod
     def true_rewards(records: list[dict], texts: list[str]) -> np.ndarray | None:
@@ -174,7 +177,8 @@ def train(cfg: Config) -> dict:
             def merge(trainable, frozen):
                 return {**attach(trainable["delta"], frozen), "value_head": trainable["value_head"]}
         state, shardings, optimizer, meta, resumed = run.start_state(
-            init_fn=init_fn, param_specs=specs, make_optimizer=lambda h: make_optimizer(cfg.optim, horizon(h)),
+            init_fn=init_fn, param_specs=specs, make_optimizer=lambda h: make_optimizer(
+                cfg.optim, horizon(h), lr_scales={"value_head": rl.value_lr / cfg.optim.lr}),
             meta={"rl": {"iteration": 0, "kl_coef": rl.kl_coef},
                   "delta": _delta_meta(delta, cfg.checkpoint.init_from)},
             data_iter=prompts, init_from_trainable=False, **frozen_kw)
@@ -183,6 +187,8 @@ def train(cfg: Config) -> dict:
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), base_shapes, shardings.frozen))
         if resumed is None and delta is None:   # the policy starts as the reference
             state = state.replace(params={**jax.tree.map(jnp.copy, frozen), "value_head": state.params["value_head"]})
+        if resumed is None and rl.value_init == "reward_model":
+            state = state.replace(params={**state.params, "value_head": _value_head_from(scorer.rm_head, state, run)})
         if t.objective == "grpo":
             loss_fn = make_grpo_loss(cfg.model, clip=rl.clip, beta=rl.kl_coef, temperature=rl.temperature)
         else:
@@ -201,6 +207,19 @@ def train(cfg: Config) -> dict:
         loop = _Loop(cfg, run, tok, stops, scorer, merge, frozen, shardings, delta is not None)
         loop.eval_prompts = eval_prompts
         return loop.train(state, step_fn, prompts, meta, resumed)
+
+
+def _value_head_from(rm_head: dict, state, run: Run) -> dict:
+    """The critic's head as the reward model's scalar head (bias 0), in the value head's
+    shardings and dtypes."""
+    vh = state.params["value_head"]
+    if rm_head["kernel"].shape != vh["kernel"].shape:
+        raise ConfigError(f"rl.value_init=reward_model: the reward model's head has shape "
+                          f"{tuple(rm_head['kernel'].shape)} but the policy's value head {tuple(vh['kernel'].shape)} "
+                          f"(the two models' d_model differ)")
+    run.log("value head: initialised from the reward model's head")
+    return {"kernel": jax.device_put(rm_head["kernel"].astype(vh["kernel"].dtype), vh["kernel"].sharding),
+            "bias": jnp.zeros_like(vh["bias"])}
 
 
 class _Loop:
