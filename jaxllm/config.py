@@ -136,9 +136,17 @@ class OptimConfig:
     # steps; each step moves it to the device, updates it there and moves it back. Frees the
     # moments' device memory for a host<->device copy per step (same numbers either way).
     offload_state: bool = False
+    # the gradients' reduction over the `data` axis of a data-parallel mesh (parallel/compress.py):
+    # "bf16" all-reduces in bf16; "int8" reduce-scatters + all-gathers int8 blocks with one fp32
+    # scale per 256 values, each data shard keeping its quantization error (error feedback, in
+    # the checkpoint beside the optimizer state)
+    grad_compression: Literal["none", "bf16", "int8"] = "none"
 
     def __post_init__(self):
         import math
+        if self.grad_compression == "int8" and self.offload_state:
+            raise ConfigError("optim.grad_compression=int8 keeps its error feedback beside the optimizer "
+                              "state on the devices; it does not combine with optim.offload_state")
         for name in ("lr", "b1", "b2", "eps", "weight_decay", "clip_norm", "min_lr_ratio"):
             v = getattr(self, name)
             if not math.isfinite(v) or v < 0:

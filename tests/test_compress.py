@@ -106,3 +106,42 @@ def test_training_with_compressed_gradients_follows_fp32():
     # (the fp32 model has no other bf16 region ops: these are the gradient all-reduces)
     assert len(re.findall(r"\}\) : \(tensor<[0-9x]+xbf16>\) -> tensor<[0-9x]+xbf16>", bf16_hlo)) >= 9
     assert compress.bytes_per_element("fp32", N) / compress.bytes_per_element("int8", N) > 3.9
+
+
+def _run(tmp, *extra):
+    base = ["model.vocab_size=64", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+            "model.d_ff=64", "train.batch_size=8", "train.seq_len=32", "train.eval_every=0", "train.log_every=1",
+            "train.progress=false", "checkpoint.async_save=false", "checkpoint.every=3", "optim.lr=1e-2",
+            "optim.warmup_steps=0", "optim.decay_steps=6", "mesh.preset=dp", "mesh.data=4", "mesh.fsdp=1",
+            "mesh.devices=4", f"train.run_dir={tmp}"]
+    return jaxllm.train(jaxllm.load_config(None, base + list(extra)))
+
+
+@pytest.mark.slow
+def test_the_config_key_trains_compressed_and_int8_error_feedback_resumes_exactly(tmp_path):
+    ref = _run(tmp_path / "fp32", "train.steps=6")
+    full = _run(tmp_path / "full", "train.steps=6", "optim.grad_compression=int8")
+    losses = lambda s: np.array([h["loss"] for h in s["history"]])   # noqa: E731
+    np.testing.assert_allclose(losses(full), losses(ref), rtol=3e-2)
+    assert not np.array_equal(losses(full), losses(ref))       # the compressed path ran
+    err = jax.tree.leaves(full["state"].opt_state[1])           # (data, *param) residuals, non-zero
+    assert err[0].shape[0] == 4 and any(float(jnp.max(jnp.abs(e))) > 0 for e in err)
+    _run(tmp_path / "cut", "train.steps=3", "optim.grad_compression=int8")
+    resumed = _run(tmp_path / "cut", "train.steps=6", "optim.grad_compression=int8")
+    assert resumed["resumed_from"] == 3
+    # the error feedback came back from the checkpoint: steps 4-6 and the final state are the
+    # uninterrupted run's (zeros instead would change them)
+    np.testing.assert_array_equal(losses(resumed), losses(full)[3:])
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed["state"].params),
+                 jax.device_get(full["state"].params))
+    with pytest.raises(jaxllm.ConfigError, match="checkpoint has 4, this mesh data=2; resume on data=4"):
+        _run(tmp_path / "cut", "train.steps=9", "optim.grad_compression=int8", "mesh.data=2", "mesh.devices=2")
+
+
+def test_the_config_key_refuses_meshes_it_cannot_compress_over(tmp_path):
+    with pytest.raises(jaxllm.ConfigError, match=r"data-parallel mesh .*'fsdp': 2"):
+        _run(tmp_path / "a", "train.steps=1", "optim.grad_compression=bf16", "mesh.data=2", "mesh.fsdp=2")
+    with pytest.raises(jaxllm.ConfigError, match="data >= 2"):
+        _run(tmp_path / "b", "train.steps=1", "optim.grad_compression=int8", "mesh.data=1", "mesh.devices=1")
+    with pytest.raises(jaxllm.ConfigError, match="does not combine with optim.offload_state"):
+        _run(tmp_path / "c", "train.steps=1", "optim.grad_compression=int8", "optim.offload_state=true")

@@ -103,6 +103,15 @@ def data_parallel_reduce(local_grads, method: str, mesh, batch_spec):
                          out_specs=(P(), P(), err_spec), check_vma=False)
 
 
+def error_feedback_abstract(params_abstract, mesh):
+    """int8's error feedback as ShapeDtypeStructs: (data, *shape) fp32 per parameter, split
+    over the data axis (each shard keeps its own residual)."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+    n, sh = mesh.shape["data"], NamedSharding(mesh, P("data"))
+    return jax.tree.map(lambda p: jax.ShapeDtypeStruct((n, *p.shape), jnp.float32, sharding=sh), params_abstract)
+
+
 def with_error_feedback(state, shardings, mesh):
     """For int8: the state's opt_state becomes (opt_state, error), error zeros (data, *shape)
     fp32 per parameter, split over the data axis (each shard keeps its own residual); the

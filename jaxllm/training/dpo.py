@@ -68,7 +68,8 @@ def train(cfg: Config) -> dict:
         if delta is None and resumed is None:   # the policy starts as the reference
             state = state.replace(params=jax.tree.map(jnp.copy, frozen))
         step_fn = make_train_step(loss_fn, optimizer, shardings, microbatches=t.microbatches, merge=merge,
-                                  optimizer_metrics=skip_metrics(lr_schedule(cfg.optim, meta["schedule_steps"])))
+                                  optimizer_metrics=skip_metrics(lr_schedule(cfg.optim, meta["schedule_steps"])),
+                                  **run.step_options())
         eval_step = make_eval_step(loss_fn, merge=merge, shardings=shardings)
         return fit(run, state, step_fn, train_it, shardings=shardings, meta=meta, data_iter=train_it,
                    frozen=frozen, resumed_from=resumed,

@@ -147,7 +147,7 @@ def train(cfg: Config, batches: Iterator[dict] | None = None) -> dict:
         merge_kw = {} if merge is None else {"merge": merge}
         step_fn = make_train_step(loss_fn, optimizer, shardings, microbatches=t.microbatches,
                                   optimizer_metrics=skip_metrics(lr_schedule(cfg.optim, meta["schedule_steps"])),
-                                  **merge_kw)
+                                  **merge_kw, **run.step_options())
         eval_step = make_eval_step(loss_fn, shardings=shardings, **merge_kw)
 
         def evaluate_and_sample(s):

@@ -163,7 +163,8 @@ def train(cfg: Config, batches: Iterator[dict] | None = None) -> dict:
             make_optimizer=lambda horizon: make_optimizer(cfg.optim, horizon),
             data_iter=None if batches is not None else train_it)
         step_fn = make_train_step(loss_fn, optimizer, shardings, microbatches=t.microbatches,
-                                  optimizer_metrics=skip_metrics(lr_schedule(cfg.optim, meta["schedule_steps"])))
+                                  optimizer_metrics=skip_metrics(lr_schedule(cfg.optim, meta["schedule_steps"])),
+                                  **run.step_options())
         eval_step = make_eval_step(loss_fn, shardings=shardings)
         # no LM head: its 6 * d * vocab FLOPs per token are not spent
         flops = metrics_lib.flops_per_token(cfg.model, t.seq_len) - 6 * cfg.model.d_model * cfg.model.vocab_size

@@ -196,7 +196,7 @@ def train(cfg: Config) -> dict:
                                     entropy_coef=rl.entropy_coef, temperature=rl.temperature)
         step_fn = make_train_step(loss_fn, optimizer, shardings, microbatches=t.microbatches, merge=merge,
                                   optimizer_metrics=skip_metrics(
-                                      lr_schedule(cfg.optim, horizon(meta["schedule_steps"]))))
+                                      lr_schedule(cfg.optim, horizon(meta["schedule_steps"]))), **run.step_options())
         eval_prompts = None
         if t.eval_every and cfg.data.eval_sources:
             it = R.prompt_iterator(cfg.data.eval_sources, tok, template=cfg.data.chat_template,

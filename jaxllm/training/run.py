@@ -273,9 +273,24 @@ class Run:
                      f"are kept in {cfg.model.param_dtype}, so updates below its resolution round "
                      f"away (float32 master weights are the default)")
         optimizer = make_optimizer(horizon)
+        self._check_grad_compression()
         abstract, shardings = plan_state(init_fn, param_specs, optimizer, self.rules, self.mesh,
                                          frozen_specs=frozen_specs, frozen_shapes=frozen_shapes,
                                          offload_opt_state=cfg.optim.offload_state)
+        fresh_shardings, error = shardings, None
+        if cfg.optim.grad_compression == "int8":   # opt_state = (optimizer state, error feedback)
+            from jaxllm.parallel import compress
+            n, saved_n = self.mesh.shape["data"], meta.get("error_feedback_shards", self.mesh.shape["data"])
+            if latest is not None and saved_n != n:
+                raise ConfigError(f"optim.grad_compression=int8 keeps one error-feedback residual per data shard: "
+                                  f"{self.dir}'s checkpoint has {saved_n}, this mesh data={n}; resume on "
+                                  f"data={saved_n}")
+            meta["error_feedback_shards"] = n
+            error = compress.error_feedback_abstract(abstract.params, self.mesh)
+            abstract = abstract.replace(opt_state=(abstract.opt_state, error))
+            st = shardings.state
+            shardings = dataclasses.replace(shardings, state=st.replace(
+                opt_state=(st.opt_state, jax.tree.map(lambda e: e.sharding, error))))
         self.report_sharding(param_specs, abstract.params, abstract.opt_state,
                              label="trainable" if frozen_specs is not None else "params")
         if frozen_specs is not None:
@@ -288,11 +303,14 @@ class Run:
             if cfg.optim.offload_state:   # orbax restores into device memory
                 state = jax.device_put(state, shardings.state)
             self.log(f"resumed {self.dir} at step {resumed_from}")
-        elif cfg.checkpoint.init_from and init_from_trainable:
-            params = self.load_init_from(abstract.params)
-            state = make_state(init_fn, optimizer, shardings, cfg.train.seed, params=params)
         else:
-            state = make_state(init_fn, optimizer, shardings, cfg.train.seed)
+            params = (self.load_init_from(abstract.params) if cfg.checkpoint.init_from and init_from_trainable
+                      else None)
+            state = make_state(init_fn, optimizer, fresh_shardings, cfg.train.seed, params=params)
+            if error is not None:
+                zeros = jax.jit(lambda: jax.tree.map(lambda e: jax.numpy.zeros(e.shape, e.dtype), error),
+                                out_shardings=jax.tree.map(lambda e: e.sharding, error))()
+                state = state.replace(opt_state=(state.opt_state, zeros))
         if self.is_main:   # only now, after every check passed
             configlib.dump_yaml(cfg, self.dir / "config.yaml")
         self.writer = metrics_lib.MetricsWriter(
@@ -300,6 +318,19 @@ class Run:
         if resumed_from is not None:
             metrics_lib.truncate_metrics(self.dir / "metrics.jsonl", resumed_from)
         return state, shardings, optimizer, meta, resumed_from
+
+    def _check_grad_compression(self) -> None:
+        gc = self.cfg.optim.grad_compression
+        others = {k: v for k, v in self.mesh.shape.items() if k != "data" and v > 1}
+        if gc != "none" and (others or self.mesh.shape["data"] < 2):
+            raise ConfigError(f"optim.grad_compression={gc} compresses the gradients' reduction over the data "
+                              f"axis of a data-parallel mesh (data >= 2, every other axis 1); this mesh is "
+                              f"{dict(self.mesh.shape)} (mesh.preset=dp shards only over data)")
+
+    def step_options(self) -> dict:
+        """make_train_step's keywords for this run's gradient reduction."""
+        gc = self.cfg.optim.grad_compression
+        return {} if gc == "none" else {"grad_compression": gc, "mesh": self.mesh}
 
     def _check_resume(self, saved: dict, horizon: int) -> int:
         """Refuse trajectory-changing config changes; keep the lr schedule's horizon."""
