@@ -92,15 +92,21 @@ def test_a_lora_run_with_trainable_tokens_trains_their_rows_and_exports_merged(t
     rows = jax.device_get(s["state"].params)["tokens"]
     assert {k: v.shape for k, v in rows.items()} == {"embed": (2, 64), "unembed": (2, 64)}
     assert np.abs(rows["unembed"]).min(axis=1).max() > 0                    # the rows trained
-    assert not (run / "adapter").exists()          # no PEFT file that would drop the rows
     from jaxllm.interop.cli import convert
-    from jaxllm.interop.hf import CheckpointFormatError
+    from jaxllm.interop.peft import load_peft
+    from jaxllm.model import lora
     from jaxllm.training.checkpoint import load_policy
     params, _, delta = load_policy(run)
     assert delta[1].trainable_tokens == (3, 5) and "tokens" in params
     convert(str(run), str(tmp_path / "hf"), "hf")
     cfg, merged = jaxllm.load_hf(tmp_path / "hf")
     ids = np.array([[1, 3, 4, 5, 6, 3, 7, 8]], np.int32)
-    np.testing.assert_allclose(jaxllm.forward(merged, ids, cfg), jaxllm.forward(params, ids, cfg), atol=1e-5)
-    with pytest.raises(CheckpointFormatError, match="trainable_tokens"):
-        convert(str(run), str(tmp_path / "peft"), "peft")
+    want = jaxllm.forward(params, ids, cfg)
+    np.testing.assert_allclose(jaxllm.forward(merged, ids, cfg), want, atol=1e-5)
+    # the run's PEFT adapter (and `convert --to peft`) carries the rows whole: read back onto
+    # the base it gives the run's logits (the golden PEFT fixtures check PEFT reads them so)
+    convert(str(run), str(tmp_path / "peft"), "peft")
+    for adapter in (run / "adapter", tmp_path / "peft"):
+        d, lcfg = load_peft(adapter, cfg, base=base_params)
+        assert lcfg.trainable_tokens == (3, 5) and set(d["tokens"]) == {"embed", "unembed"}
+        np.testing.assert_allclose(jaxllm.forward(lora.attach(base_params, d, lcfg), ids, cfg), want, atol=1e-5)

@@ -40,14 +40,16 @@ def _export_module():
     return module
 
 
-@pytest.mark.parametrize("case,r,alpha,rslora,targets", [
-    ("peft_all", 4, 8.0, False, sorted(lora.KERNEL_INPUT_DIMS)),
-    ("peft_qv_rslora", 2, 4.0, True, ["layers/attn/q/kernel", "layers/attn/v/kernel"]),
+@pytest.mark.parametrize("case,r,alpha,rslora,targets,token_ids", [
+    ("peft_all", 4, 8.0, False, sorted(lora.KERNEL_INPUT_DIMS), ()),
+    ("peft_qv_rslora", 2, 4.0, True, ["layers/attn/q/kernel", "layers/attn/v/kernel"], ()),
+    ("peft_tokens", 2, 4.0, False, ["layers/attn/q/kernel", "layers/attn/v/kernel"], (3, 125)),
 ])
-def test_peft_made_adapter_gives_peft_logits(base, case, r, alpha, rslora, targets):
+def test_peft_made_adapter_gives_peft_logits(base, case, r, alpha, rslora, targets, token_ids):
     cfg, params = base
-    delta, lora_cfg = load_peft(FIX / case, cfg)
+    delta, lora_cfg = load_peft(FIX / case, cfg, base=params)
     assert (lora_cfg.r, lora_cfg.alpha, lora_cfg.rslora) == (r, alpha, rslora)
+    assert lora_cfg.trainable_tokens == token_ids and ("tokens" in delta) == bool(token_ids)
     assert lora.delta_paths(delta) == targets
     ref = np.load(FIX / case / "reference.npz")
     np.testing.assert_allclose(forward(params, ref["input_ids"], cfg), ref["base_logits"],
@@ -58,13 +60,14 @@ def test_peft_made_adapter_gives_peft_logits(base, case, r, alpha, rslora, targe
     np.testing.assert_allclose(merged, ref["logits"], atol=1e-4, rtol=1e-4)
 
 
-def test_jaxllm_export_is_what_peft_was_given_and_gives_peft_logits(tmp_path, base):
+@pytest.mark.parametrize("case", ["jaxllm_export", "jaxllm_tokens"])
+def test_jaxllm_export_is_what_peft_was_given_and_gives_peft_logits(tmp_path, base, case):
     cfg, params = base
     export = _export_module()
-    lora_cfg = LoraConfig(**export.LORA)
+    lora_cfg = LoraConfig(**export.CASES[case])
     delta = export.make_delta(params, lora_cfg)
-    save_peft(tmp_path, cfg, delta, lora_cfg)
-    committed = FIX / "jaxllm_export"
+    save_peft(tmp_path, cfg, delta, lora_cfg, base=params)
+    committed = FIX / case
     assert json.loads((tmp_path / "adapter_config.json").read_text()) == \
         json.loads((committed / "adapter_config.json").read_text())
     ours, theirs = (load_file(str(d / "adapter_model.safetensors")) for d in (tmp_path, committed))
@@ -78,12 +81,38 @@ def test_jaxllm_export_is_what_peft_was_given_and_gives_peft_logits(tmp_path, ba
 
 
 def test_save_then_load_round_trips_exactly(tmp_path, base):
-    cfg, _ = base
+    cfg, params = base
     delta, lora_cfg = load_peft(FIX / "peft_all", cfg)
     save_peft(tmp_path, cfg, delta, lora_cfg)
     delta2, lora_cfg2 = load_peft(tmp_path, cfg)
     assert lora_cfg2 == lora_cfg
     jax.tree.map(np.testing.assert_array_equal, delta2, delta)
+    # token rows travel whole (base + change) and come back as the change, to fp32 rounding
+    delta, lora_cfg = load_peft(FIX / "peft_tokens", cfg, base=params)
+    save_peft(tmp_path / "t", cfg, delta, lora_cfg, base=params)
+    delta2, lora_cfg2 = load_peft(tmp_path / "t", cfg, base=params)
+    assert lora_cfg2 == lora_cfg
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), delta2, delta)
+
+
+def test_token_rows_need_the_base_and_matching_ids(tmp_path, base):
+    cfg, params = base
+    with pytest.raises(CheckpointFormatError, match="load_peft needs the base params"):
+        load_peft(FIX / "peft_tokens", cfg)
+    delta, lora_cfg = load_peft(FIX / "peft_tokens", cfg, base=params)
+    with pytest.raises(CheckpointFormatError, match="save_peft needs base="):
+        save_peft(tmp_path / "a", cfg, delta, lora_cfg)
+    d = _copy(tmp_path, "peft_tokens")
+    conf = json.loads((d / "adapter_config.json").read_text())
+    conf["trainable_token_indices"] = {"embed_tokens": [3, 125], "lm_head": [3]}
+    (d / "adapter_config.json").write_text(json.dumps(conf))
+    with pytest.raises(CheckpointFormatError, match="embed_tokens and lm_head train different tokens"):
+        load_peft(d, cfg, base=params)
+    conf["trainable_token_indices"] = [3, 125, 7]
+    (d / "adapter_config.json").write_text(json.dumps(conf))
+    with pytest.raises(CheckpointFormatError, match=r"token_adapter\.trainable_tokens_delta' has shape \(2, 64\); "
+                       r"3 token rows"):
+        load_peft(d, cfg, base=params)
 
 
 # ---------------------------------------------------------------- bad input

@@ -52,7 +52,8 @@ def convert(src: str, dst: str, to: str, overwrite: bool = False) -> str:
                 raise UserError(f"{src}: --to peft exports a LoRA run's adapter; this run trained "
                                 f"{'adapters' if delta else 'the full model'} (use --to hf)")
             from jaxllm.interop.peft import save_peft
-            save_peft(out, cfg, delta[2], delta[1])
+            base = {k: v for k, v in params.items() if k not in ("lora", "tokens")}
+            save_peft(out, cfg, delta[2], delta[1], base=base)
             return f"wrote the LoRA adapter (PEFT format) to {out}"
         if delta is not None:
             if delta[0] != "lora":

@@ -12,6 +12,12 @@ multi-dim in/out of our kernels flattened row-major exactly as interop/hf.py fla
 kernels (q: (d, heads, head_dim) here is (heads*head_dim, d) there; RoPE layouts already match).
 Only plain LoRA is read: DoRA, per-module ranks/alphas, layer subsets, biases and saved extra
 modules are refused by name rather than dropped.
+
+Trainable token rows (lora.trainable_tokens, PEFT's `trainable_token_indices`): PEFT keeps the
+rows whole, the base's row with the change in it, as `...embed_tokens.token_adapter.
+trainable_tokens_delta` (n, d) and, for an untied head, `...lm_head.token_adapter.
+trainable_tokens_delta` (n, d) (HF's lm_head.weight is our kernel transposed). Ours are
+additive deltas, so both directions need the base's rows: save_peft/load_peft take `base=`.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ import numpy as np
 
 from jaxllm.config import LoraConfig, ModelConfig
 from jaxllm.interop.hf import CheckpointFormatError, _layer_map
-from jaxllm.model import lora
+from jaxllm.model import lora, tokens
 from jaxllm.model.api import param_shapes
 
 CONFIG_FILE = "adapter_config.json"
@@ -35,7 +41,20 @@ PREFIX = "base_model.model."
 _INFORMATIONAL = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
                   "revision", "inference_mode", "init_lora_weights", "megatron_core", "qalora_group_size",
                   "exclude_modules", "layers_pattern", "ensure_weight_tying", "loftq_config",
-                  "r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules"}
+                  "r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules",
+                  "trainable_token_indices"}
+TOKEN_ROWS = {"embed": PREFIX + "model.embed_tokens.token_adapter.trainable_tokens_delta",
+              "unembed": PREFIX + "lm_head.token_adapter.trainable_tokens_delta"}
+_TOKEN_MODULES = {"embed": "embed_tokens", "unembed": "lm_head"}
+
+
+def _base_rows(base: dict, ids) -> dict:
+    """The base's embedding rows and (untied) LM-head rows of `ids`, (n, d) each, numpy."""
+    ids = list(ids)
+    out = {"embed": np.asarray(jax.device_get(base["embed"]["embedding"]))[ids]}
+    if "lm_head" in base:
+        out["unembed"] = np.asarray(jax.device_get(base["lm_head"]["kernel"]))[:, ids].T
+    return out
 
 
 def _modules(cfg: ModelConfig) -> dict[str, str]:
@@ -60,17 +79,17 @@ def tensor_name(template: str, layer: int, factor: str) -> str:
 # ---------------------------------------------------------------- writing
 
 def save_peft(directory: str | pathlib.Path, model_cfg: ModelConfig, delta: dict, lora_cfg: LoraConfig,
-              *, base_model_name_or_path: str | None = None) -> None:
+              *, base_model_name_or_path: str | None = None, base: dict | None = None) -> None:
     """Write adapter_config.json + adapter_model.safetensors that PEFT loads onto the HF
-    export of the base (interop.hf.save_hf). Tensors keep the delta's dtype."""
+    export of the base (interop.hf.save_hf). Tensors keep the delta's dtype. A delta with
+    trainable token rows needs `base` (the params it adapts): PEFT stores those rows whole."""
     from safetensors.numpy import save_file
     directory = pathlib.Path(directory)
     lora.check_config(lora_cfg)
-    if "tokens" in delta:
-        # PEFT stores trainable tokens as full rows (base + delta), which needs the base here
-        raise CheckpointFormatError("this LoRA delta trains token rows (lora.trainable_tokens), which the "
-                                    "PEFT export does not write yet: export the merged model with "
-                                    "`jaxllm convert RUN DST --to hf`")
+    rows = delta.get("tokens")
+    if rows is not None and base is None:
+        raise CheckpointFormatError("this LoRA delta trains token rows (lora.trainable_tokens), which PEFT "
+                                    "stores whole (base row + change): save_peft needs base=")
     modules = _modules(model_cfg)
     paths = lora.delta_paths(delta)
     tensors = {}
@@ -96,6 +115,12 @@ def save_peft(directory: str | pathlib.Path, model_cfg: ModelConfig, delta: dict
         "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
         "use_dora": False, "inference_mode": True,
     }
+    if rows is not None:
+        ids = tokens.ids_of(lora_cfg)
+        tokens.check_rows(base, rows, ids)
+        for k, whole in _base_rows(base, ids).items():
+            tensors[TOKEN_ROWS[k]] = np.ascontiguousarray(whole + np.asarray(jax.device_get(rows[k])))
+        config["trainable_token_indices"] = {_TOKEN_MODULES[k]: list(ids) for k in rows}
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
@@ -126,11 +151,13 @@ def _read_config(directory: pathlib.Path) -> dict:
     return config
 
 
-def load_peft(directory: str | pathlib.Path, model_cfg: ModelConfig, *, dtype: str | None = None):
+def load_peft(directory: str | pathlib.Path, model_cfg: ModelConfig, *, dtype: str | None = None,
+              base: dict | None = None):
     """-> (delta, LoraConfig) from a PEFT LoRA directory, for a base with model_cfg.
     Factors are cast to `dtype` (default model_cfg.param_dtype, the dtype attach expects).
     Every tensor must be a lora_A/lora_B of a known matrix, present for every layer, with the
-    shape the base needs; anything else is an error naming the tensor."""
+    shape the base needs; anything else is an error naming the tensor. An adapter with
+    trainable_token_indices needs `base` (its rows are stored whole; ours are base + delta)."""
     from safetensors import safe_open
     directory = pathlib.Path(directory)
     config = _read_config(directory)
@@ -144,8 +171,26 @@ def load_peft(directory: str | pathlib.Path, model_cfg: ModelConfig, *, dtype: s
     by_name = {tensor_name(t, i, f): (path, i, f) for path, t in modules.items()
                for i in range(model_cfg.n_layers) for f in "AB"}
     dt = jnp.dtype(dtype or model_cfg.param_dtype)
+    token_ids = _token_indices(config, model_cfg, directory)
+    if token_ids and base is None:
+        raise CheckpointFormatError(f"{directory / CONFIG_FILE}: trainable_token_indices: PEFT stores those "
+                                    "rows whole, so load_peft needs the base params (base=)")
     with safe_open(str(weights), framework="numpy") as fh:
         names = set(fh.keys())
+        row_names = {TOKEN_ROWS["embed"]} | ({TOKEN_ROWS["unembed"]} if not model_cfg.tie_embeddings else set())
+        rows = {}
+        for k, name in TOKEN_ROWS.items():
+            if name in names and token_ids:
+                w = fh.get_tensor(name)
+                if tuple(w.shape) != (len(token_ids), model_cfg.d_model):
+                    raise CheckpointFormatError(f"{weights}: tensor '{name}' has shape {tuple(w.shape)}; "
+                                                f"{len(token_ids)} token rows of d_model={model_cfg.d_model} "
+                                                f"need {(len(token_ids), model_cfg.d_model)}")
+                rows[k] = w
+        if token_ids and "embed" not in rows:
+            raise CheckpointFormatError(f"{weights}: tensor '{TOKEN_ROWS['embed']}' is missing "
+                                        "(trainable_token_indices is set)")
+        names -= row_names if token_ids else set()
         unknown = sorted(names - set(by_name))
         if unknown:
             example = tensor_name(modules["layers/attn/q/kernel"], 0, "A")
@@ -175,13 +220,39 @@ def load_peft(directory: str | pathlib.Path, model_cfg: ModelConfig, *, dtype: s
                             f"({_short(modules[path])}: in {fan_in}, out {fan_out}) with r={r} needs {want}")
                     dst[i] = unflat(w).astype(dt)
             lora.set_path(delta, path, {"a": jnp.asarray(a), "b": jnp.asarray(b)})
+    if token_ids:
+        whole = _base_rows(base, token_ids)
+        emb_dt = jnp.dtype(base["embed"]["embedding"].dtype)
+        # a row PEFT does not hold (an untied head left alone) is the base's: no change
+        delta["tokens"] = {k: jnp.asarray((rows[k] - v) if k in rows else np.zeros_like(v), emb_dt)
+                           for k, v in whole.items()}
     lora_cfg = LoraConfig(r=r, alpha=float(config.get("lora_alpha", 8)),
                           rslora=bool(config.get("use_rslora", False)),
                           targets="layers/(" + "|".join(p.split("/", 1)[1].rsplit("/", 1)[0]
                                                          for p in present) + ")/kernel",
                           init="gaussian" if config.get("init_lora_weights") == "gaussian" else "peft",
-                          dropout=float(config.get("lora_dropout", 0.0)))
+                          dropout=float(config.get("lora_dropout", 0.0)), trainable_tokens=token_ids)
     return delta, lora_cfg
+
+
+def _token_indices(config: dict, model_cfg: ModelConfig, directory: pathlib.Path) -> tuple[int, ...]:
+    """The trainable token ids of adapter_config.json: a list (the input embedding's), or
+    {"embed_tokens": ids[, "lm_head": the same ids]}; other layouts are refused by name."""
+    spec = config.get("trainable_token_indices")
+    if not spec:
+        return ()
+    where = f"{directory / CONFIG_FILE}: trainable_token_indices={spec!r}"
+    if isinstance(spec, list):
+        spec = {"embed_tokens": spec}
+    if not isinstance(spec, dict) or "embed_tokens" not in spec or set(spec) - {"embed_tokens", "lm_head"}:
+        raise CheckpointFormatError(f"{where}: only embed_tokens (and lm_head with the same ids) are read")
+    ids = spec["embed_tokens"]
+    if "lm_head" in spec and spec["lm_head"] != ids:
+        raise CheckpointFormatError(f"{where}: embed_tokens and lm_head train different tokens, which "
+                                    "jaxllm's rows (one id list for both) cannot hold")
+    if not all(isinstance(i, int) and 0 <= i < model_cfg.vocab_size for i in ids):
+        raise CheckpointFormatError(f"{where}: ids must be in [0, {model_cfg.vocab_size})")
+    return tuple(ids)
 
 
 def _check_targets(config: dict, present: list[str], directory: pathlib.Path) -> None:

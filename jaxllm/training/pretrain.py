@@ -164,13 +164,11 @@ def train(cfg: Config, batches: Iterator[dict] | None = None) -> dict:
                       evaluate=None if make_eval is None and not t.sample_prompts else evaluate_and_sample,
                       flops_per_token=metrics_lib.flops_per_token(cfg.model, t.seq_len),
                       resumed_from=resumed)
-        if cfg.lora.r and run.is_main and delta[1].trainable_tokens:
-            run.log("no PEFT adapter written: the PEFT export of trainable token rows is not built; "
-                    f"`jaxllm convert {run.dir} DST --to hf` exports the merged model")
-        elif cfg.lora.r and run.is_main:
+        if cfg.lora.r and run.is_main:
             from jaxllm.interop.peft import save_peft
             save_peft(run.dir / "adapter", cfg.model, jax.device_get(summary["state"].params), delta[1],
-                      base_model_name_or_path=cfg.checkpoint.init_from)
+                      base_model_name_or_path=cfg.checkpoint.init_from,
+                      base=base if delta[1].trainable_tokens else None)
             run.log(f"wrote the LoRA adapter in PEFT format to {run.dir / 'adapter'}")
         summary["frozen"] = base
         return summary
