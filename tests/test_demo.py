@@ -65,7 +65,8 @@ def test_quick_demo_makes_every_stage_and_a_report(demo):
     for stage in STAGES:
         assert re.search(rf"\] {stage}: (done in|skipped, )", stderr), stage
     for path in ("synth/ppo/eval.jsonl", "raw/truth.jsonl", "curated/report.json", "tokenizer/tokenizer.model",
-                 "runs/sft-lora/adapter", "runs/sft/config.json", "compare/answers.json", "report.md"):
+                 "runs/sft-lora/adapter/adapter_config.json", "runs/sft/config.json", "compare/answers.json",
+                 "report.md"):
         assert (out / path).exists(), path
     for run in ("pretrain", "sft-lora", "reward", "ppo"):
         assert _checkpointed(out / "runs" / run), run
@@ -81,14 +82,23 @@ def test_quick_demo_makes_every_stage_and_a_report(demo):
     assert not any(demo["cwd"].iterdir())
 
 
-def test_ppo_raises_its_reward_and_sft_beats_pretraining_on_held_out_prompts(demo):
-    # PPO climbs the reward model's score (plus the missing-EOS penalty): its last iterations
-    # score above its first ones.
+def test_ppo_rollouts_end_its_critic_learns_and_sft_beats_pretraining_on_held_out_prompts(demo):
     rows = [json.loads(line) for line in (demo["out"] / "runs/ppo/metrics.jsonl").open()]
-    scores = [r["score"] for r in rows if "score" in r]
+    it = [r for r in rows if "score" in r]
+    scores = [r["score"] for r in it]
     assert len(scores) == 30 and all(map(math.isfinite, scores))
+    # The SFT stage trains the chat specials' rows, so the policy's sampled answers end (LoRA
+    # alone: 72-91% of the first iterations' rollouts ended, measured 2026-12-05).
+    assert min(r["ended_fraction"] for r in it[:5]) >= 0.95, [r["ended_fraction"] for r in it[:5]]
+    # The critic learns the returns (at the policy's learning rate its explained variance
+    # stayed ~0; at rl.value_lr 0.1-0.4), and PPO moves the policy away from SFT.
+    ev = [r["explained_variance"] for r in it[-10:]]
+    assert sum(ev) / 10 > 0.1, ev
+    assert it[-1]["kl"] > 0.1, it[-1]
+    # Not asserted: that the reward model's score rises. This reward model ranks the policy's
+    # own answers at chance (README "Results"), so its score over 30 iterations goes where the
+    # noise takes it (2026-12-05: first 5 iterations 1.110, last 5 1.160).
     first, last = sum(scores[:5]) / 5, sum(scores[-5:]) / 5
-    assert last > first + 0.05, scores
     res = json.loads((demo["out"] / "compare/answers.json").read_text())
     mean = res["mean_true_reward"]
     assert len(res["prompts"]) == 64
