@@ -133,6 +133,26 @@ def test_grpo_and_ppo_follow_the_reward(policy, tmp_path, monkeypatch):
         assert last > first + gain, name
 
 
+@pytest.mark.slow
+def test_ppo_against_a_reward_model_with_its_head_as_the_critics_start(policy, tmp_path):
+    d, args = policy
+    base = [a for a in args if a.split("=")[0] in ("model", "model.vocab_size", "train.progress",
+                                                    "checkpoint.async_save", "data.tokenizer")]
+    jaxllm.train(jaxllm.load_config(None, base + [
+        "train.objective=reward", "data.kind=chat", f"data.sources=[{{path: '{d}/synth/reward/train.jsonl'}}]",
+        f"checkpoint.init_from={d / 'pre'}", "train.steps=3", "train.batch_size=4", "train.seq_len=96",
+        "train.eval_every=0", "reward.k_max=4", "optim.lr=1e-2", "mesh.devices=1", f"train.run_dir={tmp_path / 'rm'}"]))
+    head = jax.device_get(jaxllm.training.checkpoint.load_params(tmp_path / "rm")[0]["reward_head"]["kernel"])
+    assert np.abs(head).max() > 0
+    runs = {init: rl_run(args, tmp_path / init, "train.steps=1", "mesh.devices=1", f"rl.reward_model={tmp_path / 'rm'}",
+                         f"rl.value_init={init}") for init in ("zero", "reward_model")}
+    # iteration 1's values come from the critic before any update: 0 from zeros, the reward
+    # model's head applied to the policy's trunk otherwise
+    assert runs["zero"]["history"][0]["value_mean"] == 0.0
+    assert abs(runs["reward_model"]["history"][0]["value_mean"]) > 1e-4
+    assert runs["zero"]["history"][0]["score"] == runs["reward_model"]["history"][0]["score"]   # same rollouts
+
+
 def test_bad_rl_configs_are_refused(policy, tmp_path):
     _, args = policy
     with pytest.raises(jaxllm.ConfigError, match="does not divide into rl.minibatches=3"):
