@@ -37,11 +37,12 @@ def test_plan_splits_params_and_state_over_the_mesh_and_each_saver_does_what_it_
 def test_plan_cli_prints_the_table_on_simulated_devices():
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)            # the CLI sets the device count itself
-    r = subprocess.run([sys.executable, "-m", "jaxllm.cli", "plan", "-", *BASE, "--devices", "4",
-                        "--savers", "remat=full,offload opt state"], cwd=REPO, env=env,
+    r = subprocess.run([sys.executable, "-m", "jaxllm.cli", "plan", "-", *BASE, "optim.grad_compression=bf16",
+                        "--devices", "4", "--savers", "remat=full,offload opt state"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "(4 devices)" in r.stdout
+    assert "note: optim.grad_compression=bf16 is not modelled" in r.stdout   # said, not silently planned
     for row in ("as configured", "remat=full", "offload opt state"):
         assert f"  {row}" in r.stdout
     bad = subprocess.run([sys.executable, "-m", "jaxllm.cli", "plan", "-", "--savers", "zram"], cwd=REPO,

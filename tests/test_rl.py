@@ -161,6 +161,9 @@ def test_bad_rl_configs_are_refused(policy, tmp_path):
         rl_run(args, tmp_path, "train.objective=grpo", "mesh.devices=1")
     with pytest.raises(jaxllm.ConfigError, match="rl.value_init=reward_model needs rl.reward_model"):
         rl_run(args, tmp_path, "rl.value_init=reward_model", "mesh.devices=1")
+    with pytest.raises(jaxllm.ConfigError, match="grpo has no critic"):
+        rl_run(args, tmp_path, "train.objective=grpo", "rl.group_size=2", "rl.value_init=reward_model",
+               "rl.reward_model=x", "mesh.devices=1")
     with pytest.raises(jaxllm.ConfigError, match="rl.value_lr must be > 0"):
         rl_run(args, tmp_path, "rl.value_lr=0", "mesh.devices=1")
     no_base = [a for a in args if not a.startswith("checkpoint.init_from")]

@@ -63,6 +63,15 @@ def allreduce_int8(g: jax.Array, error: jax.Array, axis: str, n: int, block: int
     return total, new_error
 
 
+def mesh_problem(mesh) -> str | None:
+    """Why gradients cannot be compressed over this mesh's data axis, or None."""
+    others = {k: v for k, v in mesh.shape.items() if k != "data" and v > 1}
+    if others or mesh.shape["data"] < 2:
+        return (f"gradient compression reduces over the data axis of a data-parallel mesh (data >= 2, "
+                f"every other axis 1); this mesh is {dict(mesh.shape)}")
+    return None
+
+
 def data_parallel_reduce(local_grads, method: str, mesh, batch_spec):
     """Wrap `local_grads(params, frozen, batch, rng) -> (grads, sums)` (the gradient of this
     shard's rows) into a function of the global arrays that returns the summed grads and sums,
@@ -74,10 +83,9 @@ def data_parallel_reduce(local_grads, method: str, mesh, batch_spec):
     it); `error` is (data, *param) per leaf for int8 (None for bf16). Each shard folds its
     index into the rng, so dropout differs between shards' rows."""
     from jax.sharding import PartitionSpec as P
-    others = {k: v for k, v in mesh.shape.items() if k != "data" and v > 1}
-    if others:
-        raise ValueError(f"gradient compression runs over the data axis of a data-parallel mesh; "
-                         f"this mesh also splits {others} (set those axes to 1)")
+    problem = mesh_problem(mesh)
+    if problem:
+        raise ValueError(problem)
     n = mesh.shape["data"]
 
     def body(params, frozen, batch, rng, error):
@@ -112,21 +120,24 @@ def error_feedback_abstract(params_abstract, mesh):
     return jax.tree.map(lambda p: jax.ShapeDtypeStruct((n, *p.shape), jnp.float32, sharding=sh), params_abstract)
 
 
+def zero_error(error_abstract):
+    """Zeros in error_feedback_abstract's layout, made sharded (never whole on one device)."""
+    shardings = jax.tree.map(lambda e: e.sharding, error_abstract)
+    return jax.jit(lambda: jax.tree.map(lambda e: jnp.zeros(e.shape, e.dtype), error_abstract),
+                   out_shardings=shardings)()
+
+
 def with_error_feedback(state, shardings, mesh):
     """For int8: the state's opt_state becomes (opt_state, error), error zeros (data, *shape)
     fp32 per parameter, split over the data axis (each shard keeps its own residual); the
-    shardings likewise. -> (state, shardings) for make_train_step(grad_compression="int8")."""
+    shardings likewise. -> (state, shardings) for make_train_step(grad_compression="int8").
+    (Run.start_state does the same for optim.grad_compression=int8, restores included.)"""
     import dataclasses
-
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-    n = mesh.shape["data"]
-    err_sh = jax.tree.map(lambda _: NamedSharding(mesh, P("data")), state.params)
-    error = jax.tree.map(lambda p, sh: jax.device_put(jnp.zeros((n, *p.shape), jnp.float32), sh),
-                         state.params, err_sh)
-    state = state.replace(opt_state=(state.opt_state, error))
+    error = error_feedback_abstract(state.params, mesh)
+    state = state.replace(opt_state=(state.opt_state, zero_error(error)))
     st = shardings.state
-    shardings = dataclasses.replace(shardings, state=st.replace(opt_state=(st.opt_state, err_sh)))
+    shardings = dataclasses.replace(shardings, state=st.replace(
+        opt_state=(st.opt_state, jax.tree.map(lambda e: e.sharding, error))))
     return state, shardings
 
 

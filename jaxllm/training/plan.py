@@ -90,6 +90,10 @@ def report(config: str | None, overrides: list[str], savers: list[str], device_g
         notes.append(f"note: planned as the full model's causal-LM step; this config's objective "
                      f"({cfg.train.objective}{', LoRA' if cfg.lora.r else ''}"
                      f"{', adapters' if cfg.adapter.size else ''}) is not modelled")
+    gc = cfg.optim.grad_compression
+    if gc != "none":
+        extra = "; int8 also keeps an fp32 error-feedback copy of the params per device" if gc == "int8" else ""
+        notes.append(f"note: optim.grad_compression={gc} is not modelled (planned with an fp32 reduction{extra})")
     for name in savers:
         rows.append((name, measure(config, overrides + SAVERS[name])))
     first = rows[0][1]

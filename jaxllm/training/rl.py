@@ -53,6 +53,8 @@ def _check(cfg: Config):
     if cfg.data.kind != "chat":
         raise ConfigError("RL reads prompt records through the chat template: set data.kind=chat "
                           "and data.sources to prompt files (e.g. data/synth/ppo/train.jsonl)")
+    if t.objective == "grpo" and rl.value_init != "zero":
+        raise ConfigError(f"train.objective=grpo has no critic: rl.value_init={rl.value_init} would do nothing")
     if t.objective == "grpo" and rl.group_size < 2:
         raise ConfigError("train.objective=grpo needs rl.group_size >= 2 samples per prompt")
     rows = t.batch_size * rl.group_size

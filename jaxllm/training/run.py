@@ -308,9 +308,8 @@ class Run:
                       else None)
             state = make_state(init_fn, optimizer, fresh_shardings, cfg.train.seed, params=params)
             if error is not None:
-                zeros = jax.jit(lambda: jax.tree.map(lambda e: jax.numpy.zeros(e.shape, e.dtype), error),
-                                out_shardings=jax.tree.map(lambda e: e.sharding, error))()
-                state = state.replace(opt_state=(state.opt_state, zeros))
+                from jaxllm.parallel import compress
+                state = state.replace(opt_state=(state.opt_state, compress.zero_error(error)))
         if self.is_main:   # only now, after every check passed
             configlib.dump_yaml(cfg, self.dir / "config.yaml")
         self.writer = metrics_lib.MetricsWriter(
@@ -321,11 +320,11 @@ class Run:
 
     def _check_grad_compression(self) -> None:
         gc = self.cfg.optim.grad_compression
-        others = {k: v for k, v in self.mesh.shape.items() if k != "data" and v > 1}
-        if gc != "none" and (others or self.mesh.shape["data"] < 2):
-            raise ConfigError(f"optim.grad_compression={gc} compresses the gradients' reduction over the data "
-                              f"axis of a data-parallel mesh (data >= 2, every other axis 1); this mesh is "
-                              f"{dict(self.mesh.shape)} (mesh.preset=dp shards only over data)")
+        if gc != "none":
+            from jaxllm.parallel import compress
+            problem = compress.mesh_problem(self.mesh)
+            if problem:
+                raise ConfigError(f"optim.grad_compression={gc}: {problem} (mesh.preset=dp shards only over data)")
 
     def step_options(self) -> dict:
         """make_train_step's keywords for this run's gradient reduction."""
