@@ -1,4 +1,5 @@
-"""Fine-tuning memory: full fine-tuning vs LoRA vs bottleneck adapters.
+"""Fine-tuning memory: full fine-tuning vs LoRA (over an fp32, int8 or NF4 base: QLoRA) vs
+bottleneck adapters.
 
 1. From shapes only (jax.eval_shape, nothing allocated), for the 125m and 1b configs: the
    trainable parameters, their gradients and the optimizer state (AdamW: two fp32 moments per
@@ -25,11 +26,11 @@ import numpy as np
 
 import jaxllm
 from jaxllm.config import AdapterConfig, LoraConfig, OptimConfig
-from jaxllm.model import adapter, lora
+from jaxllm.model import adapter, lora, quant
 from jaxllm.model.api import param_logical_axes, param_shapes
 from jaxllm.training.optim import make_optimizer
 
-METHODS = ("full", "lora", "adapter")
+METHODS = ("full", "lora", "qlora-int8", "qlora-nf4", "adapter")
 
 
 def nbytes(tree) -> int:
@@ -42,6 +43,8 @@ def nparams(tree) -> int:
 
 def method_parts(method: str, rank: int, adapter_size: int):
     """(delta module or None, its config)."""
+    if method.startswith("qlora-"):
+        return lora, LoraConfig(r=rank, alpha=2.0 * rank, quantize_base=method.split("-")[1])
     if method == "lora":
         return lora, LoraConfig(r=rank, alpha=2.0 * rank)
     if method == "adapter":
@@ -50,7 +53,16 @@ def method_parts(method: str, rank: int, adapter_size: int):
 
 
 def label(method: str, rank: int, adapter_size: int) -> str:
-    return {"full": "full", "lora": f"lora r={rank}", "adapter": f"adapter size={adapter_size}"}[method]
+    return {"full": "full", "lora": f"lora r={rank}", "qlora-int8": f"lora r={rank} int8 base",
+            "qlora-nf4": f"lora r={rank} nf4 base", "adapter": f"adapter size={adapter_size}"}[method]
+
+
+def frozen_shapes(base, dcfg):
+    """The frozen base as a delta run keeps it: as is, or quantized (QLoRA)."""
+    kind = getattr(dcfg, "quantize_base", "none")
+    if kind == "none":
+        return base
+    return jax.eval_shape(lambda p: quant.quantize_tree(p, kind, dcfg.quantize_block), base)
 
 
 def shapes_table(models, rank: int, adapter_size: int) -> list[str]:
@@ -67,7 +79,7 @@ def shapes_table(models, rank: int, adapter_size: int) -> list[str]:
                 trainable, frozen = base, {}
             else:
                 trainable = jax.eval_shape(lambda k: module.init_delta(base, dcfg, k), jax.random.key(0))
-                frozen = base
+                frozen = frozen_shapes(base, dcfg)
             opt = jax.eval_shape(optimizer.init, trainable)
             t, o, f = nbytes(trainable), nbytes(opt), nbytes(frozen)
             dynamic = 2 * t + o                     # params + grads (param dtype) + optimizer state
@@ -102,11 +114,19 @@ def child(method: str, model: str, steps: int, batch: int, seq: int, rank: int, 
         else:
             shapes = param_shapes(mcfg)
             init_fn = lambda k: module.init_delta(shapes, dcfg, k)      # noqa: E731
+            fshapes = frozen_shapes(shapes, dcfg)
+            fspecs = param_logical_axes(mcfg)
+            kind = getattr(dcfg, "quantize_base", "none")
+            if kind != "none":
+                fspecs = quant.logical_axes(fspecs, fshapes)
             _, sh = plan_state(init_fn, module.delta_logical_axes(mcfg, dcfg), optimizer, rules, mesh,
-                               frozen_specs=param_logical_axes(mcfg), frozen_shapes=shapes)
+                               frozen_specs=fspecs, frozen_shapes=fshapes)
             state = make_state(init_fn, optimizer, sh, seed=0)
-            frozen = jax.jit(lambda k: jaxllm.init_params(mcfg, k),
-                             out_shardings=sh.frozen)(jax.random.key(1))
+
+            def make_base(k):
+                p = jaxllm.init_params(mcfg, k)
+                return p if kind == "none" else quant.quantize_tree(p, kind, dcfg.quantize_block)
+            frozen = jax.jit(make_base, out_shardings=sh.frozen)(jax.random.key(1))
             merge = module.make_merge(dcfg)
         kwargs = {} if merge is None else {"merge": merge}
         step = make_train_step(make_clm_loss(mcfg), optimizer, sh, **kwargs)

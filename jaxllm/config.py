@@ -243,8 +243,15 @@ class LoraConfig:
     # token ids or pieces whose embedding and LM-head rows are trained too (PEFT's
     # trainable_token_indices): e.g. a chat template's specials that pretraining never saw
     trainable_tokens: tuple[int | str, ...] = ()
+    # QLoRA: keep the frozen base's layer matrices as int8 or 4-bit NormalFloat codes with an
+    # fp32 absmax scale per block of `quantize_block` values, dequantized per matmul
+    # (model/quant.py); the delta, embedding, norms and LM head keep their dtypes
+    quantize_base: Literal["none", "int8", "nf4"] = "none"
+    quantize_block: int = 64
 
     def __post_init__(self):
+        if self.quantize_block < 1:
+            raise ConfigError(f"lora.quantize_block must be >= 1, got {self.quantize_block}")
         if self.r < 0:
             raise ConfigError(f"lora.r must be >= 0 (0 = off), got {self.r}")
         if not 0 <= self.dropout < 1:
@@ -381,6 +388,12 @@ class Config:
         if self.lora.trainable_tokens and not self.lora.r:
             raise ConfigError("lora.trainable_tokens needs lora.r > 0 (full fine-tuning trains every "
                               "token row already)")
+        if self.lora.quantize_base != "none" and not self.lora.r:
+            raise ConfigError(f"lora.quantize_base={self.lora.quantize_base} quantizes the frozen base of a "
+                              f"LoRA run: set lora.r > 0 (full fine-tuning trains the base itself)")
+        if self.lora.quantize_base != "none" and self.train.objective not in ("clm", "sft"):
+            raise ConfigError(f"lora.quantize_base={self.lora.quantize_base}: only the clm/sft recipe "
+                              f"quantizes its base so far, not train.objective={self.train.objective}")
         if self.adapter.trainable_tokens and not self.adapter.size:
             raise ConfigError("adapter.trainable_tokens needs adapter.size > 0 (full fine-tuning trains "
                               "every token row already)")

@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 from jaxllm.config import LoraConfig, ModelConfig
 from jaxllm.configlib import ConfigError
 from jaxllm.model import tokens
+from jaxllm.model.quant import QuantizedKernel
 from jaxllm.model.transformer import LoraOptions
 
 # How many leading dims of each kernel (after `layers`) are its input dims; the rest are
@@ -57,7 +58,9 @@ def set_path(tree: dict, path: str, value) -> None:
 
 
 def param_paths(base) -> list[str]:
-    return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(base)[0]]
+    """Leaf paths; a quantized kernel (a QLoRA base) is one leaf at its kernel's path."""
+    flat = jax.tree_util.tree_flatten_with_path(base, is_leaf=lambda x: isinstance(x, QuantizedKernel))[0]
+    return [path_str(p) for p, _ in flat]
 
 
 def scale(cfg: LoraConfig) -> float:
@@ -206,6 +209,8 @@ def _fold(params: dict, delta: dict, cfg: LoraConfig, sign: float) -> dict:
     out = jax.tree.map(lambda x: x, params)    # new containers; arrays are shared
     for path in delta_paths(delta):
         w, f = get_path(params, path), get_path(delta, path)
+        if isinstance(w, QuantizedKernel):    # a QLoRA base: the merged kernel is W' = deq(W) + s A B
+            w = w.dequantize(w.dtype)
         n, r = w.shape[0], cfg.r
         a = f["a"].astype(jnp.float32).reshape(n, -1, r)
         b = f["b"].astype(jnp.float32).reshape(n, r, -1)

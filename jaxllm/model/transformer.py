@@ -26,6 +26,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxllm.config import ModelConfig
 from jaxllm.model.attention import attention
 from jaxllm.model.matmul import mixed_matmul
+from jaxllm.model.quant import QuantizedKernel
 
 
 def _dtype(name: str):
@@ -158,10 +159,17 @@ class Dense(nn.Module):
     def __call__(self, x):
         cfg = self.cfg
         std = cfg.init_std if self.init_std is None else self.init_std
-        kernel = self.param("kernel", nn.with_logical_partitioning(
-            kernel_init(std), self.names),
-            self.in_dims + self.out_dims, _dtype(cfg.param_dtype))
         dt = _dtype(cfg.compute_dtype)
+        stored = self.get_variable("params", "kernel") if self.has_variable("params", "kernel") else None
+        if isinstance(stored, QuantizedKernel):    # a QLoRA base (model/quant.py): dequantized per matmul
+            if stored.shape != self.in_dims + self.out_dims:
+                raise ValueError(f"quantized kernel of {'/'.join(self.scope.path)}: shape {stored.shape}, "
+                                 f"this layer needs {self.in_dims + self.out_dims}")
+            kernel = stored.dequantize(dt)
+        else:
+            kernel = self.param("kernel", nn.with_logical_partitioning(
+                kernel_init(std), self.names),
+                self.in_dims + self.out_dims, _dtype(cfg.param_dtype))
         # bf16 operands accumulate in fp32, forward and backward (the fast path on CPUs and GPUs)
         y = mixed_matmul(x.astype(dt), kernel.astype(dt), len(self.in_dims))
         if self.lora is not None and self.has_variable("lora", "kernel"):

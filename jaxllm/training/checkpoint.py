@@ -346,4 +346,7 @@ def load_policy(path: str | pathlib.Path):
         dcfg = cfg.adapter
     # trainable tokens as the ids the run resolved with its tokenizer (older runs: none)
     dcfg = dataclasses.replace(dcfg, trainable_tokens=tuple(delta_info.get("token_ids", ())))
+    if getattr(dcfg, "quantize_base", "none") != "none":   # the base as the delta was trained on (QLoRA)
+        from jaxllm.model import quant
+        base = quant.quantize_tree(base, dcfg.quantize_base, dcfg.quantize_block)
     return module.attach(base, delta, dcfg), model, (delta_info["kind"], dcfg, delta)

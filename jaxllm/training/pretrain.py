@@ -17,8 +17,10 @@ import jax
 from jaxllm.config import Config
 from jaxllm.configlib import ConfigError
 from jaxllm.data.pipeline import to_global_batch
+from jaxllm.model import quant
 from jaxllm.model.api import init_params, param_logical_axes, param_shapes
 from jaxllm.objectives import make_objective
+from jaxllm.parallel import rules as R
 from jaxllm.training import metrics as metrics_lib
 from jaxllm.training.loop import fit
 from jaxllm.training.optim import lr_schedule, make_optimizer, skip_metrics
@@ -111,6 +113,37 @@ def _delta_meta(delta, init_from: str) -> dict | None:
             "token_ids": list(dcfg.trainable_tokens)}
 
 
+def _frozen_layout(cfg: Config, base_specs, base_shapes):
+    """(logical specs, shapes) of the frozen base as the step sees it: the base's, or with
+    lora.quantize_base its quantized layer matrices (model/quant.py)."""
+    q = cfg.lora
+    if q.quantize_base == "none":
+        return base_specs, base_shapes
+    try:
+        shapes = jax.eval_shape(lambda p: quant.quantize_tree(p, q.quantize_base, q.quantize_block), base_shapes)
+    except ValueError as e:
+        raise ConfigError(f"lora.quantize_base={q.quantize_base}: {e}") from None
+    return quant.logical_axes(base_specs, shapes), shapes
+
+
+def _load_base(run, base_specs, base_shapes, frozen_shardings):
+    """checkpoint.init_from's params as the frozen base, placed in the step's frozen shardings;
+    quantized on the devices (from the base's own shardings) when lora.quantize_base is set."""
+    q = run.cfg.lora
+    if q.quantize_base == "none":
+        return run.load_init_from(jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), base_shapes, frozen_shardings))
+    full_sh = R.param_shardings(base_specs, base_shapes, run.rules, run.mesh)
+    full = run.load_init_from(jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), base_shapes, full_sh))
+    base = jax.jit(lambda p: quant.quantize_tree(p, q.quantize_base, q.quantize_block),
+                   out_shardings=frozen_shardings)(full)
+    mib = 2 ** 20
+    run.log(f"quantized the frozen base's layer matrices to {q.quantize_base} (block {q.quantize_block}): "
+            f"{quant.tree_nbytes(full) / mib:.1f} -> {quant.tree_nbytes(base) / mib:.1f} MiB of params")
+    return base
+
+
 def train(cfg: Config, batches: Iterator[dict] | None = None) -> dict:
     """Pretraining (clm/mlm) or SFT; full parameters, or a LoRA/adapter delta over a frozen
     base read from checkpoint.init_from (the base is the step's frozen argument)."""
@@ -134,7 +167,8 @@ def train(cfg: Config, batches: Iterator[dict] | None = None) -> dict:
             module, dcfg = delta
             init_fn = lambda k: module.init_delta(base_shapes, dcfg, k)   # noqa: E731
             specs, merge = module.delta_logical_axes(cfg.model, dcfg), module.make_merge(dcfg)
-            frozen_kw = dict(frozen_specs=base_specs, frozen_shapes=base_shapes, init_from_trainable=False)
+            frozen_specs, frozen_shapes = _frozen_layout(cfg, base_specs, base_shapes)
+            frozen_kw = dict(frozen_specs=frozen_specs, frozen_shapes=frozen_shapes, init_from_trainable=False)
             meta = {"delta": _delta_meta(delta, cfg.checkpoint.init_from)}
         state, shardings, optimizer, meta, resumed = run.start_state(
             init_fn=init_fn, param_specs=specs, meta=meta,
@@ -142,8 +176,7 @@ def train(cfg: Config, batches: Iterator[dict] | None = None) -> dict:
             data_iter=None if batches is not None else train_it, **frozen_kw)
         base = None
         if delta is not None:
-            base = run.load_init_from(jax.tree.map(
-                lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), base_shapes, shardings.frozen))
+            base = _load_base(run, base_specs, base_shapes, shardings.frozen)
         merge_kw = {} if merge is None else {"merge": merge}
         step_fn = make_train_step(loss_fn, optimizer, shardings, microbatches=t.microbatches,
                                   optimizer_metrics=skip_metrics(lr_schedule(cfg.optim, meta["schedule_steps"])),
