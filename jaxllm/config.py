@@ -391,9 +391,9 @@ class Config:
         if self.lora.quantize_base != "none" and not self.lora.r:
             raise ConfigError(f"lora.quantize_base={self.lora.quantize_base} quantizes the frozen base of a "
                               f"LoRA run: set lora.r > 0 (full fine-tuning trains the base itself)")
-        if self.lora.quantize_base != "none" and self.train.objective not in ("clm", "sft"):
-            raise ConfigError(f"lora.quantize_base={self.lora.quantize_base}: only the clm/sft recipe "
-                              f"quantizes its base so far, not train.objective={self.train.objective}")
+        if self.lora.quantize_base != "none" and self.train.objective == "reward":
+            raise ConfigError(f"lora.quantize_base={self.lora.quantize_base}: the reward recipe does not "
+                              f"quantize its base (SFT, PPO/GRPO and DPO do)")
         if self.adapter.trainable_tokens and not self.adapter.size:
             raise ConfigError("adapter.trainable_tokens needs adapter.size > 0 (full fine-tuning trains "
                               "every token row already)")

@@ -9,10 +9,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 select=(-m "not slow")
+fast_compile=1       # the default run is compile-bound: cheaper LLVM code generation (tests/conftest.py)
 case "${1:-}" in
-  --slow) select=(-m slow); shift ;;
-  --all) select=(); shift ;;
+  --slow) select=(-m slow); fast_compile=0; shift ;;
+  --all) select=(); fast_compile=0; shift ;;
 esac
+export JAXLLM_TEST_FAST_COMPILE="${JAXLLM_TEST_FAST_COMPILE:-$fast_compile}"
 bash launch/setup.sh --beam
 .venv/bin/ruff check jaxllm tests benchmarks tools   # lint + import order (pyproject [tool.ruff])
 exec .venv/bin/python -m pytest -q -n "${JAXLLM_TEST_WORKERS:-2}" --dist loadfile "${select[@]}" "$@"

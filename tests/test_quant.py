@@ -161,14 +161,14 @@ def test_qlora_step_trains_the_delta_over_a_sharded_nf4_base_as_on_one_device():
     assert q.scale.sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor", None)
 
 
-def test_quantize_base_needs_lora_and_the_sft_recipe():
+def test_quantize_base_needs_lora_and_is_refused_by_the_reward_recipe():
     with pytest.raises(ConfigError, match="set lora.r > 0"):
         jaxllm.load_config(None, ["lora.quantize_base=nf4"])
-    with pytest.raises(ConfigError, match="only the clm/sft recipe"):
-        jaxllm.load_config(None, ["lora.quantize_base=int8", "lora.r=4", "train.objective=dpo"])
+    with pytest.raises(ConfigError, match="the reward recipe does not quantize"):
+        jaxllm.load_config(None, ["lora.quantize_base=int8", "lora.r=4", "train.objective=reward"])
     with pytest.raises(ConfigError, match="quantize_block must be >= 1"):
         jaxllm.load_config(None, ["lora.quantize_block=0"])
-    from jaxllm.training.pretrain import _frozen_layout
+    from jaxllm.training.pretrain import frozen_layout
     cfg = jaxllm.load_config(None, ["model=tiny", "model.d_ff=191", "lora.r=4", "lora.quantize_base=nf4"])
     with pytest.raises(ConfigError, match="nf4 packs two codes per byte.*191"):
-        _frozen_layout(cfg, param_logical_axes(cfg.model), param_shapes(cfg.model))
+        frozen_layout(cfg, param_logical_axes(cfg.model), param_shapes(cfg.model))

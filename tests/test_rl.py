@@ -46,7 +46,8 @@ def rl_run(args, run_dir, *extra):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("delta", [[], ["lora.r=4"]], ids=["full", "lora"])
+@pytest.mark.parametrize("delta", [[], ["lora.r=4"], ["lora.r=4", "lora.quantize_base=nf4"]],
+                         ids=["full", "lora", "qlora"])
 def test_policy_starts_as_the_reference_and_the_reference_is_frozen(policy, tmp_path, delta):
     _, args = policy
     s = rl_run(args, tmp_path, "train.steps=2", "mesh.devices=1", *delta)
@@ -55,6 +56,9 @@ def test_policy_starts_as_the_reference_and_the_reference_is_frozen(policy, tmp_
     assert h[1]["kl"] != 0.0 and np.isfinite(h[1]["loss"])
     init = jax.device_get(jaxllm.training.checkpoint.load_params(
         [a for a in args if a.startswith("checkpoint.init_from=")][0].split("=", 1)[1])[0])
+    if "lora.quantize_base=nf4" in delta:          # QLoRA: the reference is the quantized base
+        from jaxllm.model import quant
+        init = quant.quantize_tree(init, "nf4", 64)
     chex.assert_trees_all_equal(jax.device_get(s["frozen"]), init)   # reference/base untouched
 
 
@@ -151,6 +155,28 @@ def test_ppo_against_a_reward_model_with_its_head_as_the_critics_start(policy, t
     assert runs["zero"]["history"][0]["value_mean"] == 0.0
     assert abs(runs["reward_model"]["history"][0]["value_mean"]) > 1e-4
     assert runs["zero"]["history"][0]["score"] == runs["reward_model"]["history"][0]["score"]   # same rollouts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_dpo_recipe_starts_at_log2_and_trains_a_lora_delta(policy, tmp_path, quantize):
+    """The DPO recipe (configs/dpo/) end to end, plain LoRA and over an NF4 base (QLoRA): with
+    B = 0 the policy IS the reference (LoRA off), so step 1's loss is log 2 exactly."""
+    d, args = policy
+    base = [a for a in args if a.split("=")[0] in ("model", "model.vocab_size", "train.progress",
+                                                    "checkpoint.async_save", "data.tokenizer",
+                                                    "checkpoint.init_from", "train.log_every")]
+    s = jaxllm.train(jaxllm.load_config(None, base + [
+        "train.objective=dpo", "data.kind=chat", f"data.sources=[{{path: '{d}/synth/reward/train.jsonl'}}]",
+        "train.steps=3", "train.batch_size=4", "train.seq_len=96", "train.eval_every=0", "optim.lr=1e-2",
+        "optim.warmup_steps=0", "lora.r=4", f"lora.quantize_base={quantize}", "mesh.devices=1",
+        f"train.run_dir={tmp_path}"]))
+    losses = [h["loss"] for h in s["history"]]
+    assert len(losses) == 3 and abs(losses[0] - np.log(2)) < 1e-6, losses
+    assert all(np.isfinite(losses)) and losses[1:] != [losses[0]] * 2          # the delta moved it
+    if quantize == "nf4":
+        from jaxllm.model import quant
+        assert isinstance(jax.device_get(s["frozen"])["layers"]["attn"]["q"]["kernel"], quant.QuantizedKernel)
 
 
 def test_bad_rl_configs_are_refused(policy, tmp_path):

@@ -18,6 +18,7 @@ sharding, with no new dependency.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -69,6 +70,7 @@ def _blocked(x: jax.Array, axis: int, b: int) -> jax.Array:
     return x.reshape(x.shape[:axis] + (x.shape[axis] // b, b) + x.shape[axis + 1:])
 
 
+@functools.partial(jax.jit, static_argnames=("kind", "n_out", "block"))   # one program, not one per op
 def quantize(w: jax.Array, kind: str, n_out: int, block: int = 64) -> QuantizedKernel:
     """Absmax-quantize w per block of its last input dim. int8: round(x / absmax * 127);
     nf4: the nearest of NF4_LEVELS to x / absmax."""
@@ -97,6 +99,7 @@ def quantize(w: jax.Array, kind: str, n_out: int, block: int = 64) -> QuantizedK
     return QuantizedKernel(codes, scale, kind, n_out, jnp.dtype(w.dtype).name)
 
 
+@functools.partial(jax.jit, static_argnames=("dtype",))
 def dequantize(q: QuantizedKernel, dtype=jnp.float32) -> jax.Array:
     """The kernel the codes stand for, in `dtype` (scaled in fp32, then cast)."""
     axis = q.axis

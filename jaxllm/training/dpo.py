@@ -17,7 +17,7 @@ from jaxllm.objectives.dpo import make_dpo_loss
 from jaxllm.training import metrics as metrics_lib
 from jaxllm.training.loop import fit
 from jaxllm.training.optim import lr_schedule, make_optimizer, skip_metrics
-from jaxllm.training.pretrain import _delta, _delta_meta
+from jaxllm.training.pretrain import _delta, _delta_meta, frozen_layout, load_frozen_base
 from jaxllm.training.reward import data_iterators
 from jaxllm.training.run import Run
 from jaxllm.training.step import make_eval_step, make_train_step
@@ -62,18 +62,20 @@ def train(cfg: Config) -> dict:
         state, shardings, optimizer, meta, resumed = run.start_state(
             init_fn=init_fn, param_specs=specs, make_optimizer=lambda h: make_optimizer(cfg.optim, h),
             meta={"delta": _delta_meta(delta, cfg.checkpoint.init_from)},
-            data_iter=train_it, frozen_specs=base_specs, frozen_shapes=base_shapes, init_from_trainable=False)
-        frozen = run.load_init_from(jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), base_shapes, shardings.frozen))
+            data_iter=train_it, init_from_trainable=False,
+            **dict(zip(("frozen_specs", "frozen_shapes"), frozen_layout(cfg, base_specs, base_shapes))))
+        frozen = load_frozen_base(run, base_specs, base_shapes, shardings.frozen)   # QLoRA: quantized
         if delta is None and resumed is None:   # the policy starts as the reference
             state = state.replace(params=jax.tree.map(jnp.copy, frozen))
         step_fn = make_train_step(loss_fn, optimizer, shardings, microbatches=t.microbatches, merge=merge,
                                   optimizer_metrics=skip_metrics(lr_schedule(cfg.optim, meta["schedule_steps"])),
                                   **run.step_options())
         eval_step = make_eval_step(loss_fn, merge=merge, shardings=shardings)
-        return fit(run, state, step_fn, train_it, shardings=shardings, meta=meta, data_iter=train_it,
-                   frozen=frozen, resumed_from=resumed,
-                   evaluate=None if make_eval is None else
-                   (lambda s: evaluate(eval_step, s.params, make_eval, shardings.batch, frozen)),
-                   flops_per_token=3 * metrics_lib.flops_per_token(cfg.model, t.seq_len, training=False)
-                   + metrics_lib.flops_per_token(cfg.model, t.seq_len))
+        summary = fit(run, state, step_fn, train_it, shardings=shardings, meta=meta, data_iter=train_it,
+                      frozen=frozen, resumed_from=resumed,
+                      evaluate=None if make_eval is None else
+                      (lambda s: evaluate(eval_step, s.params, make_eval, shardings.batch, frozen)),
+                      flops_per_token=3 * metrics_lib.flops_per_token(cfg.model, t.seq_len, training=False)
+                      + metrics_lib.flops_per_token(cfg.model, t.seq_len))
+        summary["frozen"] = frozen      # the reference / the base the delta adapts, as the recipes return it
+        return summary

@@ -113,7 +113,7 @@ def _delta_meta(delta, init_from: str) -> dict | None:
             "token_ids": list(dcfg.trainable_tokens)}
 
 
-def _frozen_layout(cfg: Config, base_specs, base_shapes):
+def frozen_layout(cfg: Config, base_specs, base_shapes):
     """(logical specs, shapes) of the frozen base as the step sees it: the base's, or with
     lora.quantize_base its quantized layer matrices (model/quant.py)."""
     q = cfg.lora
@@ -126,7 +126,7 @@ def _frozen_layout(cfg: Config, base_specs, base_shapes):
     return quant.logical_axes(base_specs, shapes), shapes
 
 
-def _load_base(run, base_specs, base_shapes, frozen_shardings):
+def load_frozen_base(run, base_specs, base_shapes, frozen_shardings):
     """checkpoint.init_from's params as the frozen base, placed in the step's frozen shardings;
     quantized on the devices (from the base's own shardings) when lora.quantize_base is set."""
     q = run.cfg.lora
@@ -167,7 +167,7 @@ def train(cfg: Config, batches: Iterator[dict] | None = None) -> dict:
             module, dcfg = delta
             init_fn = lambda k: module.init_delta(base_shapes, dcfg, k)   # noqa: E731
             specs, merge = module.delta_logical_axes(cfg.model, dcfg), module.make_merge(dcfg)
-            frozen_specs, frozen_shapes = _frozen_layout(cfg, base_specs, base_shapes)
+            frozen_specs, frozen_shapes = frozen_layout(cfg, base_specs, base_shapes)
             frozen_kw = dict(frozen_specs=frozen_specs, frozen_shapes=frozen_shapes, init_from_trainable=False)
             meta = {"delta": _delta_meta(delta, cfg.checkpoint.init_from)}
         state, shardings, optimizer, meta, resumed = run.start_state(
@@ -176,7 +176,7 @@ def train(cfg: Config, batches: Iterator[dict] | None = None) -> dict:
             data_iter=None if batches is not None else train_it, **frozen_kw)
         base = None
         if delta is not None:
-            base = _load_base(run, base_specs, base_shapes, shardings.frozen)
+            base = load_frozen_base(run, base_specs, base_shapes, shardings.frozen)
         merge_kw = {} if merge is None else {"merge": merge}
         step_fn = make_train_step(loss_fn, optimizer, shardings, microbatches=t.microbatches,
                                   optimizer_metrics=skip_metrics(lr_schedule(cfg.optim, meta["schedule_steps"])),

@@ -137,7 +137,8 @@ class Scorer:
 def train(cfg: Config) -> dict:
     t, rl = cfg.train, cfg.rl
     _check(cfg)
-    from jaxllm.training.pretrain import _delta, _delta_meta  # the same LoRA/adapter choice as SFT
+    # the same LoRA/adapter choice (and QLoRA base) as SFT
+    from jaxllm.training.pretrain import _delta, _delta_meta, frozen_layout, load_frozen_base
     with Run(cfg) as run:
         shards = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
         per_micro = t.batch_size * rl.group_size // rl.minibatches // t.microbatches
@@ -173,7 +174,8 @@ def train(cfg: Config) -> dict:
                 return {"delta": module.init_delta(base_shapes, dcfg, k),
                         "value_head": init_value_head(cfg.model.d_model)}
             specs = {"delta": module.delta_logical_axes(cfg.model, dcfg), "value_head": vh_specs}
-            frozen_kw = dict(frozen_specs=base_specs, frozen_shapes=base_shapes)
+            frozen_specs, frozen_shapes = frozen_layout(cfg, base_specs, base_shapes)   # QLoRA: quantized
+            frozen_kw = dict(frozen_specs=frozen_specs, frozen_shapes=frozen_shapes)
             attach = module.make_merge(dcfg)
 
             def merge(trainable, frozen):
@@ -185,8 +187,7 @@ def train(cfg: Config) -> dict:
                   "delta": _delta_meta(delta, cfg.checkpoint.init_from)},
             data_iter=prompts, init_from_trainable=False, **frozen_kw)
         # the frozen tree: the reference policy (full) or the base the delta adapts (LoRA)
-        frozen = run.load_init_from(jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), base_shapes, shardings.frozen))
+        frozen = load_frozen_base(run, base_specs, base_shapes, shardings.frozen)
         if resumed is None and delta is None:   # the policy starts as the reference
             state = state.replace(params={**jax.tree.map(jnp.copy, frozen), "value_head": state.params["value_head"]})
         if resumed is None and rl.value_init == "reward_model":
