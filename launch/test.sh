@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up if needed, lint, then run the tests on 2 pytest-xdist workers (one test file per
 # worker at a time, so module fixtures are built once):
-#   bash launch/test.sh          the default run: every test not marked `slow` (12-28 min on 2 cores)
+#   bash launch/test.sh          the default run: every test not marked `slow` (~12 min cold on 2 cores)
 #   bash launch/test.sh --slow   only the slow end-to-end tests (CI runs both)
 #   bash launch/test.sh --all    everything
 # Further arguments go to pytest (a later -m replaces the default selection). Workers:
