@@ -391,6 +391,8 @@ class Config:
         if self.lora.quantize_base != "none" and not self.lora.r:
             raise ConfigError(f"lora.quantize_base={self.lora.quantize_base} quantizes the frozen base of a "
                               f"LoRA run: set lora.r > 0 (full fine-tuning trains the base itself)")
+        if self.lora.quantize_block != LoraConfig.quantize_block and self.lora.quantize_base == "none":
+            raise ConfigError("lora.quantize_block is set but the base is not quantized (lora.quantize_base=none)")
         if self.lora.quantize_base != "none" and self.train.objective == "reward":
             raise ConfigError(f"lora.quantize_base={self.lora.quantize_base}: the reward recipe does not "
                               f"quantize its base (SFT, PPO/GRPO and DPO do)")

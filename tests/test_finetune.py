@@ -123,6 +123,7 @@ def test_a_qlora_run_trains_over_an_nf4_base_and_reloads_and_exports_it(tmp_path
     chex.assert_trees_all_equal(frozen, want_base)                 # the base is the source run's, quantized
     log = capsys.readouterr().err
     assert "quantized the frozen base's layer matrices to nf4" in log and "codes" in log, log
+    assert "16 in layers/attn/o/kernel" in log, log     # head_dim 16 < 64: the smaller block is said
     assert all(np.isfinite(h["loss"]) for h in s["history"])
     trained = jax.device_get(s["state"].params)
     assert np.abs(trained["layers"]["mlp"]["up"]["kernel"]["b"]).max() > 0   # B left zero: it trained

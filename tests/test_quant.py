@@ -80,6 +80,7 @@ def test_blocks_shrink_to_a_dim_that_is_not_a_multiple_and_zero_blocks_stay_zero
     w = kernel((2, 4, 16, 8)).at[:, :, :8].set(0.0)      # o-style kernel: in (n=4, h=16) -> out 8
     q = quant.quantize(w, "nf4", n_out=1, block=64)      # h=16 < 64: one block of 16 per (layer, head, out)
     assert q.axis == 2 and q.scale.shape == (2, 4, 1, 8)
+    assert quant.block_sizes({"layers": {"attn": {"o": {"kernel": q}}}}) == {"layers/attn/o/kernel": 16}
     d = np.asarray(q.dequantize())
     assert np.all(np.isfinite(d)) and np.all(d[:, :, :8] == 0)
     with pytest.raises(ValueError, match="odd"):
@@ -166,6 +167,8 @@ def test_quantize_base_needs_lora_and_is_refused_by_the_reward_recipe():
         jaxllm.load_config(None, ["lora.quantize_base=nf4"])
     with pytest.raises(ConfigError, match="the reward recipe does not quantize"):
         jaxllm.load_config(None, ["lora.quantize_base=int8", "lora.r=4", "train.objective=reward"])
+    with pytest.raises(ConfigError, match="quantize_block is set but the base is not quantized"):
+        jaxllm.load_config(None, ["lora.r=4", "lora.quantize_block=32"])
     with pytest.raises(ConfigError, match="quantize_block must be >= 1"):
         jaxllm.load_config(None, ["lora.quantize_block=0"])
     from jaxllm.training.pretrain import frozen_layout

@@ -137,6 +137,17 @@ def quantize_tree(params: dict, kind: str, block: int = 64) -> dict:
     return out
 
 
+def block_sizes(params: dict) -> dict[str, int]:
+    """{kernel path: the block its QuantizedKernel was made with} (gcd(block, dim), see block_size)."""
+    from jaxllm.model.lora import get_path, param_paths
+    out = {}
+    for path in param_paths(params):
+        q = get_path(params, path)
+        if isinstance(q, QuantizedKernel):
+            out[path] = q.shape[q.axis] // q.scale.shape[q.axis]
+    return out
+
+
 def dequantize_tree(params: dict) -> dict:
     """The inverse view: every QuantizedKernel back to an array of its original dtype."""
     return jax.tree.map(lambda x: dequantize(x, x.dtype) if isinstance(x, QuantizedKernel) else x,

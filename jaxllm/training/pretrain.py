@@ -130,17 +130,19 @@ def load_frozen_base(run, base_specs, base_shapes, frozen_shardings):
     """checkpoint.init_from's params as the frozen base, placed in the step's frozen shardings;
     quantized on the devices (from the base's own shardings) when lora.quantize_base is set."""
     q = run.cfg.lora
-    if q.quantize_base == "none":
-        return run.load_init_from(jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), base_shapes, frozen_shardings))
-    full_sh = R.param_shardings(base_specs, base_shapes, run.rules, run.mesh)
+    quantized = q.quantize_base != "none"
+    shardings = R.param_shardings(base_specs, base_shapes, run.rules, run.mesh) if quantized else frozen_shardings
     full = run.load_init_from(jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), base_shapes, full_sh))
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), base_shapes, shardings))
+    if not quantized:
+        return full
     base = jax.jit(lambda p: quant.quantize_tree(p, q.quantize_base, q.quantize_block),
                    out_shardings=frozen_shardings)(full)
+    smaller = {p: b for p, b in quant.block_sizes(base).items() if b != q.quantize_block}
     mib = 2 ** 20
-    run.log(f"quantized the frozen base's layer matrices to {q.quantize_base} (block {q.quantize_block}): "
-            f"{quant.tree_nbytes(full) / mib:.1f} -> {quant.tree_nbytes(base) / mib:.1f} MiB of params")
+    run.log(f"quantized the frozen base's layer matrices to {q.quantize_base} (block {q.quantize_block}"
+            + "".join(f"; {b} in {p}, whose blocked dim is not a multiple" for p, b in smaller.items())
+            + f"): {quant.tree_nbytes(full) / mib:.1f} -> {quant.tree_nbytes(base) / mib:.1f} MiB of params")
     return base
 
 
