@@ -148,8 +148,11 @@ def test_ppo_against_a_reward_model_with_its_head_as_the_critics_start(policy, t
         "train.eval_every=0", "reward.k_max=4", "optim.lr=1e-2", "mesh.devices=1", f"train.run_dir={tmp_path / 'rm'}"]))
     head = jax.device_get(jaxllm.training.checkpoint.load_params(tmp_path / "rm")[0]["reward_head"]["kernel"])
     assert np.abs(head).max() > 0
-    runs = {init: rl_run(args, tmp_path / init, "train.steps=1", "mesh.devices=1", f"rl.reward_model={tmp_path / 'rm'}",
+    # two iterations: the reward model still scores after the first update, which donates the
+    # state (the critic's head once shared the reward model's buffer and iteration 2 failed)
+    runs = {init: rl_run(args, tmp_path / init, "train.steps=2", "mesh.devices=1", f"rl.reward_model={tmp_path / 'rm'}",
                          f"rl.value_init={init}") for init in ("zero", "reward_model")}
+    assert all(len(r["history"]) == 2 and np.isfinite(r["history"][1]["score"]) for r in runs.values())
     # iteration 1's values come from the critic before any update: 0 from zeros, the reward
     # model's head applied to the policy's trunk otherwise
     assert runs["zero"]["history"][0]["value_mean"] == 0.0

@@ -221,7 +221,10 @@ def _value_head_from(rm_head: dict, state, run: Run) -> dict:
                           f"{tuple(rm_head['kernel'].shape)} but the policy's value head {tuple(vh['kernel'].shape)} "
                           f"(the two models' d_model differ)")
     run.log("value head: initialised from the reward model's head")
-    return {"kernel": jax.device_put(rm_head["kernel"].astype(vh["kernel"].dtype), vh["kernel"].sharding),
+    # a copy: the step donates the state, and the reward model keeps scoring with its own head
+    # (a shared buffer was deleted by iteration 1's update; iteration 2 then failed)
+    kernel = jnp.array(rm_head["kernel"], dtype=vh["kernel"].dtype, copy=True)
+    return {"kernel": jax.device_put(kernel, vh["kernel"].sharding),
             "bias": jnp.zeros_like(vh["bias"])}
 
 
