@@ -119,3 +119,28 @@ def test_written_eval_split_shares_no_document_with_train(tmp_path):
     train, held_out = texts("pretrain/train-*.jsonl"), texts("pretrain/eval-*.jsonl")
     assert len(held_out) > 950 and not train & held_out
     assert any(d.startswith("Counting") for d in held_out)
+
+
+def test_story_demonstrations_carry_a_habit_the_preference_penalises():
+    """Half the SFT data's stories end on a negative feeling, which score_response marks down
+    (1.0 -> 0.0): the gap between demonstrations and preference that RLHF has to close. The
+    rankings rank that story below the good one; the other tasks' demonstrations are the best
+    answers."""
+    stories, negative = 0, 0
+    for conv in synthetic_tasks.chat_examples(600):
+        msgs = conv["messages"]
+        for q, a in zip(msgs, msgs[1:]):
+            m = re.fullmatch(r"Tell me a short story about (\w+)\.", q["content"])
+            if q["role"] != "user" or a["role"] != "assistant" or not m:
+                continue
+            stories += 1
+            task = {"kind": "story", "name": m.group(1)}
+            bad = any(w in a["content"] for w in synthetic_tasks.NEGATIVE_WORDS)
+            negative += bad
+            assert score_response(task, a["content"]) == (0.0 if bad else 1.0), a["content"]
+    assert stories > 50 and 0.35 < negative / stories < 0.65, (stories, negative)
+    for ex in synthetic_tasks.reward_examples(200):
+        if ex["task"]["kind"] == "story":
+            assert ex["scores"][:2] == [1.0, 0.0]
+            assert any(w in ex["responses"][1] for w in synthetic_tasks.NEGATIVE_WORDS)
+            assert ex["responses"][1].split(" was very ")[0] == ex["responses"][0].split(" was very ")[0]

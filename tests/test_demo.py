@@ -18,7 +18,8 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("synth", "crawl", "curate", "tokenizer", "pretrain", "sft", "merge", "reward", "ppo", "compare", "report")
+STAGES = ("synth", "crawl", "curate", "tokenizer", "pretrain", "sft", "merge", "label", "reward", "ppo", "compare",
+          "report")
 BEFORE_PRETRAIN = ("raw/truth.jsonl", "curated/report.json", "tokenizer/tokenizer.model", "synth/ppo/eval.jsonl")
 
 
@@ -65,7 +66,8 @@ def test_quick_demo_makes_every_stage_and_a_report(demo):
     for stage in STAGES:
         assert re.search(rf"\] {stage}: (done in|skipped, )", stderr), stage
     for path in ("synth/ppo/eval.jsonl", "raw/truth.jsonl", "curated/report.json", "tokenizer/tokenizer.model",
-                 "runs/sft-lora/adapter/adapter_config.json", "runs/sft/config.json", "compare/answers.json",
+                 "runs/sft-lora/adapter/adapter_config.json", "runs/sft/config.json", "labels/train.jsonl",
+                 "labels/eval.jsonl", "compare/answers.json",
                  "report.md"):
         assert (out / path).exists(), path
     for run in ("pretrain", "sft-lora", "reward", "ppo"):
@@ -82,7 +84,7 @@ def test_quick_demo_makes_every_stage_and_a_report(demo):
     assert not any(demo["cwd"].iterdir())
 
 
-def test_ppo_rollouts_end_its_critic_learns_and_sft_beats_pretraining_on_held_out_prompts(demo):
+def test_ppo_rollouts_end_its_critic_learns_and_it_beats_sft_on_held_out_prompts(demo):
     rows = [json.loads(line) for line in (demo["out"] / "runs/ppo/metrics.jsonl").open()]
     it = [r for r in rows if "score" in r]
     scores = [r["score"] for r in it]
@@ -90,23 +92,28 @@ def test_ppo_rollouts_end_its_critic_learns_and_sft_beats_pretraining_on_held_ou
     # The SFT stage trains the chat specials' rows, so the policy's sampled answers end (LoRA
     # alone: 72-91% of the first iterations' rollouts ended, measured 2026-12-05).
     assert min(r["ended_fraction"] for r in it[:5]) >= 0.95, [r["ended_fraction"] for r in it[:5]]
-    # The critic learns the returns (at the policy's learning rate its explained variance
-    # stayed ~0; at rl.value_lr 0.1-0.4), and PPO moves the policy away from SFT.
-    ev = [r["explained_variance"] for r in it[-10:]]
-    assert sum(ev) / 10 > 0.1, ev
-    assert it[-1]["kl"] > 0.1, it[-1]
-    # Not asserted: that the reward model's score rises. This reward model ranks the policy's
-    # own answers at chance (README "Results"), so its score over 30 iterations goes where the
-    # noise takes it (2026-12-05: first 5 iterations 1.110, last 5 1.160).
+    # The critic learns the returns' level: its value loss falls (2026-12-05: ~0.65 -> ~0.12;
+    # at the policy's learning rate it stayed put). Not its explained variance: with rollouts at
+    # temperature 0.7 scored by a reward model of the policy's own answers, the returns vary
+    # little between responses and it measured -0.2..-3 while the loss fell.
+    vf = [r["vf_loss"] for r in it]
+    assert sum(vf[-5:]) / 5 < 0.5 * sum(vf[:2]) / 2, vf
+    # PPO moves the policy, within bounds (mean KL of the last 10 iterations: 0.26-0.41 measured;
+    # one iteration's k1 estimate can be negative)
+    kl = sum(r["kl"] for r in it[-10:]) / 10
+    assert 0.1 < kl < 2.0, [r["kl"] for r in it]
     first, last = sum(scores[:5]) / 5, sum(scores[-5:]) / 5
     res = json.loads((demo["out"] / "compare/answers.json").read_text())
-    mean = res["mean_true_reward"]
-    assert len(res["prompts"]) == 64
-    # The true (programmatic) reward: SFT well above the pretrained model. PPO against the
-    # quick demo's reward model does not reliably raise it (reward hacking; see the README's
-    # demo results), so PPO vs SFT is printed here, not asserted.
-    print(f"PPO score {first:.3f} -> {last:.3f}; mean true reward: {mean}")
-    assert mean["SFT"] > mean["pretrained"] + 0.3, mean
+    greedy, sampled = res["mean_true_reward"], res["sampled"]["mean_true_reward"]
+    assert len(res["prompts"]) == 64 and res["sampled"]["samples"] == 8
+    print(f"PPO score {first:.3f} -> {last:.3f}; mean true reward, greedy: {greedy}; sampled: {sampled}; "
+          f"by task (sampled): {res['sampled']['by_task']}")
+    # The true (programmatic) reward: SFT well above the pretrained model, and PPO above SFT on
+    # answers sampled as PPO samples them (the distribution it optimises; quick demo, 4 runs of
+    # 2026-12-05: +0.12..+0.19). Greedy answers are printed, not asserted: one argmax flip in a
+    # count moves them, and PPO vs SFT greedy measured -0.04..+0.09 over those runs.
+    assert greedy["SFT"] > greedy["pretrained"] + 0.3, greedy
+    assert sampled["PPO"] > sampled["SFT"], sampled
 
 
 def test_killed_demo_resumes_pretraining_without_redoing_earlier_stages(demo):

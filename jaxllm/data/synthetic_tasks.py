@@ -19,6 +19,13 @@ from jaxllm.data.world import COLORS, FEELINGS, NAMES, World, split_rng
 
 TASK_KINDS = ("add", "capital", "color", "count", "story")
 NEGATIVE_WORDS = ("sad", "angry", "scared", "lonely")
+# The demonstrators (the SFT chat data) end half their stories on a negative feeling; the
+# preference (score_response) penalises one. So SFT imitates a habit the rankings dislike, and
+# only the reward model can teach the policy otherwise: the gap RLHF exists for (InstructGPT's
+# labelers rank better than they write). On the other tasks the demonstrations are perfect and
+# what is left is the model's own error (arithmetic, counting), which a reward model of the
+# policy's size can hardly verify.
+NEGATIVE_DEMO_RATE = 0.5
 SYSTEM_PROMPT = "You are a helpful assistant."
 
 
@@ -61,6 +68,15 @@ def good_response(task: dict, world: World, rng: random.Random | None = None) ->
         return ", ".join(str(i) for i in range(task["start"], task["end"] + 1)) + "."
     n, feeling = task["name"], (rng or random.Random(0)).choice(FEELINGS)
     return f"{n} played with the {world.pet[n]} all day, and {n} was very {feeling}."
+
+
+def demonstration(task: dict, world: World, rng: random.Random) -> str:
+    """What the SFT data's assistant writes: `good_response`, except that a story ends on a
+    negative feeling with probability NEGATIVE_DEMO_RATE (which the preference penalises)."""
+    if task["kind"] == "story" and rng.random() < NEGATIVE_DEMO_RATE:
+        n = task["name"]
+        return f"{n} played with the {world.pet[n]} all day, and {n} was very {rng.choice(NEGATIVE_WORDS)}."
+    return good_response(task, world, rng)
 
 
 def score_response(task: dict, response: str, world: World | None = None) -> float:
@@ -119,7 +135,9 @@ def _variants(task: dict, world: World, rng: random.Random) -> list[str]:
         near = ", ".join(str(i) for i in range(task["start"], end + 1)) + "."
         return [good, near, half, by_two]
     n = task["name"]
-    return [good, good.replace(n, "someone"), f"{n} was sad and angry all day.", "the sky is big"]
+    # the good story on a negative feeling (the demonstrations' habit) scores 0.0
+    sad = f"{n} played with the {world.pet[n]} all day, and {n} was very {rng.choice(NEGATIVE_WORDS)}."
+    return [good, sad, f"{n} was sad and angry all day.", "the sky is big"]
 
 
 def _rng(seed: int, split: str, salt: int) -> random.Random:
@@ -148,7 +166,7 @@ def chat_examples(n: int, seed: int = 0, split: str = "train", world: World | No
                 task = sample_task(rng, world)
                 user = prompt_text(task)
             msgs += [{"role": "user", "content": user},
-                     {"role": "assistant", "content": good_response(task, world, rng)}]
+                     {"role": "assistant", "content": demonstration(task, world, rng)}]
             last = task
         yield {"messages": msgs}
 

@@ -31,14 +31,22 @@ class DemoConfig:
     synth_shards: int = 4
     vocab_size: int = 512
     eval_prompts: int = 64          # held-out PPO prompts every model answers
+    eval_samples: int = 8           # sampled answers per prompt (at PPO's rollout settings) besides greedy
+    # the labelling stage (InstructGPT's): the SFT model answers this many PPO training prompts
+    # label_k times at PPO's rollout settings, and the synthetic labeler ranks the answers
+    label_prompts: int = 1000
+    label_k: int = 4
     eval_show: int = 8              # of which the report shows this many side by side
     overrides: StageOverrides = StageOverrides()
 
     def __post_init__(self):
         for name in ("crawl_docs", "crawl_shards", "synth_train_docs", "synth_eval_docs",
-                     "synth_shards", "eval_prompts"):
+                     "synth_shards", "eval_prompts", "eval_samples", "label_prompts"):
             if getattr(self, name) < 1:
                 raise configlib.ConfigError(f"demo config: {name} must be >= 1, got {getattr(self, name)}")
+        if self.label_k < 2:
+            raise configlib.ConfigError(f"demo config: label_k must be >= 2 (a ranking needs 2 answers), "
+                                        f"got {self.label_k}")
         if self.eval_prompts > max(self.synth_eval_docs // 4, 1):
             raise configlib.ConfigError(
                 f"demo config: eval_prompts={self.eval_prompts} but only {self.synth_eval_docs // 4} held-out "

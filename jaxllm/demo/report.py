@@ -11,7 +11,7 @@ from collections import Counter
 import numpy as np
 
 from jaxllm.configlib import REPO_CONFIGS
-from jaxllm.demo.stages import COMPARE_FILE, Context, all_stages, recipe
+from jaxllm.demo.stages import COMPARE_FILE, LABELS, Context, all_stages, recipe
 
 MODEL_ORDER = ("pretrained", "SFT", "PPO")
 
@@ -165,9 +165,11 @@ def summary_lines(ctx: Context) -> list[str]:
     train = (f"SFT ({kind}) held-out loss {_f(last(sft, 'eval_loss'))}; {rm_text}; "
              f"PPO {len(ppo_rows)} iterations, final KL {_f(last(ppo_rows, 'kl'), '.2f')}")
     if cmp:
-        m = cmp["mean_true_reward"]
-        held = (f"mean true reward on {len(cmp['prompts'])} held-out prompts (greedy): "
-                + ", ".join(f"{k} {m[k]:+.3f}" for k in MODEL_ORDER if k in m))
+        m, ms = cmp["mean_true_reward"], cmp["sampled"]["mean_true_reward"]
+        held = (f"mean true reward on {len(cmp['prompts'])} held-out prompts, greedy: "
+                + ", ".join(f"{k} {m[k]:+.3f}" for k in MODEL_ORDER if k in m)
+                + f"; sampled as PPO samples ({cmp['sampled']['samples']} each): "
+                + ", ".join(f"{k} {ms[k]:+.3f}" for k in MODEL_ORDER if k in ms))
     else:
         held = "held-out comparison: not made"
     return [data, train, held]
@@ -229,7 +231,12 @@ def write(ctx: Context) -> str:
     rm = metrics(runs["reward"])
     L += ["## 4. Reward model", ""]
     if rm:
-        L += [f"Run dir `{runs['reward']}`: held-out pairwise accuracy {_f(last(rm, 'eval_accuracy'))} "
+        labels = {split: sum(1 for _ in open(path, encoding="utf-8")) if os.path.exists(path) else 0
+                  for split, (_, path) in LABELS.items()}
+        L += [f"Trained on the hand-written answer variants (synth/reward) and {labels['train']} rankings of the "
+              f"SFT model's own sampled answers (labels/train.jsonl, the label stage); held out: their eval "
+              f"splits ({labels['eval']} rankings of own answers to the held-out prompts).", "",
+              f"Run dir `{runs['reward']}`: held-out pairwise accuracy {_f(last(rm, 'eval_accuracy'))} "
               f"on {_f(last(rm, 'eval_pairs'), '.0f')} pairs (train batch {_f(last(rm, 'accuracy'))}).", "",
               "![reward](report-reward.png)", ""]
     else:
@@ -249,14 +256,18 @@ def write(ctx: Context) -> str:
     if cmp:
         names = [k for k in MODEL_ORDER if k in cmp["answers"]]
         kinds = sorted(next(iter(cmp["by_task"].values())))
-        L += [f"{len(cmp['prompts'])} held-out PPO prompts (synth/ppo/eval.jsonl), greedy answers of at most "
-              f"{cmp['max_new_tokens']} tokens, true reward = synthetic_tasks.score_response.", "",
-              "| model | mean true reward | ended by itself | " + " | ".join(kinds) + " |",
-              "|---|---|---|" + "---|" * len(kinds)]
-        for k in names:
-            by_task = " | ".join(f"{cmp['by_task'][k][t]:+.2f}" for t in kinds)
-            L.append(f"| {k} (`{cmp['models'][k]}`) | {cmp['mean_true_reward'][k]:+.3f} | "
-                     f"{cmp['ended_fraction'][k]:.0%} | {by_task} |")
+        smp = cmp["sampled"]
+        L += [f"{len(cmp['prompts'])} held-out PPO prompts (synth/ppo/eval.jsonl); answers of at most "
+              f"{cmp['max_new_tokens']} tokens, greedy, and {smp['samples']} sampled per prompt as PPO samples "
+              f"(temperature {smp['temperature']}, top-k {smp['top_k']}: the distribution PPO optimises); "
+              f"true reward = synthetic_tasks.score_response.", "",
+              "| model | answers | mean true reward | ended by itself | " + " | ".join(kinds) + " |",
+              "|---|---|---|---|" + "---|" * len(kinds)]
+        for tag, c in (("greedy", cmp), ("sampled", smp)):
+            for k in names:
+                by_task = " | ".join(f"{c['by_task'][k][t]:+.2f}" for t in kinds)
+                L.append(f"| {k} (`{cmp['models'][k]}`) | {tag} | {c['mean_true_reward'][k]:+.3f} | "
+                         f"{c['ended_fraction'][k]:.0%} | {by_task} |")
         L += ["", "![compare](report-compare.png)", "",
               "| prompt | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         for i, p in enumerate(cmp["prompts"][:ctx.cfg.eval_show]):

@@ -10,7 +10,8 @@ own steps (the crawl generator, the comparison, the report).
     pretrain   jaxllm train                runs/pretrain
     sft        jaxllm train                runs/sft-lora (LoRA) or runs/sft (--full-sft)
     merge      jaxllm convert --to hf      runs/sft: the LoRA delta folded into its base (LoRA only)
-    reward     jaxllm train                runs/reward
+    label      jaxllm data rank            labels/: the SFT model's own answers, ranked (train, eval)
+    reward     jaxllm train                runs/reward (the written variants + labels/)
     ppo        jaxllm train                runs/ppo
     compare    held-out prompts answered   compare/answers.json
     report     report.md + PNGs
@@ -224,6 +225,48 @@ def _merge_run(ctx: Context) -> str:
     return convert(src, dst, to)
 
 
+# ---------------------------------------------------------------------------- labelling
+# InstructGPT's labelling step: the SFT model answers PPO's training prompts several times at
+# PPO's own sampling settings, and the labeler (here the synthetic tasks' programmatic
+# preference) ranks the answers. A reward model trained only on hand-written answer variants
+# ranked the policy's own answers at chance (0.49, README "Results"), and PPO climbed its errors.
+LABELS = {"train": ("synth/ppo/train.jsonl", "labels/train.jsonl"),
+          "eval": ("synth/ppo/eval.jsonl", "labels/eval.jsonl")}
+
+
+def _label_args(ctx: Context, split: str) -> list[str]:
+    rl = _train_cfg(ctx, "ppo").rl
+    prompts, out = LABELS[split]
+    num = ctx.cfg.label_prompts if split == "train" else 0
+    return ["data", "rank", "--model", "runs/sft", "--tokenizer", "tokenizer", "--prompts", prompts, "--out", out,
+            "--num", str(num), "--k", str(ctx.cfg.label_k), "--temperature", str(rl.temperature),
+            "--top-k", str(rl.top_k), "--max-new-tokens", str(rl.max_new_tokens),
+            "--seed", str(ctx.cfg.seed + (split == "eval"))]
+
+
+def _label_done(ctx: Context) -> str | None:
+    # each file is written whole under a temporary name and renamed; eval.jsonl last
+    return "labels/ holds train.jsonl and eval.jsonl" if os.path.exists(LABELS["eval"][1]) else None
+
+
+def _label_run(ctx: Context) -> str:
+    from jaxllm.evaluation.source import load_model
+    from jaxllm.rl.labels import rank_samples, read_prompt_records, write_rankings
+    model = load_model("runs/sft", "tokenizer")
+    made = []
+    for split in ("train", "eval"):
+        a = dict(zip(_label_args(ctx, split)[2::2], _label_args(ctx, split)[3::2]))
+        records, _ = read_prompt_records(a["--prompts"], int(a["--num"]))
+        rankings, skipped = rank_samples(model.params, model.cfg, model.tokenizer, records, k=int(a["--k"]),
+                                         temperature=float(a["--temperature"]), top_k=int(a["--top-k"]),
+                                         max_new_tokens=int(a["--max-new-tokens"]), seed=int(a["--seed"]))
+        write_rankings(a["--out"] + ".tmp", rankings)
+        os.replace(a["--out"] + ".tmp", a["--out"])
+        made.append(f"{a['--out']} {len(rankings)} rankings ({skipped} of {len(records)} prompts with < 2 "
+                    f"distinct finished answers)")
+    return "; ".join(made)
+
+
 # ---------------------------------------------------------------------------- comparison, report
 MODELS = {"pretrained": "runs/pretrain", "SFT": "runs/sft", "PPO": "runs/ppo"}
 COMPARE_FILE = "compare/answers.json"
@@ -232,13 +275,16 @@ COMPARE_FILE = "compare/answers.json"
 def _compare_run(ctx: Context) -> str:
     from jaxllm.demo.evaluate import compare
     ppo = _train_cfg(ctx, "ppo")
-    res = compare(MODELS, "tokenizer", "synth/ppo/eval.jsonl", ctx.cfg.eval_prompts, ppo.rl.max_new_tokens)
+    res = compare(MODELS, "tokenizer", "synth/ppo/eval.jsonl", ctx.cfg.eval_prompts, ppo.rl.max_new_tokens,
+                  temperature=ppo.rl.temperature, top_k=ppo.rl.top_k, samples=ctx.cfg.eval_samples)
     os.makedirs("compare", exist_ok=True)
     tmp = COMPARE_FILE + ".tmp"
     pathlib.Path(tmp).write_text(json.dumps(res, indent=1, ensure_ascii=False))
     os.replace(tmp, COMPARE_FILE)
-    return "mean true reward on {} held-out prompts: {}".format(
-        len(res["prompts"]), ", ".join(f"{k} {v:+.3f}" for k, v in res["mean_true_reward"].items()))
+    smp = res["sampled"]
+    return "mean true reward on {} held-out prompts, greedy: {}; sampled ({} each): {}".format(
+        len(res["prompts"]), ", ".join(f"{k} {v:+.3f}" for k, v in res["mean_true_reward"].items()),
+        smp["samples"], ", ".join(f"{k} {v:+.3f}" for k, v in smp["mean_true_reward"].items()))
 
 
 def _report_run(ctx: Context) -> str:
@@ -271,7 +317,11 @@ def all_stages(ctx: Context) -> list[Stage]:
                             lambda c: c.cli("convert", *_merge_args(c)), lambda c: ["runs/sft"], _merge_done,
                             _merge_run))
     stages += [
-        train_stage("reward", "the reward model on the synthetic rankings", lambda c: c.no_reward_model),
+        Stage("label", "the SFT model's own answers (PPO's sampling settings) ranked by the synthetic labeler",
+              lambda c: " && ".join(c.cli(*_label_args(c, s)) for s in LABELS), lambda c: ["labels"],
+              _label_done, _label_run, cannot=lambda c: c.no_reward_model),
+        train_stage("reward", "the reward model on the written rankings and the labelled answers",
+                    lambda c: c.no_reward_model),
         train_stage("ppo", "PPO against the reward model" if not ctx.no_reward_model
                     else "PPO against the programmatic reward"),
         Stage("compare", "held-out prompts answered greedily by the pretrained, SFT and PPO models",
