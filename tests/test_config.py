@@ -83,9 +83,21 @@ def test_all_shipped_recipes_and_presets_load():
     for path in sorted(pathlib.Path("configs/model").glob("*.yaml")):
         cfg = jaxllm.load_config(None, [f"model={path.stem}"])
         assert cfg.model.n_layers > 0, path
+    from jaxllm.curate import config as curate_config
+    from jaxllm.demo import config as demo_config
+    recipes = 0
     for path in sorted(pathlib.Path("configs").glob("*/*.yaml")):
-        if path.parent.name in ("pretrain",):
-            jaxllm.load_config(path)
+        if path.parent.name == "model":
+            continue                              # presets, loaded above
+        if path.parent.name == "curate" or path.name == "curate.yaml":
+            curate_config.load(str(path), [])     # curation configs
+        elif path.parent.name == "demo" and path.stem in ("demo", "quick"):
+            assert demo_config.load(path.stem == "quick")[1] == str(path.resolve())
+        else:
+            cfg = jaxllm.load_config(path)        # every training recipe
+            assert cfg.train.steps > 0, path
+            recipes += 1
+    assert recipes >= 13, recipes
 
 
 def test_rule_overrides_merge_and_typos_are_caught():
