@@ -129,3 +129,31 @@ def test_killed_demo_resumes_pretraining_without_redoing_earlier_stages(demo):
     steps = [json.loads(line)["step"] for line in (demo["out"] / "runs/pretrain/metrics.jsonl").open()
              if '"loss"' in line]
     assert steps == sorted(steps) and steps[-1] == 500   # one run's metrics, as if never killed
+
+
+def test_grpo_and_dpo_on_the_demo_models_also_beat_sft(demo, tmp_path):
+    """Issue 12's other two objectives on the quick demo's models: GRPO (the PPO loop with G
+    answers per prompt and no critic) against the demo's reward model, and DPO (LoRA over the
+    SFT model) on the demo's rankings (written variants + the label stage's). Each raises the
+    true reward of sampled answers over SFT (2026-12-05, 100 held-out prompts: SFT -0.163,
+    GRPO -0.042, DPO +0.025 (200 steps); DPO at 100 steps on 64 prompts +0.040 vs -0.132)."""
+    import contextlib
+
+    import jaxllm
+    from jaxllm.configlib import REPO_CONFIGS
+    from jaxllm.demo.evaluate import compare
+    with contextlib.chdir(demo["out"]):
+        jaxllm.train(jaxllm.load_config(REPO_CONFIGS / "demo/ppo.yaml", [
+            "mesh.devices=1", f"train.run_dir={tmp_path / 'grpo'}", "train.steps=30", "train.eval_every=0",
+            "checkpoint.every=30",
+            "train.objective=grpo", "rl.group_size=4", "train.batch_size=8", "rl.value_init=zero"]))
+        jaxllm.train(jaxllm.load_config(REPO_CONFIGS / "dpo/tiny.yaml", [
+            "mesh.devices=1", f"train.run_dir={tmp_path / 'dpo'}", "train.steps=100", "train.eval_every=0",
+            "checkpoint.init_from=runs/sft", "data.tokenizer=tokenizer",
+            "data.sources=[{path: synth/reward/train.jsonl}, {path: labels/train.jsonl}]",
+            "data.eval_sources=[{path: labels/eval.jsonl}]"]))
+        res = compare({"SFT": "runs/sft", "GRPO": str(tmp_path / "grpo"), "DPO": str(tmp_path / "dpo")}, "tokenizer",
+                      "synth/ppo/eval.jsonl", 64, 40, temperature=0.7, top_k=3, samples=8)
+    sampled = res["sampled"]["mean_true_reward"]
+    print(f"mean true reward, greedy: {res['mean_true_reward']}; sampled: {sampled}")
+    assert sampled["GRPO"] > sampled["SFT"] and sampled["DPO"] > sampled["SFT"], sampled
