@@ -153,6 +153,7 @@ def test_ppo_against_a_reward_model_with_its_head_as_the_critics_start(policy, t
     runs = {init: rl_run(args, tmp_path / init, "train.steps=2", "mesh.devices=1", f"rl.reward_model={tmp_path / 'rm'}",
                          f"rl.value_init={init}") for init in ("zero", "reward_model")}
     assert all(len(r["history"]) == 2 and np.isfinite(r["history"][1]["score"]) for r in runs.values())
+    assert all((pathlib.Path(r["run_dir"]) / "curves.png").stat().st_size > 0 for r in runs.values())
     # iteration 1's values come from the critic before any update: 0 from zeros, the reward
     # model's head applied to the policy's trunk otherwise
     assert runs["zero"]["history"][0]["value_mean"] == 0.0
@@ -240,3 +241,13 @@ def test_data_rank_cli_samples_with_top_k_and_takes_a_tokenizer(policy, tmp_path
         assert rec["scores"] == sorted(rec["scores"], reverse=True) and len(set(rec["scores"])) == len(rec["scores"])
     assert main(args[:-2] + ["--top-k", "-1", "--out", str(out)]) == 2
     assert "--top-k >= 0" in capsys.readouterr().err
+
+
+def test_curves_png_is_drawn_from_the_whole_metrics_file_or_says_why_not(tmp_path):
+    from jaxllm.training.rl import plot_curves
+    assert plot_curves(tmp_path) == f"no curves.png: {tmp_path}/metrics.jsonl has no iterations"
+    rows = [{"step": i, "score": 0.1 * i, "true_reward": 0.0, "kl": 0.01 * i, "entropy": 1.0} for i in range(1, 6)]
+    rows.insert(2, {"step": 2, "eval_score": 1.0})        # held-out rows are not iterations
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert plot_curves(tmp_path) == f"wrote {tmp_path / 'curves.png'} (5 iterations)"
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"

@@ -389,6 +389,8 @@ class _Loop:
                 preempted = True
                 break
         run.checkpointer.save(it, state, prompts, meta, force=True)
+        if run.is_main:
+            run.log(plot_curves(run.dir))
         return {"run_dir": str(run.dir), "steps": it, "preempted": preempted, "resumed_from": resumed,
                 "history": history, "state": state, "frozen": self.frozen,
                 "first_loss": history[0]["loss"] if history else None,
@@ -396,3 +398,43 @@ class _Loop:
                 "eval": next(({k: h[k] for k in h if k.startswith("eval_")} for h in history[::-1]
                               if "eval_score" in h), None)}
 
+
+
+CURVES = "curves.png"
+
+
+def plot_curves(run_dir) -> str:
+    """curves.png in the run dir from its whole metrics.jsonl (a resumed run included): the
+    score (and the true reward where the prompts carry tasks), the KL to the reference and the
+    policy's entropy per iteration. -> one line saying what was written, or why nothing was."""
+    import pathlib
+
+    from jaxllm.training.metrics import read_metrics
+    has = (pathlib.Path(run_dir) / "metrics.jsonl").exists()
+    rows = [r for r in read_metrics(run_dir) if "kl" in r and "score" in r] if has else []
+    if not rows:
+        return f"no {CURVES}: {run_dir}/metrics.jsonl has no iterations"
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return f"no {CURVES}: matplotlib is not installed (pip install 'jaxllm[curate]')"
+    step = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    axes[0].plot(step, [r["score"] for r in rows], label="score (sampled)")
+    if all("true_reward" in r for r in rows):
+        axes[0].plot(step, [r["true_reward"] for r in rows], label="true reward (sampled)")
+    axes[0].legend(fontsize=8)
+    for ax, key, title in ((axes[0], None, "reward"), (axes[1], "kl", "KL to the reference (per response)"),
+                           (axes[2], "entropy", "policy entropy (per token)")):
+        if key:
+            ax.plot(step, [r.get(key, float("nan")) for r in rows])
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+    fig.tight_layout()
+    out = pathlib.Path(run_dir) / CURVES
+    fig.savefig(out.with_suffix(".tmp.png"), dpi=100)
+    plt.close(fig)
+    out.with_suffix(".tmp.png").replace(out)
+    return f"wrote {out} ({len(rows)} iterations)"
