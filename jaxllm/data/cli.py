@@ -52,20 +52,13 @@ def _data_synth(args) -> None:
 
 def _data_rank(args) -> None:
     from jaxllm.evaluation.source import load_model
-    from jaxllm.rl.labels import rank_samples, read_prompt_records, write_rankings
+    from jaxllm.rl.labels import label_file
     if args.k < 2 or args.num < 0 or args.top_k < 0:
         raise UserError(f"data rank: --k must be >= 2 (a ranking needs 2 answers), --num and --top-k >= 0, "
                         f"got --k {args.k} --num {args.num} --top-k {args.top_k}")
-    records, unusable = read_prompt_records(args.prompts, args.num)
-    if unusable:
-        print(f"{args.prompts}: {unusable} records without a 'task' and a 'prompt' left out", file=sys.stderr)
     model = load_model(args.model, args.tokenizer)
-    rankings, skipped = rank_samples(model.params, model.cfg, model.tokenizer, records, k=args.k,
-                                     temperature=args.temperature, top_k=args.top_k,
-                                     max_new_tokens=args.max_new_tokens, seed=args.seed)
-    write_rankings(args.out, rankings)
-    print(f"{args.out}: {len(rankings)} rankings of {args.model}'s answers ({skipped} of {len(records)} "
-          f"prompts skipped: fewer than 2 finished answers with distinct scores)")
+    print(label_file(model, args.prompts, args.out, num=args.num, k=args.k, temperature=args.temperature,
+                     top_k=args.top_k, max_new_tokens=args.max_new_tokens, seed=args.seed))
 
 
 def register(subparsers) -> None:

@@ -66,7 +66,10 @@ def good_response(task: dict, world: World, rng: random.Random | None = None) ->
         return f"The favorite color of {task['name']} is {world.favorite_color[task['name']]}."
     if k == "count":
         return ", ".join(str(i) for i in range(task["start"], task["end"] + 1)) + "."
-    n, feeling = task["name"], (rng or random.Random(0)).choice(FEELINGS)
+    return _story(task["name"], world, (rng or random.Random(0)).choice(FEELINGS))
+
+
+def _story(n: str, world: World, feeling: str) -> str:
     return f"{n} played with the {world.pet[n]} all day, and {n} was very {feeling}."
 
 
@@ -74,8 +77,7 @@ def demonstration(task: dict, world: World, rng: random.Random) -> str:
     """What the SFT data's assistant writes: `good_response`, except that a story ends on a
     negative feeling with probability NEGATIVE_DEMO_RATE (which the preference penalises)."""
     if task["kind"] == "story" and rng.random() < NEGATIVE_DEMO_RATE:
-        n = task["name"]
-        return f"{n} played with the {world.pet[n]} all day, and {n} was very {rng.choice(NEGATIVE_WORDS)}."
+        return _story(task["name"], world, rng.choice(NEGATIVE_WORDS))
     return good_response(task, world, rng)
 
 
@@ -136,8 +138,7 @@ def _variants(task: dict, world: World, rng: random.Random) -> list[str]:
         return [good, near, half, by_two]
     n = task["name"]
     # the good story on a negative feeling (the demonstrations' habit) scores 0.0
-    sad = f"{n} played with the {world.pet[n]} all day, and {n} was very {rng.choice(NEGATIVE_WORDS)}."
-    return [good, sad, f"{n} was sad and angry all day.", "the sky is big"]
+    return [good, _story(n, world, rng.choice(NEGATIVE_WORDS)), f"{n} was sad and angry all day.", "the sky is big"]
 
 
 def _rng(seed: int, split: str, salt: int) -> random.Random:

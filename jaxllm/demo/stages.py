@@ -234,14 +234,19 @@ LABELS = {"train": ("synth/ppo/train.jsonl", "labels/train.jsonl"),
           "eval": ("synth/ppo/eval.jsonl", "labels/eval.jsonl")}
 
 
-def _label_args(ctx: Context, split: str) -> list[str]:
+def _label_settings(ctx: Context, split: str) -> dict:
+    """`jaxllm data rank` options of one split: PPO's own sampling settings."""
     rl = _train_cfg(ctx, "ppo").rl
     prompts, out = LABELS[split]
-    num = ctx.cfg.label_prompts if split == "train" else 0
-    return ["data", "rank", "--model", "runs/sft", "--tokenizer", "tokenizer", "--prompts", prompts, "--out", out,
-            "--num", str(num), "--k", str(ctx.cfg.label_k), "--temperature", str(rl.temperature),
-            "--top-k", str(rl.top_k), "--max-new-tokens", str(rl.max_new_tokens),
-            "--seed", str(ctx.cfg.seed + (split == "eval"))]
+    return {"prompts": prompts, "out": out, "num": ctx.cfg.label_prompts if split == "train" else 0,
+            "k": ctx.cfg.label_k, "temperature": rl.temperature, "top_k": rl.top_k,
+            "max_new_tokens": rl.max_new_tokens, "seed": ctx.cfg.seed + (split == "eval")}
+
+
+def _label_command(ctx: Context) -> str:
+    return " && ".join(ctx.cli("data", "rank", "--model", "runs/sft", "--tokenizer", "tokenizer", *(
+        x for k, v in _label_settings(ctx, split).items() for x in (f"--{k.replace('_', '-')}", str(v))))
+        for split in LABELS)
 
 
 def _label_done(ctx: Context) -> str | None:
@@ -251,20 +256,9 @@ def _label_done(ctx: Context) -> str | None:
 
 def _label_run(ctx: Context) -> str:
     from jaxllm.evaluation.source import load_model
-    from jaxllm.rl.labels import rank_samples, read_prompt_records, write_rankings
+    from jaxllm.rl.labels import label_file
     model = load_model("runs/sft", "tokenizer")
-    made = []
-    for split in ("train", "eval"):
-        a = dict(zip(_label_args(ctx, split)[2::2], _label_args(ctx, split)[3::2]))
-        records, _ = read_prompt_records(a["--prompts"], int(a["--num"]))
-        rankings, skipped = rank_samples(model.params, model.cfg, model.tokenizer, records, k=int(a["--k"]),
-                                         temperature=float(a["--temperature"]), top_k=int(a["--top-k"]),
-                                         max_new_tokens=int(a["--max-new-tokens"]), seed=int(a["--seed"]))
-        write_rankings(a["--out"] + ".tmp", rankings)
-        os.replace(a["--out"] + ".tmp", a["--out"])
-        made.append(f"{a['--out']} {len(rankings)} rankings ({skipped} of {len(records)} prompts with < 2 "
-                    f"distinct finished answers)")
-    return "; ".join(made)
+    return "; ".join(label_file(model, **_label_settings(ctx, split)) for split in LABELS)
 
 
 # ---------------------------------------------------------------------------- comparison, report
@@ -318,7 +312,7 @@ def all_stages(ctx: Context) -> list[Stage]:
                             _merge_run))
     stages += [
         Stage("label", "the SFT model's own answers (PPO's sampling settings) ranked by the synthetic labeler",
-              lambda c: " && ".join(c.cli(*_label_args(c, s)) for s in LABELS), lambda c: ["labels"],
+              _label_command, lambda c: ["labels"],
               _label_done, _label_run, cannot=lambda c: c.no_reward_model),
         train_stage("reward", "the reward model on the written rankings and the labelled answers",
                     lambda c: c.no_reward_model),

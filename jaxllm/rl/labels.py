@@ -62,10 +62,26 @@ def rank_samples(params, model_cfg, tokenizer, records: Sequence[dict], *, k: in
 
 
 def write_rankings(path: str, rankings: list[dict]) -> None:
+    """Written whole under a temporary name, then renamed: a file at `path` is complete."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:
         for r in rankings:
             f.write(json.dumps(r) + "\n")
+    os.replace(path + ".tmp", path)
+
+
+def label_file(model, prompts: str, out: str, *, num: int, k: int, temperature: float, top_k: int,
+               max_new_tokens: int, seed: int) -> str:
+    """`jaxllm data rank` (and the demo's label stage): rank a loaded model's own answers to the
+    first `num` prompt records of `prompts` into `out` -> one line on what was made and what was
+    left out."""
+    records, unusable = read_prompt_records(prompts, num)
+    rankings, skipped = rank_samples(model.params, model.cfg, model.tokenizer, records, k=k,
+                                     temperature=temperature, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed)
+    write_rankings(out, rankings)
+    left = f"; {unusable} records without a 'task' and a 'prompt' left out" if unusable else ""
+    return (f"{out}: {len(rankings)} rankings of {model.src}'s answers ({skipped} of {len(records)} prompts "
+            f"skipped: fewer than 2 finished answers with distinct scores){left}")
 
 
 def read_prompt_records(path: str, num: int) -> tuple[list[dict], int]:

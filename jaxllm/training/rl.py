@@ -399,7 +399,6 @@ class _Loop:
                               if "eval_score" in h), None)}
 
 
-
 CURVES = "curves.png"
 
 
