@@ -94,3 +94,35 @@ def test_down_projection_init_has_the_configured_std(base):
         assert not np.any(np.asarray(delta["layers"]["after_mlp"]["up"]["kernel"]))
     with pytest.raises(ConfigError, match="init_std"):
         AdapterConfig(size=8, init_std=0.0)
+
+
+def test_trained_norms_start_at_the_base_and_add_to_its_scales(base):
+    """adapter.train_norms (Houlsby's trained layer norms): a zero delta on every RMSNorm scale;
+    attached, the model is the base with scale + delta, and the frozen base is not written."""
+    cfg = AdapterConfig(size=8, train_norms=True)
+    delta = adapter.init_delta(base, cfg, jax.random.key(1))
+    chex.assert_shape([delta["norms"]["attn_norm"], delta["norms"]["mlp_norm"], delta["norms"]["final_norm"]],
+                      [(2, 64), (2, 64), (64,)])
+    x = tokens()
+    np.testing.assert_array_equal(forward(adapter.attach(base, delta, cfg), x, CFG), forward(base, x, CFG))
+    before = jax.tree.map(np.asarray, base)
+    k = iter(jax.random.split(jax.random.key(2), 3))
+    delta["norms"] = jax.tree.map(lambda a: 0.3 * jax.random.normal(next(k), a.shape), delta["norms"])
+    scaled = jax.tree.map(lambda a: a, base)
+    for name in ("attn_norm", "mlp_norm"):
+        scaled["layers"][name]["scale"] = base["layers"][name]["scale"] + delta["norms"][name]
+    scaled["final_norm"]["scale"] = base["final_norm"]["scale"] + delta["norms"]["final_norm"]
+    out = forward(adapter.attach(base, delta, cfg), x, CFG)
+    np.testing.assert_allclose(out, forward(scaled, x, CFG), atol=1e-6, rtol=1e-6)
+    assert np.abs(out - forward(base, x, CFG)).max() > 0.01
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, base), before)
+    specs = adapter.delta_logical_axes(CFG, cfg)["norms"]
+    assert specs == {"attn_norm": jax.sharding.PartitionSpec("layers", "norm"),
+                     "mlp_norm": jax.sharding.PartitionSpec("layers", "norm"),
+                     "final_norm": jax.sharding.PartitionSpec("norm")}
+    # a delta saved without the norms does not fit a config that trains them (and vice versa)
+    plain = adapter.init_delta(base, ACFG, jax.random.key(1))
+    with pytest.raises(ConfigError, match=r"\['norms'\]\['final_norm'\]: None \(expected \(64,\)\)"):
+        adapter.attach(base, plain, cfg)
+    with pytest.raises(ConfigError, match=r"\['norms'\]\['attn_norm'\]: \(2, 64\) \(expected None\)"):
+        adapter.attach(base, delta, ACFG)

@@ -9,7 +9,10 @@ with the base frozen and only the adapters trained.
 The delta, stacked along `layers` like the base (model/transformer.py Block reads it):
     {"layers": {"after_attn" | "after_mlp": {"down": {"kernel": (L, d, size), "bias": (L, size)},
                                              "up":   {"kernel": (L, size, d), "bias": (L, d)}}}}
-With adapter.trainable_tokens the delta also holds {"tokens": rows} (model/tokens.py).
+With adapter.trainable_tokens the delta also holds {"tokens": rows} (model/tokens.py); with
+adapter.train_norms {"norms": {"attn_norm": (L, d), "mlp_norm": (L, d), "final_norm": (d,)}},
+zero-initialised and added to the base's RMSNorm scales when attached (Houlsby et al. train
+the layer norms beside the adapters).
 Unlike LoRA an adapter cannot be folded into the base weights (the activation sits between
 down and up), so there is no merge of weights: serving keeps the attached params.
 """
@@ -41,6 +44,13 @@ def _geometry(base) -> tuple[int, int, jnp.dtype]:
     return norm.shape[0], norm.shape[1], base["embed"]["embedding"].dtype
 
 
+NORMS = ("attn_norm", "mlp_norm")
+
+
+def norm_shapes(n_layers: int, d: int) -> dict:
+    return {**{k: (n_layers, d) for k in NORMS}, "final_norm": (d,)}
+
+
 def delta_shapes(n_layers: int, d: int, size: int) -> dict:
     site = {"down": {"kernel": (n_layers, d, size), "bias": (n_layers, size)},
             "up": {"kernel": (n_layers, size, d), "bias": (n_layers, d)}}
@@ -58,6 +68,8 @@ def init_delta(base, cfg: AdapterConfig, key: jax.Array) -> dict:
         delta["layers"][site] = {
             "down": {"kernel": down.astype(dtype), "bias": jnp.zeros((n, cfg.size), dtype)},
             "up": {"kernel": jnp.zeros((n, cfg.size, d), dtype), "bias": jnp.zeros((n, d), dtype)}}
+    if cfg.train_norms:
+        delta["norms"] = {k: jnp.zeros(shape, dtype) for k, shape in norm_shapes(n, d).items()}
     if cfg.trainable_tokens:
         delta["tokens"] = tokens.init_rows(base, tokens.ids_of(cfg))
     return delta
@@ -71,6 +83,8 @@ def delta_logical_axes(model_cfg: ModelConfig, cfg: AdapterConfig) -> dict:
     site = {"down": {"kernel": P("layers", "embed", "adapter"), "bias": P("layers", "adapter")},
             "up": {"kernel": P("layers", "adapter", "embed"), "bias": P("layers", "norm")}}
     out = {"layers": {s: site for s in SITES}}
+    if cfg.train_norms:
+        out["norms"] = {**{k: P("layers", "norm") for k in NORMS}, "final_norm": P("norm")}
     if cfg.trainable_tokens:
         out["tokens"] = tokens.logical_axes(model_cfg.tie_embeddings)
     return out
@@ -80,8 +94,11 @@ def check_delta(base, delta, cfg: AdapterConfig) -> None:
     n, d, _ = _geometry(base)
     tokens.check_rows(base, delta.get("tokens"), tokens.ids_of(cfg))
     delta = {k: v for k, v in delta.items() if k != "tokens"}
+    want = delta_shapes(n, d, cfg.size)
+    if cfg.train_norms:
+        want["norms"] = norm_shapes(n, d)
     flat_want = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_flatten_with_path(
-        delta_shapes(n, d, cfg.size), is_leaf=lambda x: isinstance(x, tuple))[0]}
+        want, is_leaf=lambda x: isinstance(x, tuple))[0]}
     flat_have = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in
                  jax.tree_util.tree_flatten_with_path(delta)[0]}
     if flat_have != flat_want:
@@ -97,7 +114,11 @@ def attach(base: dict, delta: dict, cfg: AdapterConfig) -> dict:
     if "adapter" in base:
         raise ConfigError("these params already carry adapters (an 'adapter' key): attach to the base")
     check_delta(base, delta, cfg)
-    out = {**base, "adapter": {**{k: v for k, v in delta.items() if k != "tokens"},
+    if "norms" in delta:   # base scale + delta (a new tree: the frozen base is not written)
+        norms = delta["norms"]
+        layers = {**base["layers"], **{k: {"scale": base["layers"][k]["scale"] + norms[k]} for k in NORMS}}
+        base = {**base, "layers": layers, "final_norm": {"scale": base["final_norm"]["scale"] + norms["final_norm"]}}
+    out = {**base, "adapter": {**{k: v for k, v in delta.items() if k not in ("tokens", "norms")},
                                "options": AdapterOptions(cfg.activation)}}
     return tokens.attach(out, delta["tokens"], tokens.ids_of(cfg)) if "tokens" in delta else out
 
