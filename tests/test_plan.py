@@ -10,9 +10,10 @@ import pytest
 from jaxllm.training.plan import measure
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-# deep, long and narrow: saved activations dominate the step's temporaries
+# deep, long and narrow, scanned, with the (B, heads, T, T) reference attention (the tiny preset's
+# blockwise attention saves no scores): saved activations dominate the step's temporaries
 BASE = ["model=tiny", "model.n_layers=4", "model.vocab_size=128", "train.batch_size=8",
-        "train.seq_len=256"]
+        "train.seq_len=256", "model.attention=xla", "model.scan_layers=true"]
 
 
 def test_plan_splits_params_and_state_over_the_mesh_and_each_saver_does_what_it_says():
