@@ -269,8 +269,8 @@ class AdapterConfig:
     init_std: float = 1e-2          # std of the down projection's init (Houlsby's near-identity)
     trainable_tokens: tuple[int | str, ...] = ()   # as lora.trainable_tokens
     # Houlsby et al. also train the layer norms: a zero-initialised additive delta on every
-    # RMSNorm scale (attention, MLP and final norm). Scaling the normed input of q and k is
-    # the one way a delta after the sublayers can change what the first layer attends to.
+    # RMSNorm scale (attention, MLP and final norm). Scaling the normed input of q and k lets
+    # a delta after the sublayers change what the first layer attends to.
     train_norms: bool = False
 
     def __post_init__(self):

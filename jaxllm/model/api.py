@@ -185,8 +185,8 @@ def trunk(params: dict, tokens_bt, cfg: ModelConfig, *, positions=None, segment_
 
     xs = (params["layers"], layer_caches, deltas, layer_rngs)
     if cfg.remat != "none" and not _eager():
-        # prevent_cse=False is safe only under scan; unrolled, XLA would merge the backward's
-        # recomputation with the forward and keep every activation (remat=full measured no saving)
+        # prevent_cse=False is safe only under scan (JAX's docs). Unrolled on CPU, remat saves
+        # almost nothing either way (measured; training/loop.py says so in one line)
         layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     if _eager() or not cfg.scan_layers:
         # a Python loop over the stacked layers: eager debugging, or model.scan_layers=false
