@@ -27,3 +27,18 @@ if _cache != "0":
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
     # No jax_compilation_cache_max_size: with it, every write globs and stats the whole folder
     # (jax's LRU eviction) and a default run took 32 min instead of ~20. A run adds ~50 MB.
+
+
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _collect_in_the_main_thread():
+    """After each test, collect its garbage here, in the test's thread. A grain iterator a test
+    dropped unclosed is otherwise closed by whichever thread next triggers the collector, and
+    when that is a prefetch thread inside ThreadPoolExecutor.submit the process can hang
+    (jaxllm/data/pipeline.py closing_batches; seen on Python 3.13)."""
+    yield
+    gc.collect()

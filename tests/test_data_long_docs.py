@@ -161,6 +161,7 @@ def test_bad_long_record_is_skipped_and_counted_when_asked(tok, tmp_path):
     it = pipeline.make_eval_iterator(cfg, seq_len=64, global_batch_size=2, process_index=0, process_count=1,
                                      tokenizer=tok)
     list(it)
+    it.close()
     # the long record's first pieces were used before its bad string was reached
     assert (it.stats["skipped_records"], it.stats["documents"]) == (1, 6)
     assert it.stats["doc_pieces"] >= 1
@@ -194,8 +195,10 @@ def test_reading_resumes_exactly_at_every_piece_and_after_a_bad_record(tmp_path)
     for x in it:
         states.append(it.get_state())
         outs.append(key(x))
+    it.close()   # closed here, not by the garbage collector (pipeline.closing_batches says why)
     assert [o[0] for o in outs].count("Bad") == 1 and len(outs) > 10
     for i, state in enumerate(states):
         again = reader()
         again.set_state(json.loads(json.dumps(state)))
         assert [key(x) for x in again] == outs[i + 1:], i
+        again.close()

@@ -7,6 +7,7 @@ import os
 import pathlib
 import socket
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -50,7 +51,7 @@ def test_a_hybrid_mesh_across_two_processes_trains_like_the_flat_mesh(tmp_path):
 def _start(args, port, i):
     """Process i of 2 (4 CPU devices each), its stdout and stderr in one pipe."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    return subprocess.Popen([str(REPO / ".venv/bin/jaxllm"), "train", *args,
+    return subprocess.Popen([sys.executable, "-m", "jaxllm.cli", "train", *args,
                              f"distributed.coordinator=127.0.0.1:{port}", "distributed.num_processes=2",
                              f"distributed.process_id={i}"],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

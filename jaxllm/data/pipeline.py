@@ -36,6 +36,7 @@ Chat data is first rendered once in full (chat.scan): process 0 prints one line 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import math
 import os
@@ -68,6 +69,23 @@ def _close_live_iterators() -> None:
 def _tracked(it: grain.DatasetIterator) -> grain.DatasetIterator:
     _LIVE.add(it)
     return it
+
+
+@contextlib.contextmanager
+def closing_batches(it):
+    """`with closing_batches(make_eval()) as batches: for b in batches: ...`: the iterator and
+    its prefetch threads are closed when the loop ends or raises, not left to the garbage
+    collector. Why: grain's DatasetIterator.__del__ closes the iterator, joining its threads, from
+    whichever thread the collector happens to run in; when that thread holds
+    concurrent.futures' global submit lock (a prefetch thread inside ThreadPoolExecutor.submit)
+    and a thread being joined waits for that lock, the process hangs. Seen on Python 3.13 /
+    grain 0.2.18 (the default test run hung in test_data_long_docs, 2026-12-06)."""
+    try:
+        yield it
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
 
 
 def _layout(cfg: DataConfig, global_batch_size: int, process_count: int) -> tuple[int, int, int]:
@@ -172,7 +190,14 @@ class _StripStatsIterator(grain.DatasetIterator):
 
     def __next__(self) -> dict:
         self._assert_not_closed()
-        batch = next(self._parent)
+        try:
+            batch = next(self._parent)
+        except StopIteration:
+            raise
+        except BaseException:
+            # a failed pipeline is finished: close it now (see closing_batches for why not at GC)
+            self.close()
+            raise
         counts = batch.pop(packing.STATS_KEY).reshape(-1, len(packing.STATS_NAMES)).sum(0).tolist()
         # a truncated chat example is still a packed example
         counts[packing.DOC] += counts[packing.TRUNCATED]

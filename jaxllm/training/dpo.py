@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from jaxllm.config import Config
 from jaxllm.configlib import ConfigError
-from jaxllm.data.pipeline import to_global_batch
+from jaxllm.data.pipeline import closing_batches, to_global_batch
 from jaxllm.model.api import init_params, param_logical_axes, param_shapes
 from jaxllm.objectives.dpo import make_dpo_loss
 from jaxllm.training import metrics as metrics_lib
@@ -26,9 +26,10 @@ from jaxllm.training.step import make_eval_step, make_train_step
 def evaluate(eval_step, params, make_eval, batch_sharding, frozen) -> dict:
     """Held-out pair-weighted DPO loss, pairwise accuracy of the implicit reward, its margin."""
     totals = None
-    for batch in make_eval():
-        out = eval_step(params, to_global_batch(batch, batch_sharding.mesh, batch_sharding.spec), frozen)
-        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    with closing_batches(make_eval()) as batches:
+        for batch in batches:
+            out = eval_step(params, to_global_batch(batch, batch_sharding.mesh, batch_sharding.spec), frozen)
+            totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     s = {k: float(v) for k, v in jax.device_get(totals).items()}
     w = max(s["weight"], 1.0)
     return {"eval_loss": s["loss"] / w, "eval_accuracy": s["accuracy"] / w, "eval_margin": s["margin"] / w}

@@ -16,7 +16,7 @@ import jax
 
 from jaxllm.config import Config
 from jaxllm.configlib import ConfigError
-from jaxllm.data.pipeline import to_global_batch
+from jaxllm.data.pipeline import closing_batches, to_global_batch
 from jaxllm.model import quant
 from jaxllm.model.api import init_params, param_logical_axes, param_shapes
 from jaxllm.objectives import make_objective
@@ -65,11 +65,12 @@ def data_iterators(cfg: Config):
 def evaluate(eval_step, params, make_eval, batch_sharding, frozen=None) -> dict:
     """Token-weighted held-out loss, perplexity (z-loss excluded) and accuracy."""
     sums: dict = {}
-    for batch in make_eval():
-        out = jax.device_get(eval_step(params, to_global_batch(batch, batch_sharding.mesh,
-                                                               batch_sharding.spec), frozen))
-        for k, v in out.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
+    with closing_batches(make_eval()) as batches:
+        for batch in batches:
+            out = jax.device_get(eval_step(params, to_global_batch(batch, batch_sharding.mesh,
+                                                                   batch_sharding.spec), frozen))
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
     w = max(sums.get("weight", 0.0), 1.0)
     loss = sums.get("nll", sums.get("loss", float("nan"))) / w
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)),

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from jaxllm.config import CheckpointConfig, Config, ModelConfig
 from jaxllm.configlib import ConfigError
-from jaxllm.data.pipeline import to_global_batch
+from jaxllm.data.pipeline import closing_batches, to_global_batch
 from jaxllm.model.api import init_params, param_logical_axes
 from jaxllm.model.heads import REWARD_HEAD_AXES, init_reward_head
 from jaxllm.objectives.reward import make_reward_loss
@@ -121,9 +121,10 @@ def evaluate(eval_step, params, make_eval, batch_sharding) -> dict:
     """Held-out pair-weighted loss, ranking loss, pairwise accuracy and mean margin. The sums
     stay on the devices until the last batch (one host transfer)."""
     totals = None
-    for batch in make_eval():
-        out = eval_step(params, to_global_batch(batch, batch_sharding.mesh, batch_sharding.spec), None)
-        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    with closing_batches(make_eval()) as batches:
+        for batch in batches:
+            out = eval_step(params, to_global_batch(batch, batch_sharding.mesh, batch_sharding.spec), None)
+            totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     s = {k: float(v) for k, v in jax.device_get(totals).items()}
     w = max(s["weight"], 1.0)
     return {"eval_loss": s["loss"] / w, "eval_ranking_loss": s["ranking"] / w, "eval_accuracy": s["accuracy"] / w,
