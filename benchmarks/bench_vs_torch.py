@@ -1,10 +1,18 @@
-"""jaxllm's train step vs HF transformers' LlamaForCausalLM + torch AdamW, same geometry, same
-machine, same run (ratios only; absolute times drift on a shared machine).
+"""jaxllm's train step vs HF transformers' LlamaForCausalLM + torch AdamW (eager and
+torch.compile, fp32 and bf16 autocast), same geometry, same machine, interleaved in one run.
 
-torch is not a jaxllm dependency: point --torch-python at an interpreter that has torch and
-transformers (e.g. a venv made with `pip install torch==2.13.0 transformers`, the CPU build).
+Each round times `--steps` train steps of every variant in turn (jaxllm in this process, torch
+in one resident worker process, never both at once), so the machine's drift hits all variants
+alike; the table gives the median over rounds and the spread (min-max). The same run measures
+each framework's 2048^3 GEMM peak (jnp.dot, torch.mm; fp32, and bf16 operands) and reports MFU =
+model FLOPs/s (training.metrics.flops_per_token, the same count for both) / the framework's own
+bf16 GEMM peak.
 
-    .venv/bin/python benchmarks/bench_vs_torch.py --torch-python /path/to/venv/bin/python
+torch is not a jaxllm dependency: the torch side runs in .venv-torch, which this script creates
+on first use (`pip install torch==2.13.0 transformers`: the CPU build, from this machine's wheel
+cache for Python 3.11), or in the interpreter given by --torch-python.
+
+    .venv/bin/python benchmarks/bench_vs_torch.py [--models 25m,125m] [--rounds 5] [--steps 3]
 """
 from __future__ import annotations
 
@@ -12,66 +20,191 @@ import argparse
 import json
 import os
 import pathlib
+import shutil
+import statistics
 import subprocess
 import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from bench_train import throughput  # noqa: E402
+from bench_train import build  # noqa: E402
 
-TORCH_SCRIPT = r"""
-import json, sys, time, torch
+from jaxllm.training.metrics import flops_per_token, measure_peak_flops  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+TORCH_VENV = REPO / ".venv-torch"
+
+# The torch worker: reads one JSON command per line on stdin, answers one "@@{json}" line.
+TORCH_WORKER = r"""
+import json, sys, time, warnings
+import torch
 from transformers import LlamaConfig, LlamaForCausalLM
-c = json.loads(sys.argv[1]); b, t, steps = c.pop("batch"), c.pop("seq"), c.pop("steps")
+warnings.filterwarnings("ignore")
 torch.manual_seed(0)
-torch.set_num_threads(max(1, torch.get_num_threads()))
-model = LlamaForCausalLM(LlamaConfig(**c, attn_implementation="sdpa"))
-opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
-x = torch.randint(0, c["vocab_size"], (b, t))
-out = {}
-for name, ctx in (("float32", torch.autocast("cpu", enabled=False)),
-                  ("bfloat16", torch.autocast("cpu", dtype=torch.bfloat16))):
-    times = []
-    for i in range(steps + 1):
-        t0 = time.perf_counter()
-        with ctx:
-            loss = model(input_ids=x, labels=x).loss
-        loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
-        if i:
+def reply(obj):
+    print("@@" + json.dumps(obj), flush=True)
+def peak(dtype, n=2048, reps=5):
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.mm(a, b)
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(reps))
+    return 2 * n ** 3 / best
+def _timed(f):
+    t0 = time.perf_counter(); f(); return time.perf_counter() - t0
+state = {}
+for line in sys.stdin:
+    c = json.loads(line)
+    if c["cmd"] == "peaks":
+        reply({"float32": peak(torch.float32), "bfloat16": peak(torch.bfloat16),
+               "threads": torch.get_num_threads(), "torch": torch.__version__})
+    elif c["cmd"] == "setup":
+        hf, b, t = c["hf"], c["batch"], c["seq"]
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**hf, attn_implementation="sdpa"))
+        # fused AdamW: PyTorch's fastest CPU optimizer step (one kernel over all params)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+        x = torch.randint(0, hf["vocab_size"], (b, t))
+        state = {"model": model, "compiled": torch.compile(model), "opt": opt, "x": x}
+        reply({"ok": True})
+    elif c["cmd"] == "run":
+        mode, dtype, steps = c["mode"], c["dtype"], c["steps"]
+        m = state["compiled"] if mode == "compile" else state["model"]
+        ctx = (torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16"
+               else torch.autocast("cpu", enabled=False))
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            with ctx:
+                loss = m(input_ids=state["x"], labels=state["x"]).loss
+            loss.backward(); state["opt"].step(); state["opt"].zero_grad(set_to_none=True)
             times.append(time.perf_counter() - t0)
-    out[name] = b * t / sorted(times)[len(times) // 2]
-print(json.dumps(out))
+        reply({"times": times, "loss": float(loss)})
 """
+
+
+def torch_python(arg: str) -> str:
+    if arg:
+        return arg
+    py = TORCH_VENV / "bin" / "python"
+    if not py.exists():
+        base = shutil.which("python3.11")
+        if base is None:
+            sys.exit("bench_vs_torch: no python3.11 on PATH to build .venv-torch (the CPU torch wheel "
+                     "on this machine is for 3.11); pass --torch-python an interpreter with torch + transformers")
+        print(f"creating {TORCH_VENV} (torch==2.13.0 CPU build + transformers) with {base}", flush=True)
+        subprocess.run([base, "-m", "venv", str(TORCH_VENV)], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "torch==2.13.0", "transformers"], check=True)
+    return str(py)
+
+
+class TorchWorker:
+    def __init__(self, python: str):
+        env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+        self.proc = subprocess.Popen([python, "-c", TORCH_WORKER], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env=env)
+
+    def ask(self, **cmd) -> dict:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        for line in self.proc.stdout:
+            if line.startswith("@@"):
+                return json.loads(line[2:])
+        raise RuntimeError(f"torch worker exited (code {self.proc.wait()}); its stderr is above")
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+class JaxVariant:
+    """The jitted train step of one (model, compute dtype), kept compiled across rounds."""
+
+    def __init__(self, model, batch, seq, dtype, overrides):
+        self.cfg, self.mesh, self.rules, self.state, self.step, self.batches = build(
+            model, batch, seq, [f"model.compute_dtype={dtype}", *overrides])
+
+    def run(self, steps: int) -> list[float]:
+        times = []
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            for i in range(steps):
+                t0 = time.perf_counter()
+                self.state, m = self.step(self.state, self.batches[i % 2], None)
+                jax.block_until_ready(m)
+                times.append(time.perf_counter() - t0)
+        return times
+
+
+def hf_geometry(m) -> dict:
+    return dict(vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.d_ff,
+                num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads,
+                head_dim=m.head_dim or m.d_model // m.n_heads, max_position_embeddings=m.max_seq_len,
+                rope_theta=m.rope_theta, rms_norm_eps=m.norm_eps, tie_word_embeddings=m.tie_embeddings)
+
+
+def bench_model(model, batch, seq, args, worker, peaks) -> None:
+    variants: dict[str, object] = {}
+    for dtype in ("float32", "bfloat16"):
+        variants[f"jaxllm {dtype}"] = JaxVariant(model, batch, seq, dtype, args.override)
+    cfg = variants["jaxllm float32"].cfg
+    worker.ask(cmd="setup", hf=hf_geometry(cfg.model), batch=batch, seq=seq)
+    for mode in ("eager", "compile"):
+        for dtype in ("float32", "bfloat16"):
+            variants[f"torch {mode} {dtype}"] = (mode, dtype)
+
+    def run(name, steps):
+        v = variants[name]
+        if isinstance(v, JaxVariant):
+            return v.run(steps)
+        return worker.ask(cmd="run", mode=v[0], dtype=v[1], steps=steps)["times"]
+
+    t0 = time.perf_counter()
+    for name in variants:            # warm-up: jit / torch.compile (both dtypes), first steps
+        run(name, 2)
+    print(f"  warm-up (compiles included): {time.perf_counter() - t0:.0f} s", flush=True)
+    rates: dict[str, list[float]] = {k: [] for k in variants}
+    for r in range(args.rounds):
+        for name in variants:
+            rates[name].append(batch * seq / statistics.median(run(name, args.steps)))
+    fpt = flops_per_token(cfg.model, seq)
+    best_torch = max(statistics.median(rates[k]) for k in rates if k.startswith("torch"))
+    print(f"model {model} ({cfg.model.n_layers} layers, d {cfg.model.d_model}), batch {batch} x seq {seq}, "
+          f"train step incl. AdamW; {args.rounds} interleaved rounds of {args.steps} steps")
+    print(f"| {'variant':24} | tokens/s (median) | spread | model GFLOP/s | MFU vs own bf16 peak | vs best torch |")
+    print("|---|---|---|---|---|---|")
+    for name, rs in rates.items():
+        med = statistics.median(rs)
+        peak = peaks["jax" if name.startswith("jaxllm") else "torch"]["bfloat16"]
+        print(f"| {name:24} | {med:,.0f} | {min(rs):,.0f}-{max(rs):,.0f} | {med * fpt / 1e9:.1f} | "
+              f"{med * fpt / peak:.1%} | {med / best_torch:.2f}x |", flush=True)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--torch-python", default=os.environ.get("JAXLLM_TORCH_PYTHON", ""))
-    ap.add_argument("--model", default="25m")
+    ap.add_argument("--models", default="25m,125m")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--override", action="append", default=[],
+                    help="a jaxllm config override for both dtypes, e.g. model.scan_layers=false (repeatable)")
     args = ap.parse_args()
-    if not args.torch_python:
-        print("no --torch-python given (an interpreter with torch + transformers): nothing to compare")
-        return
-    ours = {}
-    for dtype in ("float32", "bfloat16"):
-        cfg, tps, _, _ = throughput(args.model, args.batch, args.seq, args.steps,
-                                    [f"model.compute_dtype={dtype}"])
-        ours[dtype] = tps
-    m = cfg.model
-    hf = dict(vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.d_ff,
-              num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads,
-              num_key_value_heads=m.n_kv_heads, max_position_embeddings=m.max_seq_len,
-              rope_theta=m.rope_theta, tie_word_embeddings=m.tie_embeddings,
-              batch=args.batch, seq=args.seq, steps=args.steps)
-    res = subprocess.run([args.torch_python, "-c", TORCH_SCRIPT, json.dumps(hf)],
-                         capture_output=True, text=True, check=True)
-    theirs = json.loads(res.stdout.strip().splitlines()[-1])
-    print(f"model {args.model}, batch {args.batch} x seq {args.seq}, train step incl. AdamW, tokens/s:")
-    print(f"{'compute':10} {'jaxllm':>10} {'transformers':>13} {'ratio':>7}")
-    for dtype in ("float32", "bfloat16"):
-        print(f"{dtype:10} {ours[dtype]:10,.0f} {theirs[dtype]:13,.0f} {ours[dtype] / theirs[dtype]:6.2f}x")
+    worker = TorchWorker(torch_python(args.torch_python))
+    try:
+        tp = worker.ask(cmd="peaks")
+        peaks = {"jax": {d: measure_peak_flops(jnp.dtype(d), n=2048) for d in ("float32", "bfloat16")},
+                 "torch": {d: tp[d] for d in ("float32", "bfloat16")}}
+        print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; torch {tp['torch']} "
+              f"({tp['threads']} threads); overrides {args.override or 'none'}")
+        print("same-run 2048^3 GEMM peaks, GFLOP/s: " + "; ".join(
+            f"{fw} fp32 {p['float32'] / 1e9:.0f}, bf16 {p['bfloat16'] / 1e9:.0f}" for fw, p in peaks.items()))
+        for model in args.models.split(","):
+            bench_model(model, args.batch, args.seq, args, worker, peaks)
+    finally:
+        worker.close()
 
 
 if __name__ == "__main__":
