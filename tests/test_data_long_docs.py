@@ -165,9 +165,22 @@ def test_bad_long_record_is_skipped_and_counted_when_asked(tok, tmp_path):
     # the long record's first pieces were used before its bad string was reached
     assert (it.stats["skipped_records"], it.stats["documents"]) == (1, 6)
     assert it.stats["doc_pieces"] >= 1
-    with pytest.raises(DataError, match="b.jsonl:6: bad JSON string"):
+    with pytest.raises(DataError, match="b.jsonl:6: bad JSON string"):   # found while counting batches
         list(pipeline.make_eval_iterator(dataclasses.replace(cfg, skip_bad_records=False), seq_len=64,
                                          global_batch_size=2, process_index=0, process_count=1, tokenizer=tok))
+    strict = pipeline.make_eval_iterator(dataclasses.replace(cfg, skip_bad_records=False), seq_len=64,
+                                         global_batch_size=2, process_index=0, process_count=1, tokenizer=tok,
+                                         num_batches=400)   # no count: the error comes while iterating
+    with pytest.raises(DataError, match="b.jsonl:6: bad JSON string"):
+        list(strict)
+    # a pipeline that raised has closed itself (its threads are not left to the garbage collector)
+    with pytest.raises(ValueError, match="closed iterator"):
+        next(strict)
+    with pipeline.closing_batches(pipeline.make_eval_iterator(
+            cfg, seq_len=64, global_batch_size=2, process_index=0, process_count=1, tokenizer=tok)) as it:
+        next(it)
+    with pytest.raises(ValueError, match="closed iterator"):
+        next(it)
 
 
 def test_max_doc_chars_is_checked():

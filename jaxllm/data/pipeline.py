@@ -381,10 +381,8 @@ def _padded_shard(docs: grain.MapDataset, tokenizer, encoder, cfg: DataConfig, s
 
 
 def _count(ds: grain.IterDataset) -> int:
-    it = iter(ds)
-    n = sum(1 for _ in it)
-    it.close()
-    return n
+    with closing_batches(iter(ds)) as it:   # closed on a bad record too
+        return sum(1 for _ in it)
 
 
 _EVAL_BATCHES: dict[tuple, int] = {}  # eval batch counts already computed in this process
