@@ -47,6 +47,10 @@ def model():
     return cfg, with_biases(jaxllm.init_params(cfg, jax.random.key(0)), jax.random.key(1))
 
 
+# The cached decode and a full forward round differently (fp32, logits of size ~10 with
+# init_std 0.3): worst |diff| in the logprob tests 6.7e-6 on jax 0.10.2, 7.5e-6 on 0.12.0.1,
+# 1.15e-5 on 0.12.1. A temperature or renormalisation bug moves a logprob by 1e-2 or more.
+LOGPROB_ATOL = 5e-5
 WIDTH = 32   # every reference forward runs on a (1, WIDTH) buffer: one compiled shape
 _forward = jax.jit(jaxllm.forward, static_argnames=("cfg",))
 
@@ -117,7 +121,7 @@ def test_logprobs_equal_log_softmax_of_a_full_forward(model, temperature):
                    eos_id=None, pad_id=0)
     for b, prompt in enumerate(PROMPTS):
         ref = forward_logprobs(params, cfg, prompt, np.asarray(out.tokens[b]).tolist(), temperature)
-        np.testing.assert_allclose(np.asarray(out.logprobs[b]), ref, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(np.asarray(out.logprobs[b]), ref, atol=LOGPROB_ATOL, rtol=0)
 
 
 def test_greedy_logprobs_are_under_temperature_one_and_top_k_does_not_renormalise(model):
@@ -128,7 +132,7 @@ def test_greedy_logprobs_are_under_temperature_one_and_top_k_does_not_renormalis
     for b, prompt in enumerate(PROMPTS):
         for out, t in ((greedy, 1.0), (topk, 0.5)):
             ref = forward_logprobs(params, cfg, prompt, np.asarray(out.tokens[b]).tolist(), t)
-            np.testing.assert_allclose(np.asarray(out.logprobs[b]), ref, atol=1e-5, rtol=0)
+            np.testing.assert_allclose(np.asarray(out.logprobs[b]), ref, atol=LOGPROB_ATOL, rtol=0)
 
 
 def test_rows_stop_at_eos_or_stop_ids_and_the_mask_ends_with_the_stop_token(model):
@@ -185,7 +189,7 @@ def test_params_with_a_fine_tuning_delta_decode_through_the_same_trunk(model, ki
     for b, prompt in enumerate(PROMPTS):
         assert np.asarray(out.tokens[b]).tolist() == greedy_by_forward(tuned, cfg, prompt, 8), b
         ref = forward_logprobs(tuned, cfg, prompt, np.asarray(out.tokens[b]).tolist(), 1.0)
-        np.testing.assert_allclose(np.asarray(out.logprobs[b]), ref, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(np.asarray(out.logprobs[b]), ref, atol=LOGPROB_ATOL, rtol=0)
 
 
 # ------------------------------------------------------------------ sampling

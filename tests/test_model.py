@@ -106,10 +106,13 @@ def test_remat_policies_change_memory_not_gradients(params, policy):
     g0 = jax.grad(loss)(params, CFG)
     g1 = jax.grad(loss)(params, dataclasses.replace(CFG, remat=policy))
     chex.assert_trees_all_close(g0, g1, rtol=1e-5, atol=1e-7)
-    # compiled memory: what the backward keeps per layer shrinks (deep, long, narrow vocab,
-    # so saved activations dominate the step's temporaries)
+    # compiled memory: what the backward keeps per layer shrinks (deep, narrow vocab, so saved
+    # activations dominate the step's temporaries). Not long rows: "dots" saves the attention
+    # matrices (batched dots), so at T=256 on d_model 64 it kept 0.90x of no-remat on jax 0.12.1
+    # (0.62x on 0.12.0.1). At (16, 64), dots / none = 0.51-0.57 and full / none = 0.19-0.21 on
+    # jax 0.10.2, 0.12.0.1 and 0.12.1.
     deep = dataclasses.replace(CFG, n_layers=6, vocab_size=32)
-    xl = jax.random.randint(jax.random.key(0), (4, 256), 0, 32)
+    xl = jax.random.randint(jax.random.key(0), (16, 64), 0, 32)
     none, remat = _grad_temp_bytes(deep, xl), _grad_temp_bytes(dataclasses.replace(deep, remat=policy), xl)
     assert remat < 0.8 * none, (policy, remat, none)
     if policy in ("dots", "dots_no_batch"):
