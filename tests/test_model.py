@@ -210,6 +210,20 @@ def test_token_stats_temperature_divides_logits(params):
     np.testing.assert_allclose(st["logprob"], jnp.take_along_axis(ref, x[..., None], -1)[..., 0], atol=1e-5)
 
 
+def test_token_stats_correct_is_an_argmax_hit(params):
+    """`correct` (target logit >= max, heads.py) equals argmax == target on hits and misses."""
+    from jaxllm.model.heads import token_stats
+    x = tokens(2, 8)
+    logits = jaxllm.forward(params, x, CFG)
+    greedy = jnp.argmax(logits, -1)
+    y = jnp.where(jnp.arange(8) % 2 == 0, greedy, (greedy + 1) % CFG.vocab_size)   # hit, miss, ...
+    h, _ = jaxllm.trunk(params, x, CFG)
+    for chunk in (0, 3):
+        st = token_stats(params, h, y, CFG, chunk=chunk)
+        np.testing.assert_array_equal(st["correct"], (greedy == y).astype(jnp.float32))
+    assert 0 < float(jnp.mean(st["correct"])) < 1
+
+
 def test_attention_with_fewer_queries_than_keys_matches_the_full_square():
     from jaxllm.model.attention import attention
     kq, kk, kv = jax.random.split(jax.random.key(0), 3)

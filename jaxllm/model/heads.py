@@ -33,12 +33,17 @@ def _chunk_stats(h_bcd, y_bc, w_dv, temperature: float, entropy: bool, tok: dict
     logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
     if temperature != 1.0:
         logits = logits / temperature
-    lse = jax.nn.logsumexp(logits, axis=-1)
+    # One max over the vocabulary serves both the log-partition and the accuracy: "argmax ==
+    # target" is "target logit >= max" (they differ only on an exact tie for the max, which
+    # this counts as a hit). A separate argmax is a variadic (value, index) reduction over the
+    # logits: 35 ms of a 1.35 s 25m bf16 step in a profile on jax 0.12.
+    m = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)           # as jax.nn.logsumexp: all -inf stays -inf
+    lse = m_safe + jnp.log(jnp.sum(jnp.exp(logits - m_safe[..., None]), axis=-1))
     target = jnp.take_along_axis(logits, y_bc[..., None], axis=-1)[..., 0]
-    out = {"logprob": target - lse, "lse": lse,
-           "correct": (jnp.argmax(logits, axis=-1) == y_bc).astype(jnp.float32)}
+    out = {"logprob": target - lse, "lse": lse, "correct": (target >= m).astype(jnp.float32)}
     if entropy:
-        p = jax.nn.softmax(logits, axis=-1)
+        p = jnp.exp(logits - lse[..., None])               # softmax, from the lse above
         out["entropy"] = lse - jnp.sum(p * logits, axis=-1)
     return out
 
