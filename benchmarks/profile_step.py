@@ -24,7 +24,7 @@ import jax
 from bench_train import build
 
 # Events that wrap or wait for ops rather than being ops themselves.
-_NOT_OPS = ("ThunkExecutor", "SlinkyThreadPool", "ThreadPool", "wait for completion")
+_NOT_OPS = ("ThunkExecutor", "ThreadPool", "wait for completion")
 
 
 def op_times(trace_file: pathlib.Path) -> collections.Counter:

@@ -5,7 +5,7 @@
 # Idempotent: re-running only installs what is missing (an existing .venv keeps its Python).
 # The interpreter: PYTHON= if set, else the newest Python 3.11-3.13 on PATH or under pyenv
 # (3.12+ resolves jax 0.12, whose train step is ~30% faster than 3.11's jax 0.10 here). A newer
-# Python than 3.13 is reported and not used: it is untested with the pinned stack.
+# Python than 3.13 is reported and not used: it is untested with this stack.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -450,7 +450,7 @@ def test_reward_model_from_a_pretrained_run_ranks_held_out_responses(synth, tmp_
     # 600 steps. At 300 it measured 0.898 once the story rankings' second answer became the good
     # story on a negative feeling (a minimal pair; 2026-12-05); at 400, 0.909 on jax 0.10.2 and
     # 0.880 on jax 0.12.1 (CI, 2026-12-06). 600: 0.918 on jax 0.12.1 (one run; an 800-step
-    # schedule passed 0.931 / 0.931 at its step 600 on jax 0.10.2 / 0.12.1).
+    # schedule measured 0.931 / 0.933 at its step 600 on jax 0.10.2 / 0.12.1).
     s = jaxllm.train(jaxllm.load_config(None, recipe_args(
         synth, tmp_path / "reward", "train.steps=600", "train.seq_len=160", "train.log_every=25",
         "train.eval_every=600", "train.eval_batches=0", "mesh.devices=1", "optim.warmup_steps=10",
