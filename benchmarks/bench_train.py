@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 import jaxllm
+from jaxllm import host_alloc
 from jaxllm.data.tokens import synthetic_batches
 from jaxllm.objectives import make_clm_loss
 from jaxllm.parallel import mesh as mesh_lib
@@ -64,6 +65,7 @@ def main():
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--models", default="tiny,25m")
     args = ap.parse_args()
+    print(host_alloc.keep_pages())   # as `jaxllm train` does (JAXLLM_HOST_ALLOC=default: off)
     peak32 = measure_peak_flops(jnp.float32, n=2048)
     peak16 = measure_peak_flops(jnp.bfloat16, n=2048)
     print(f"device: {jax.devices()[0].device_kind}; measured matmul peak: fp32 {peak32 / 1e9:.0f} "

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from bench_train import build  # noqa: E402
 
+from jaxllm import host_alloc  # noqa: E402
 from jaxllm.training.metrics import flops_per_token, measure_peak_flops  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -40,7 +41,10 @@ TORCH_VENV = REPO / ".venv-torch"
 
 # The torch worker: reads one JSON command per line on stdin, answers one "@@{json}" line.
 TORCH_WORKER = r"""
-import json, sys, time, warnings
+import ctypes, json, os, sys, time, warnings
+if os.environ.get("BENCH_TORCH_HOST_ALLOC") == "keep":   # the glibc settings of jaxllm.host_alloc
+    print("torch worker: mallopt", [ctypes.CDLL("libc.so.6").mallopt(p, v) for p, v in ((-8, 1), (-4, 0), (-1, -1))],
+          file=sys.stderr)
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 warnings.filterwarnings("ignore")
@@ -101,8 +105,8 @@ def torch_python(arg: str) -> str:
 
 
 class TorchWorker:
-    def __init__(self, python: str):
-        env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    def __init__(self, python: str, host_alloc: str):
+        env = dict(os.environ, TOKENIZERS_PARALLELISM="false", BENCH_TORCH_HOST_ALLOC=host_alloc)
         self.proc = subprocess.Popen([python, "-c", TORCH_WORKER], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env)
 
@@ -191,8 +195,13 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--override", action="append", default=[],
                     help="a jaxllm config override for both dtypes, e.g. model.scan_layers=false (repeatable)")
+    ap.add_argument("--torch-host-alloc", choices=("default", "keep"), default="default",
+                    help="glibc settings of the torch worker: its defaults (as torch users run it), or "
+                         "jaxllm.host_alloc's (one arena, no mmap, no trim) to see what they do for torch")
     args = ap.parse_args()
-    worker = TorchWorker(torch_python(args.torch_python))
+    # As `jaxllm train` does: before the backend's threads start (JAXLLM_HOST_ALLOC=default: off).
+    print(f"jaxllm {host_alloc.keep_pages()}; torch worker: glibc {args.torch_host_alloc}", flush=True)
+    worker = TorchWorker(torch_python(args.torch_python), args.torch_host_alloc)
     try:
         tp = worker.ask(cmd="peaks")
         peaks = {"jax": {d: measure_peak_flops(jnp.dtype(d), n=2048) for d in ("float32", "bfloat16")},

@@ -23,6 +23,8 @@ import flax.linen as nn
 import jax
 from bench_train import build
 
+from jaxllm import host_alloc
+
 # Events that wrap or wait for ops rather than being ops themselves.
 _NOT_OPS = ("ThunkExecutor", "ThreadPool", "wait for completion")
 
@@ -51,6 +53,7 @@ def main():
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--override", nargs="*", default=["model.compute_dtype=bfloat16", "model.scan_layers=false"])
     args = ap.parse_args()
+    print(host_alloc.keep_pages())   # as `jaxllm train` does (JAXLLM_HOST_ALLOC=default: off)
     cfg, mesh, rules, state, step, batches = build(args.model, args.batch, args.seq, args.override)
     with tempfile.TemporaryDirectory() as d, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         for i in range(2):

@@ -15,7 +15,13 @@ import sys
 from jaxllm.errors import RunError, UserError
 
 
+def _host_alloc() -> None:
+    from jaxllm import host_alloc
+    print(host_alloc.keep_pages(), file=sys.stderr)
+
+
 def _train(args):
+    _host_alloc()
     from jaxllm.config import load_config
     from jaxllm.training.recipes import train
     cfg = load_config(args.config, args.overrides)
@@ -24,6 +30,7 @@ def _train(args):
 
 
 def _demo(args):
+    _host_alloc()
     if args.config is None:
         from jaxllm.demo.pipeline import run
         run(args.out, quick=args.quick, force=args.force, full_sft=args.full_sft, only=args.stage)

@@ -1,0 +1,66 @@
+"""jaxllm.host_alloc: XLA:CPU's per-execution buffers reuse warm pages instead of being mmapped,
+page-faulted and unmapped on every call (what `jaxllm train` sets up before its first step)."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from jaxllm import host_alloc
+from jaxllm.errors import UserError
+
+# A jitted backward whose temporaries (~100 MB) are far above glibc's largest mmap threshold
+# (32 MB): with glibc's defaults each call maps and faults them in afresh.
+CHILD = r"""
+import json, resource, sys
+from jaxllm import host_alloc
+line = host_alloc.keep_pages()
+import jax, jax.numpy as jnp
+def loss(w, x):
+    h = x
+    for _ in range(6):
+        h = jnp.tanh(h @ w)
+    return jnp.sum(h)
+g = jax.jit(jax.grad(loss))
+w = jnp.full((512, 512), 1e-3); x = jnp.ones((8192, 512))
+temp = g.lower(w, x).compile().memory_analysis().temp_size_in_bytes
+for _ in range(3):
+    jax.block_until_ready(g(w, x))
+faults = []
+for _ in range(7):
+    r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    jax.block_until_ready(g(w, x))
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
+faults = sorted(faults)[3]   # median: the kept heap still grows now and then (a call's block is
+                             # freed only after the next call starts); glibc's defaults fault every call
+print(json.dumps({"line": line, "temp_pages": temp / 4096, "faults": faults}))
+"""
+
+
+def _child(mode: str) -> dict:
+    env = dict(os.environ, JAXLLM_HOST_ALLOC=mode, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)   # one device: one execution thread pool, as a plain run has
+    out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the settings are glibc's mallopt")
+def test_kept_pages_stop_the_per_call_page_faults():
+    default, keep = _child("default"), _child("keep")
+    assert default["temp_pages"] > 20_000, default          # the test's premise: > 80 MB of temporaries
+    assert "glibc defaults" in default["line"] and "main heap only" in keep["line"], (default, keep)
+    # glibc's defaults fault in (nearly) every temporary page on every call; kept pages do not.
+    assert default["faults"] > 0.5 * default["temp_pages"], default
+    assert keep["faults"] < 0.05 * default["temp_pages"], (keep, default)
+
+
+def test_a_wrong_mode_is_refused(monkeypatch):
+    monkeypatch.setattr(host_alloc, "_done", None)
+    monkeypatch.setenv(host_alloc.ENV, "yes")
+    with pytest.raises(UserError, match="JAXLLM_HOST_ALLOC='yes'.*'keep'.*'default'"):
+        host_alloc.keep_pages()
