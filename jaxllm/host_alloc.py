@@ -13,12 +13,14 @@ benchmarks/bench_vs_torch.py's figures in the README).
 The cost: the process keeps its peak heap (glibc never returns freed memory to the OS) and
 all threads share one arena. Set JAXLLM_HOST_ALLOC=default to leave glibc as it is.
 It must run before the backend starts its threads (before the first computation): their
-arenas are chosen at their first allocation.
+arenas are chosen at their first allocation. Where a GPU/TPU plugin is installed (and
+JAX_PLATFORMS is not "cpu") it does nothing: the step's buffers are then device memory.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.util
 import os
 import platform
 
@@ -31,6 +33,13 @@ ENV = "JAXLLM_HOST_ALLOC"
 _done: str | None = None
 
 
+def _accelerator_plugin() -> str | None:
+    for name in ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "libtpu"):
+        if importlib.util.find_spec(name) is not None:
+            return name
+    return None
+
+
 def keep_pages() -> str:
     """Configure glibc (once per process); returns one line saying what was done or why not."""
     global _done
@@ -41,6 +50,9 @@ def keep_pages() -> str:
         raise UserError(f"{ENV}={mode!r}: use 'keep' (the default: reuse warm pages) or 'default' (glibc as it is)")
     if mode == "default":
         _done = f"host allocator: glibc defaults ({ENV}=default)"
+    elif _accelerator_plugin() and os.environ.get("JAX_PLATFORMS", "").lower() != "cpu":
+        _done = (f"host allocator: unchanged ({_accelerator_plugin()} is installed: the step's buffers "
+                 "live on the accelerator, not in glibc's heap)")
     elif platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         _done = f"host allocator: unchanged (not Linux glibc: {platform.system()} {platform.libc_ver()[0] or '?'})"
     else:

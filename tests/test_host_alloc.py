@@ -64,3 +64,12 @@ def test_a_wrong_mode_is_refused(monkeypatch):
     monkeypatch.setenv(host_alloc.ENV, "yes")
     with pytest.raises(UserError, match="JAXLLM_HOST_ALLOC='yes'.*'keep'.*'default'"):
         host_alloc.keep_pages()
+
+
+def test_accelerator_hosts_are_left_alone(monkeypatch):
+    monkeypatch.setattr(host_alloc, "_done", None)
+    monkeypatch.delenv(host_alloc.ENV, raising=False)
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    monkeypatch.setattr(host_alloc, "_accelerator_plugin", lambda: "jax_cuda12_plugin")
+    monkeypatch.setattr(host_alloc.ctypes, "CDLL", lambda *a: pytest.fail("mallopt called on a GPU host"))
+    assert host_alloc.keep_pages().startswith("host allocator: unchanged (jax_cuda12_plugin is installed")
