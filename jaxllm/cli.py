@@ -16,8 +16,9 @@ from jaxllm.errors import RunError, UserError
 
 
 def _host_alloc() -> None:
+    """Before the backend starts its threads; the run prints the line once it has started."""
     from jaxllm import host_alloc
-    print(host_alloc.keep_pages(), file=sys.stderr)
+    host_alloc.keep_pages()
 
 
 def _train(args):

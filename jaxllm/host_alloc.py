@@ -40,6 +40,11 @@ def _accelerator_plugin() -> str | None:
     return None
 
 
+def status() -> str | None:
+    """keep_pages()'s line, or None where it was not called (jaxllm used as a library)."""
+    return _done
+
+
 def keep_pages() -> str:
     """Configure glibc (once per process); returns one line saying what was done or why not."""
     global _done

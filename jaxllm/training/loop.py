@@ -39,6 +39,7 @@ def fit(run, state, step_fn, batches: Iterator[dict], *, shardings, meta: dict,
                          jax.process_count())
     run.log(f"training {t.steps - step} steps from step {step}; MFU against {peak_source} "
             f"peak {peak / 1e9:,.0f} GFLOP/s per {'device' if peak_source.startswith('datasheet') else 'host'}")
+    run.log_host_alloc()
     if cfg.model.remat != "none" and not cfg.model.scan_layers and jax.default_backend() == "cpu":
         # measured (jaxllm plan, tiny with 4 layers, B 8 x T 256): remat=full scanned 149 -> 43 MiB
         # of temporaries, unrolled 149 -> 143: XLA CPU schedules the recomputation early

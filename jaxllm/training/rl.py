@@ -368,6 +368,8 @@ class _Loop:
             e = self.evaluate(state)
             run.writer.write(0, e)
             run.log("iteration 0: held-out greedy " + " ".join(f"{k} {v:.3f}" for k, v in e.items()))
+        if it < t.steps:
+            run.log_host_alloc()
         run.guard.start(run.checkpointer, it)
         while it < t.steps:
             state, m = self.iteration(state, step_fn, next(prompts), it)

@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from jaxllm import configlib
+from jaxllm import configlib, host_alloc
 from jaxllm.config import Config
 from jaxllm.configlib import ConfigError
 from jaxllm.errors import RunError
@@ -207,6 +207,11 @@ class Run:
     def log(self, msg: str) -> None:
         if self.is_main:
             print(msg, file=sys.stderr, flush=True)
+
+    def log_host_alloc(self) -> None:
+        """As training starts: what `jaxllm train` did to glibc before the backend started."""
+        if host_alloc.status():
+            self.log(host_alloc.status())
 
     # ------------------------------------------------------------------ layout
     def check_layout(self) -> None:
