@@ -13,7 +13,7 @@ import pytest
 from jaxllm import host_alloc
 from jaxllm.errors import UserError
 
-# A jitted backward whose temporaries (~100 MB) are far above glibc's largest mmap threshold
+# A jitted backward whose temporaries (~118 MB) are far above glibc's largest mmap threshold
 # (32 MB): with glibc's defaults each call maps and faults them in afresh.
 CHILD = r"""
 import json, resource, sys
