@@ -159,6 +159,42 @@ def test_grpo_and_dpo_on_the_demo_models_also_beat_sft(demo, tmp_path):
     assert sampled["GRPO"] > sampled["SFT"] and sampled["DPO"] > sampled["SFT"], sampled
 
 
+def _three_ways(out, tmp_path, base: str, model: list, n_convs: int, ways) -> dict:
+    """Train each of `ways` ((name, demo recipe, overrides), 250 steps) from `base` in the demo dir
+    `out`; held-out chat exact match of the base and of each, on the first `n_convs` eval-split
+    conversations: {name: {"all" | "seen" | "unseen": fraction}} ("seen": the conversation also
+    occurs verbatim in the train split, which a small task space allows)."""
+    import contextlib
+
+    import jaxllm
+    from jaxllm.configlib import REPO_CONFIGS
+    from jaxllm.data.synthetic_tasks import chat_examples
+    from jaxllm.evaluation.exact_match import chat_exact_match
+    from jaxllm.evaluation.source import load_model
+    key = json.dumps
+    with contextlib.chdir(out):
+        seen = {key(json.loads(line)["messages"]) for line in open("synth/chat/train.jsonl")}
+        convs = [c["messages"] for c in chat_examples(n_convs, seed=0, split="eval")]
+        assert [json.loads(line)["messages"] for line in open("synth/chat/eval.jsonl")] == convs[:100]
+        runs = {"pretrained": base}
+        for name, recipe, extra in ways:
+            runs[name] = str(tmp_path / recipe)
+            jaxllm.train(jaxllm.load_config(REPO_CONFIGS / f"demo/{recipe}.yaml", [
+                "mesh.devices=1", f"train.run_dir={runs[name]}", "train.steps=250", "train.eval_every=0",
+                "checkpoint.every=250", f"checkpoint.init_from={base}", *model, *extra]))
+        res = {}
+        for name, src in runs.items():
+            m = load_model(src, "tokenizer")
+            res[name] = {part: chat_exact_match(m.params, m.cfg, m.tokenizer, cs)["exact_match"] for part, cs in (
+                ("all", convs), ("seen", [c for c in convs if key(c) in seen]),
+                ("unseen", [c for c in convs if key(c) not in seen]))}
+    print(f"held-out chat exact match ({n_convs} eval conversations; seen/unseen: occurs verbatim in the "
+          "train split or not)")
+    for name, r in res.items():
+        print(f"  {name:10s} all {r['all']:.3f}  seen {r['seen']:.3f}  unseen {r['unseen']:.3f}")
+    return res
+
+
 def test_full_sft_lora_and_adapters_on_the_demo_base(demo, tmp_path):
     """Issue 10's learning comparison on the quick demo's pretrained model, each way 250 steps
     over the same chat data: full SFT (demo/sft.yaml), LoRA r=8 (demo/lora.yaml at r=8) and
@@ -171,36 +207,41 @@ def test_full_sft_lora_and_adapters_on_the_demo_base(demo, tmp_path):
     LoRA's gap to full SFT is 4-9 points here, the adapters' 15-22: issue 10's "within a few
     points" is printed, not asserted; what is asserted is that both learn, LoRA most of what full
     SFT learns."""
-    import contextlib
-
-    import jaxllm
-    from jaxllm.configlib import REPO_CONFIGS
-    from jaxllm.data.synthetic_tasks import chat_examples
-    from jaxllm.evaluation.exact_match import chat_exact_match
-    from jaxllm.evaluation.source import load_model
-    key = json.dumps
-    with contextlib.chdir(demo["out"]):
-        seen = {key(json.loads(line)["messages"]) for line in open("synth/chat/train.jsonl")}
-        convs = [c["messages"] for c in chat_examples(300, seed=0, split="eval")]
-        assert [json.loads(line)["messages"] for line in open("synth/chat/eval.jsonl")] == convs[:100]
-        runs = {"pretrained": "runs/pretrain"}
-        for name, recipe, extra in (("full SFT", "sft", []), ("LoRA r=8", "lora", ["lora.r=8", "lora.alpha=16"]),
-                                    ("adapters", "adapter", [])):
-            runs[name] = str(tmp_path / recipe)
-            jaxllm.train(jaxllm.load_config(REPO_CONFIGS / f"demo/{recipe}.yaml", [
-                "mesh.devices=1", f"train.run_dir={runs[name]}", "train.steps=250", "train.eval_every=0",
-                "checkpoint.every=250", *extra]))
-        res = {}
-        for name, src in runs.items():
-            m = load_model(src, "tokenizer")
-            res[name] = {part: chat_exact_match(m.params, m.cfg, m.tokenizer, cs)["exact_match"] for part, cs in (
-                ("all", convs), ("seen", [c for c in convs if key(c) in seen]),
-                ("unseen", [c for c in convs if key(c) not in seen]))}
-    print("held-out chat exact match (300 eval conversations; seen/unseen: occurs verbatim in the train split or not)")
-    for name, out in res.items():
-        print(f"  {name:10s} all {out['all']:.3f}  seen {out['seen']:.3f}  unseen {out['unseen']:.3f}")
+    res = _three_ways(demo["out"], tmp_path, "runs/pretrain", [], 300, (
+        ("full SFT", "sft", []), ("LoRA r=8", "lora", ["lora.r=8", "lora.alpha=16"]), ("adapters", "adapter", [])))
     full, lora_, adapters, pre = (res[k]["all"] for k in ("full SFT", "LoRA r=8", "adapters", "pretrained"))
     assert pre < 0.05 and full > pre + 0.25, res
     assert lora_ > 0.7 * full, res                   # LoRA: 0.87x and 0.76x of full SFT in two runs
     assert adapters > pre + 0.05, res                # adapters learn, but lag here (README, issue 10)
     print(f"gap to full SFT: LoRA {full - lora_:+.3f}, adapters {full - adapters:+.3f}")
+
+
+def test_lora_and_adapters_within_a_few_points_of_full_sft_on_a_small_base(demo, tmp_path):
+    """Issue 10's "LoRA and adapters within a few points of full SFT", on a base with room for a
+    delta: configs/model/small.yaml (d=128, 4 layers, ~0.9M parameters; tiny is d=64, 2 layers)
+    pretrained 1,500 steps on the quick demo's corpus (demo/pretrain.yaml), then each way 250 steps
+    as above, bf16 compute; adapters at size 64 (half of d, as size 32 is of tiny's d=64).
+    Exact match on 600 eval conversations (one run's standard error ~2 points).
+    2026-12-06, Python 3.13 / jax 0.12.1: pretrained 0.000, full SFT 0.450, LoRA r=8 0.400
+    (gap 5.0 points), adapters 0.340 (gap 11.0). Python 3.11 / jax 0.10.2, the same sizes on a
+    base pretrained 4,000 steps, 300 conversations: full 0.463, LoRA 0.440 (2.3), adapters size 32
+    0.337 (12.6), size 64 0.390 (7.3), size 128 0.410 (5.3). LoRA's gap is asserted at under 8
+    points; the adapters' is not within a few points (issue 10 stays open for them) and is
+    asserted at under 15, so a regression back to the tiny base's 15-22 fails."""
+    import contextlib
+
+    import jaxllm
+    from jaxllm.configlib import REPO_CONFIGS
+    model = ["model=small", "model.compute_dtype=bfloat16"]
+    base = str(tmp_path / "pretrain")
+    with contextlib.chdir(demo["out"]):
+        jaxllm.train(jaxllm.load_config(REPO_CONFIGS / "demo/pretrain.yaml", [
+            "mesh.devices=1", f"train.run_dir={base}", "train.steps=1500", "train.eval_every=1500",
+            "train.log_every=100", "checkpoint.every=1500", *model]))
+    res = _three_ways(demo["out"], tmp_path, base, model, 600, (
+        ("full SFT", "sft", []), ("LoRA r=8", "lora", ["lora.r=8", "lora.alpha=16"]),
+        ("adapters", "adapter", ["adapter.size=64"])))
+    full, lora_, adapters, pre = (res[k]["all"] for k in ("full SFT", "LoRA r=8", "adapters", "pretrained"))
+    print(f"gap to full SFT: LoRA {full - lora_:+.3f}, adapters {full - adapters:+.3f}")
+    assert pre < 0.05 and full > pre + 0.3, res
+    assert full - lora_ < 0.08 and full - adapters < 0.15, res
