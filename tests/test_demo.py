@@ -166,6 +166,8 @@ def _three_ways(out, tmp_path, base: str, model: list, n_convs: int, ways) -> di
     occurs verbatim in the train split, which a small task space allows)."""
     import contextlib
 
+    import jax
+
     import jaxllm
     from jaxllm.configlib import REPO_CONFIGS
     from jaxllm.data.synthetic_tasks import chat_examples
@@ -188,6 +190,7 @@ def _three_ways(out, tmp_path, base: str, model: list, n_convs: int, ways) -> di
             res[name] = {part: chat_exact_match(m.params, m.cfg, m.tokenizer, cs)["exact_match"] for part, cs in (
                 ("all", convs), ("seen", [c for c in convs if key(c) in seen]),
                 ("unseen", [c for c in convs if key(c) not in seen]))}
+            jax.clear_caches()   # each program holds memory maps; a pytest worker lives long
     print(f"held-out chat exact match ({n_convs} eval conversations; seen/unseen: occurs verbatim in the "
           "train split or not)")
     for name, r in res.items():
@@ -216,6 +219,24 @@ def test_full_sft_lora_and_adapters_on_the_demo_base(demo, tmp_path):
     print(f"gap to full SFT: LoRA {full - lora_:+.3f}, adapters {full - adapters:+.3f}")
 
 
+def _small_base_comparison(out, tmp_path) -> dict:
+    """configs/model/small.yaml pretrained 1,500 steps on the demo's corpus in `out`, then
+    _three_ways on 600 conversations (adapters at size 64)."""
+    import contextlib
+
+    import jaxllm
+    from jaxllm.configlib import REPO_CONFIGS
+    model = ["model=small", "model.compute_dtype=bfloat16"]
+    base = str(tmp_path / "pretrain")
+    with contextlib.chdir(out):
+        jaxllm.train(jaxllm.load_config(REPO_CONFIGS / "demo/pretrain.yaml", [
+            "mesh.devices=1", f"train.run_dir={base}", "train.steps=1500", "train.eval_every=1500",
+            "train.log_every=100", "checkpoint.every=1500", *model]))
+    return _three_ways(out, tmp_path, base, model, 600, (
+        ("full SFT", "sft", []), ("LoRA r=8", "lora", ["lora.r=8", "lora.alpha=16"]),
+        ("adapters", "adapter", ["adapter.size=64"])))
+
+
 def test_lora_and_adapters_within_a_few_points_of_full_sft_on_a_small_base(demo, tmp_path):
     """Issue 10's "LoRA and adapters within a few points of full SFT", on a base with room for a
     delta: configs/model/small.yaml (d=128, 4 layers, ~0.9M parameters; tiny is d=64, 2 layers)
@@ -228,19 +249,18 @@ def test_lora_and_adapters_within_a_few_points_of_full_sft_on_a_small_base(demo,
     0.337 (12.6), size 64 0.390 (7.3), size 128 0.410 (5.3). LoRA's gap is asserted at under 8
     points; the adapters' is not within a few points (issue 10 stays open for them) and is
     asserted at under 15, so a regression back to the tiny base's 15-22 fails."""
-    import contextlib
-
-    import jaxllm
-    from jaxllm.configlib import REPO_CONFIGS
-    model = ["model=small", "model.compute_dtype=bfloat16"]
-    base = str(tmp_path / "pretrain")
-    with contextlib.chdir(demo["out"]):
-        jaxllm.train(jaxllm.load_config(REPO_CONFIGS / "demo/pretrain.yaml", [
-            "mesh.devices=1", f"train.run_dir={base}", "train.steps=1500", "train.eval_every=1500",
-            "train.log_every=100", "checkpoint.every=1500", *model]))
-    res = _three_ways(demo["out"], tmp_path, base, model, 600, (
-        ("full SFT", "sft", []), ("LoRA r=8", "lora", ["lora.r=8", "lora.alpha=16"]),
-        ("adapters", "adapter", ["adapter.size=64"])))
+    # In its own process: in the pytest worker that had run this module's other tests, the
+    # evaluation's many generate() compilations failed ("Failed to materialize symbols", CI
+    # 2026-12-06) and took the worker's later test files down with it. Likely cause, not proven:
+    # the process's memory-map limit (65,530 here); every compiled program keeps its maps (~3 for
+    # a small one, measured) until jax.clear_caches().
+    code = (f"import json, pathlib, sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
+            f"import test_demo; res = test_demo._small_base_comparison(pathlib.Path({str(demo['out'])!r}), "
+            f"pathlib.Path({str(tmp_path)!r})); print('RESULT ' + json.dumps(res))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=3600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    print("\n".join(line for line in p.stdout.splitlines() if line.startswith(("held-out", "  "))))
+    res = json.loads([line for line in p.stdout.splitlines() if line.startswith("RESULT ")][-1][len("RESULT "):])
     full, lora_, adapters, pre = (res[k]["all"] for k in ("full SFT", "LoRA r=8", "adapters", "pretrained"))
     print(f"gap to full SFT: LoRA {full - lora_:+.3f}, adapters {full - adapters:+.3f}")
     assert pre < 0.05 and full > pre + 0.3, res
