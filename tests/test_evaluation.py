@@ -394,3 +394,25 @@ def test_eval_cli_runs_lm_eval_tasks_and_names_an_unknown_one(hf_dir, lm, tok, t
     np.testing.assert_allclose(json.loads(out)["results"]["jx_choice"]["acc,none"], choice_accuracy(lm, tok))
     code, out, err = run_cli(capsys, "eval", hf_dir, "--tasks", "no_such_task_xyz", "--include-path", tmp_path)
     assert code == 2 and "lm-eval knows no task ['no_such_task_xyz']" in err, err
+
+
+def test_chat_exact_match_pads_batches_without_moving_an_answer(tok):
+    """chat_exact_match left-pads each chunk to a width bucket and pads the last chunk with copies
+    of a prompt: every conversation's answer must still be its own greedy continuation. The
+    references are those continuations (decoded one conversation at a time) for even
+    conversations and a wrong string for odd ones, so the score is exactly 4/7 (7 conversations: chunks of 4 and 3)."""
+    from jaxllm.evaluation.chat import end_of_turn_ids
+    from jaxllm.evaluation.exact_match import chat_exact_match
+    from jaxllm.model.generate import generate
+    params = jaxllm.init_params(CFG, jax.random.key(7))
+    stops = end_of_turn_ids(tok)
+    words = "the cat sat on a mat near the old river and sang".split()
+    convs = [[{"role": "user", "content": " ".join(words[:1 + i])}, {"role": "assistant", "content": ""}]
+             for i in range(7)]
+    for i, c in enumerate(convs):
+        out = generate(params, [chat_prompt(c[:1], tok)], CFG, max_new_tokens=8, key=jax.random.key(0),
+                       eos_id=tok.eos_id, pad_id=tok.pad_id, stop_ids=stops, vocab_limit=tok.vocab_size)
+        alone = tok.decode([int(t) for t, m in zip(out.tokens[0], out.mask[0]) if m and int(t) not in stops])
+        c[1]["content"] = alone.strip() if i % 2 == 0 else "\u2603 not an answer"
+    got = chat_exact_match(params, CFG, tok, convs, max_new_tokens=8, batch_size=4)
+    assert got["n"] == 7 and got["exact_match"] == 4 / 7, got

@@ -101,6 +101,20 @@ def test_padding_does_not_change_a_rows_continuation(model):
         np.testing.assert_allclose(together.logprobs[b], alone.logprobs[0], atol=1e-5)
 
 
+def test_wider_left_padding_changes_no_token_or_logprob(model):
+    """left_pad(multiple=32) (what chat_exact_match uses to bound its compiled shapes) pads the
+    batch to width 32 instead of 7: the same continuations and log-probs."""
+    cfg, params = model
+    tokens, mask = left_pad(PROMPTS, 0, multiple=32)
+    chex.assert_shape([tokens, mask], (3, 32))
+    assert mask.sum(1).tolist() == [7, 2, 1] and (tokens[mask == 0] == 0).all()
+    kw = dict(max_new_tokens=10, key=jax.random.key(0), eos_id=None, pad_id=0)
+    narrow = generate(params, PROMPTS, cfg, **kw)
+    wide = generate(params, tokens, cfg, prompt_mask=mask, **kw)
+    np.testing.assert_array_equal(wide.tokens, narrow.tokens)
+    np.testing.assert_allclose(wide.logprobs, narrow.logprobs, atol=1e-5)
+
+
 def test_cache_is_compute_dtype_with_unrepeated_kv_heads():
     cfg = small_cfg(compute_dtype="bfloat16", n_heads=8, n_kv_heads=2, d_model=64)
     params = jaxllm.init_params(cfg, jax.random.key(0))

@@ -16,7 +16,7 @@ from jaxllm.data.chat import chat_prompt, resolve_template
 from jaxllm.data.sources import expand_paths
 from jaxllm.errors import UserError
 from jaxllm.evaluation.chat import end_of_turn_ids
-from jaxllm.model.generate import generate
+from jaxllm.model.generate import generate, left_pad
 
 
 def read_conversations(files: Sequence[str], limit: int = 0) -> list[list[dict]]:
@@ -44,9 +44,15 @@ def chat_exact_match(params, model_cfg, tokenizer, conversations: list[list[dict
         items.append((chat_prompt(msgs[:last], tokenizer, template), msgs[last]["content"], msgs[last - 1]["content"]))
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
-        out = jax.device_get(generate(params, [c[0] for c in chunk], model_cfg, max_new_tokens=max_new_tokens,
+        # prompt widths bucketed to 32 (and a short last chunk padded to batch_size with a copy of
+        # its first prompt): a few compiled shapes per model, not one per chunk. A long-lived
+        # process that compiled hundreds ran out of memory maps in CI ("Failed to materialize
+        # symbols"); the padding changes no answer (tests/test_generate.py)
+        prompts = [c[0] for c in chunk] + [chunk[0][0]] * (min(batch_size, len(items)) - len(chunk))
+        tokens_bp, mask_bp = left_pad(prompts, tokenizer.pad_id, multiple=32)
+        out = jax.device_get(generate(params, tokens_bp, model_cfg, max_new_tokens=max_new_tokens,
                                       key=jax.random.key(0), eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                                      stop_ids=stops, vocab_limit=tokenizer.vocab_size))
+                                      stop_ids=stops, vocab_limit=tokenizer.vocab_size, prompt_mask=mask_bp))
         for (_, ref, question), toks, m in zip(chunk, np.asarray(out.tokens), np.asarray(out.mask)):
             answer = tokenizer.decode([int(t) for t, k in zip(toks, m) if k and int(t) not in stops]).strip()
             hits.append(answer == ref.strip())

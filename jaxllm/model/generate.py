@@ -58,8 +58,11 @@ class Generation(NamedTuple):
 
 
 # ---------------------------------------------------------------------------- prompts
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Ragged prompts -> (tokens (B, P), mask (B, P)) int32, each row right-aligned."""
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged prompts -> (tokens (B, P), mask (B, P)) int32, each row right-aligned; P is the
+    longest prompt rounded up to `multiple`. More left padding changes no result (padding is
+    never attended and RoPE counts real tokens), and bucketed widths let a caller that decodes
+    many batches reuse a few compiled programs instead of compiling one per distinct width."""
     if len(prompts) == 0:
         raise GenerationError("generate: no prompts given (an empty batch)")
     lengths = [len(p) for p in prompts]
@@ -67,7 +70,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray,
         if n == 0:
             raise GenerationError(f"generate: prompt {b} is empty; a model needs at least one token "
                                   f"to continue (encode the text with add_bos=True, or give a bos id)")
-    width = max(lengths)
+    width = -(-max(lengths) // multiple) * multiple
     tokens = np.full((len(prompts), width), pad_id, np.int32)
     mask = np.zeros((len(prompts), width), np.int32)
     for b, p in enumerate(prompts):
@@ -289,11 +292,8 @@ def stream(params: dict, prompt: Sequence[int], model_cfg: ModelConfig, *, max_n
     """One prompt, decoded step by step from the host: yields each token id as it is produced
     (the stop token included, then ends). Same steps and keys as `generate`, so the same tokens;
     for interactive use (chat), where the first words should appear before the last is made."""
-    tokens_bp, mask_bp = left_pad([list(prompt)], 0)
-    # widths in steps of 64 (more left padding, which changes nothing): a chat's growing
-    # prompts then reuse a few compiled shapes instead of compiling one per turn
-    width = -(-tokens_bp.shape[1] // 64) * 64
-    tokens_bp, mask_bp = (np.pad(a, ((0, 0), (width - a.shape[1], 0))) for a in (tokens_bp, mask_bp))
+    # widths in steps of 64: a chat's growing prompts reuse a few compiled shapes
+    tokens_bp, mask_bp = left_pad([list(prompt)], 0, multiple=64)
     _check_request(tokens_bp, mask_bp, model_cfg, max_new_tokens, temperature=temperature, top_k=top_k,
                    top_p=top_p, ids={"eos_id": eos_id, **{f"stop_ids[{i}]": s for i, s in enumerate(stop_ids)}})
     stops = {int(s) for s in stop_ids} | ({int(eos_id)} if eos_id is not None else set())
