@@ -262,10 +262,13 @@ class LoraConfig:
 
 @dataclasses.dataclass(frozen=True)
 class AdapterConfig:
-    """Bottleneck adapters (Houlsby): x + up(act(down(x))) after the attention and MLP
-    sublayers of every layer, up initialised to zero; the base is frozen."""
+    """Bottleneck adapters at the attention and MLP sublayers of every layer, up initialised to
+    zero; the base is frozen. placement "serial" (Houlsby): y = f(h) + s*up(act(down(f(h))));
+    "parallel" (He et al. 2022): y = f(h) + s*up(act(down(h))), h the sublayer's normed input."""
     size: int = 0                   # bottleneck width; 0 = adapters off
     activation: Literal["gelu", "relu", "silu"] = "gelu"
+    placement: Literal["serial", "parallel"] = "serial"
+    scale: float = 1.0              # s above (He et al. use 4 for parallel adapters)
     init_std: float = 1e-2          # std of the down projection's init (Houlsby's near-identity)
     trainable_tokens: tuple[int | str, ...] = ()   # as lora.trainable_tokens
     # Houlsby et al. also train the layer norms: a zero-initialised additive delta on every
@@ -278,6 +281,10 @@ class AdapterConfig:
             raise ConfigError(f"adapter.size must be >= 0 (0 = off), got {self.size}")
         if not self.init_std > 0:
             raise ConfigError(f"adapter.init_std must be > 0, got {self.init_std}")
+        if not self.scale > 0:
+            raise ConfigError(f"adapter.scale must be > 0, got {self.scale}")
+        if self.placement not in ("serial", "parallel"):
+            raise ConfigError(f"adapter.placement={self.placement!r}; valid: ['parallel', 'serial']")
 
 
 @dataclasses.dataclass(frozen=True)

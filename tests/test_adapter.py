@@ -126,3 +126,43 @@ def test_trained_norms_start_at_the_base_and_add_to_its_scales(base):
         adapter.attach(base, plain, cfg)
     with pytest.raises(ConfigError, match=r"\['norms'\]\['attn_norm'\]: \(2, 64\) \(expected None\)"):
         adapter.attach(base, delta, ACFG)
+
+
+@pytest.mark.parametrize("placement", ["serial", "parallel"])
+def test_placement_reads_the_sublayer_output_or_its_normed_input(base, placement):
+    """One layer through Block, only the MLP site adapted with random down/up and scale 2,
+    a(v) = 2 * up(gelu(down(v))) with biases; computed here by hand, with h the MLP's normed input:
+    serial (Houlsby) x1 + MLP(h) + a(MLP(h)); parallel (He et al. 2022) x1 + MLP(h) + a(h)."""
+    from jaxllm.model.transformer import MLP, AdapterOptions, Block, rms_norm
+    p = jax.tree.map(lambda a: a[0], base["layers"])                        # layer 0's params
+    cfg = AdapterConfig(size=8, placement=placement, scale=2.0)
+    delta = adapter.init_delta(base, cfg, jax.random.key(1))["layers"]
+    k = iter(jax.random.split(jax.random.key(3), 4))
+    normal = lambda scale, shape: scale * jax.random.normal(next(k), shape)  # noqa: E731
+    site = {"down": {"kernel": normal(0.2, (64, 8)), "bias": normal(0.1, (8,))},
+            "up": {"kernel": normal(0.2, (8, 64)), "bias": normal(0.1, (64,))}}
+    ad = {"after_attn": jax.tree.map(lambda a: a[0], delta["after_attn"]), "after_mlp": site}
+    x = jax.random.normal(jax.random.key(4), (2, 12, 64))
+    pos, seg = jnp.broadcast_to(jnp.arange(12), (2, 12)), jnp.ones((2, 12), jnp.int32)
+    y_base, _ = Block(CFG).apply({"params": p}, x, pos, seg)
+    no_mlp = {**p, "mlp": {**p["mlp"], "down": {"kernel": jnp.zeros_like(p["mlp"]["down"]["kernel"])}}}
+    x1, _ = Block(CFG).apply({"params": no_mlp}, x, pos, seg)               # x + attention
+    h = rms_norm(x1, p["mlp_norm"]["scale"], CFG.norm_eps)
+
+    def a(v):
+        return 2.0 * (jax.nn.gelu(v @ site["down"]["kernel"] + site["down"]["bias"], approximate=False)
+                      @ site["up"]["kernel"] + site["up"]["bias"])
+    np.testing.assert_allclose(MLP(CFG).apply({"params": p["mlp"]}, h), y_base - x1, atol=1e-5)
+    want = {"serial": y_base + a(y_base - x1), "parallel": y_base + a(h)}[placement]
+    opts = AdapterOptions(cfg.activation, placement, 2.0)
+    got, _ = Block(CFG, adapter=opts).apply({"params": p, "adapter": ad}, x, pos, seg)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    assert np.abs(got - y_base).max() > 0.01     # the adapter is not a no-op
+    # the whole model: fresh adapters of either placement are the base exactly
+    fresh = adapter.init_delta(base, cfg, jax.random.key(1))
+    np.testing.assert_array_equal(forward(adapter.attach(base, fresh, cfg), tokens(), CFG),
+                                  forward(base, tokens(), CFG))
+    with pytest.raises(ConfigError, match=r"adapter.placement='before'"):
+        AdapterConfig(size=8, placement="before")
+    with pytest.raises(ConfigError, match="adapter.scale must be > 0"):
+        AdapterConfig(size=8, scale=0.0)

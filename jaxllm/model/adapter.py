@@ -1,6 +1,7 @@
 """Bottleneck adapters (Houlsby et al. 2019) as a parameter-tree concern: after the attention
-and after the MLP sublayer of every layer, h -> h + up(act(down(h))) before the residual add,
-with the base frozen and only the adapters trained.
+and after the MLP sublayer of every layer, y -> y + s*up(act(down(y))) before the residual add,
+with the base frozen and only the adapters trained. adapter.placement=parallel (He et al. 2022)
+reads the sublayer's normed input instead: y + s*up(act(down(h))); same parameters.
 
     delta = init_delta(base_params_or_shapes, adapter_cfg, key)   # up = 0: starts as the base
     params = attach(base, delta, adapter_cfg)                     # what trunk / forward take
@@ -109,7 +110,7 @@ def check_delta(base, delta, cfg: AdapterConfig) -> None:
 
 
 def attach(base: dict, delta: dict, cfg: AdapterConfig) -> dict:
-    """{**base, "adapter": {**delta, "options": AdapterOptions(activation)}} (options static)."""
+    """{**base, "adapter": {**delta, "options": AdapterOptions(...)}} (options static)."""
     check_config(cfg)
     if "adapter" in base:
         raise ConfigError("these params already carry adapters (an 'adapter' key): attach to the base")
@@ -119,7 +120,7 @@ def attach(base: dict, delta: dict, cfg: AdapterConfig) -> dict:
         layers = {**base["layers"], **{k: {"scale": base["layers"][k]["scale"] + norms[k]} for k in NORMS}}
         base = {**base, "layers": layers, "final_norm": {"scale": base["final_norm"]["scale"] + norms["final_norm"]}}
     out = {**base, "adapter": {**{k: v for k, v in delta.items() if k not in ("tokens", "norms")},
-                               "options": AdapterOptions(cfg.activation)}}
+                               "options": AdapterOptions(cfg.activation, cfg.placement, cfg.scale)}}
     return tokens.attach(out, delta["tokens"], tokens.ids_of(cfg)) if "tokens" in delta else out
 
 

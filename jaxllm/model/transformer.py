@@ -8,7 +8,8 @@ holds what has parameters with logical axis names (parallel/rules.py maps them o
 Fine-tuning deltas are applied inside the layers, read from their own variable collections
 next to "params" (model/lora.py, model/adapter.py build them; api.trunk passes them in):
     "lora":    per Dense kernel {"a": (*in, r), "b": (r, *out)}: y = x W + s ((x A) B)
-    "adapter": per sublayer {"down", "up"}: a bottleneck on the attention / MLP output
+    "adapter": per sublayer {"down", "up"}: a bottleneck on the attention / MLP output (serial)
+               or beside the sublayer on its normed input (parallel)
 A layer without those collections is the base model exactly.
 """
 from __future__ import annotations
@@ -94,8 +95,11 @@ class LoraOptions:
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
 class AdapterOptions:
-    """How the "adapter" collection is applied: h + up(activation(down(h)))."""
+    """How the "adapter" collection is applied (config.AdapterConfig): y + scale*up(act(down(src))),
+    src = the sublayer's output y ("serial") or its normed input ("parallel")."""
     activation: str = "gelu"
+    placement: str = "serial"
+    scale: float = 1.0
 
 
 ADAPTER_ACTIVATIONS = {"gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -278,19 +282,21 @@ class Block(nn.Module):
         h = RMSNorm(cfg.norm_eps, cfg.param_dtype, name="attn_norm")(x_btd)
         a, new_cache = Attention(cfg, self.causal, self.lora, name="attn")(
             h, positions_bt, segment_ids_bt, cache, kv_segment_ids)
-        x_btd = x_btd + self._adapted("after_attn", a)
+        x_btd = x_btd + self._adapted("after_attn", a, h)
         h = RMSNorm(cfg.norm_eps, cfg.param_dtype, name="mlp_norm")(x_btd)
-        x_btd = x_btd + self._adapted("after_mlp", MLP(cfg, self.lora, name="mlp")(h))
+        x_btd = x_btd + self._adapted("after_mlp", MLP(cfg, self.lora, name="mlp")(h), h)
         return x_btd, new_cache
 
-    def _adapted(self, name: str, h_btd):
-        """A sublayer's output through its bottleneck adapter (Houlsby): h + up(act(down(h))),
-        before the residual add. Up starts at zero, so a fresh adapter returns h exactly."""
+    def _adapted(self, name: str, y_btd, h_btd):
+        """A sublayer's output y (from normed input h) plus its bottleneck adapter, before the
+        residual add: y + s*up(act(down(src))), src = y (serial, Houlsby) or h (parallel, He et
+        al.). Up starts at zero, so a fresh adapter returns y exactly."""
         if self.adapter is None or not self.has_variable("adapter", name):
-            return h_btd
+            return y_btd
         p = self.get_variable("adapter", name)
         dt = _dtype(self.cfg.compute_dtype)
-        z = mixed_matmul(h_btd.astype(dt), p["down"]["kernel"].astype(dt), 1) + p["down"]["bias"]
+        src = h_btd if self.adapter.placement == "parallel" else y_btd
+        z = mixed_matmul(src.astype(dt), p["down"]["kernel"].astype(dt), 1) + p["down"]["bias"]
         z = ADAPTER_ACTIVATIONS[self.adapter.activation](z).astype(dt)             # (B, T, size)
         u = mixed_matmul(z, p["up"]["kernel"].astype(dt), 1) + p["up"]["bias"]     # (B, T, d) fp32
-        return (h_btd.astype(jnp.float32) + u).astype(h_btd.dtype)
+        return (y_btd.astype(jnp.float32) + self.adapter.scale * u).astype(y_btd.dtype)
