@@ -45,9 +45,9 @@ def chat_exact_match(params, model_cfg, tokenizer, conversations: list[list[dict
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
         # prompt widths bucketed to 32 (and a short last chunk padded to batch_size with a copy of
-        # its first prompt): a few compiled shapes per model, not one per chunk. A long-lived
-        # process that compiled hundreds ran out of memory maps in CI ("Failed to materialize
-        # symbols"); the padding changes no answer (tests/test_generate.py)
+        # its first prompt): a few compiled shapes per model, not one per chunk. A CI worker that
+        # had compiled hundreds failed with "Failed to materialize symbols" (likely its memory-map
+        # limit). The padding changes no answer (tests/test_generate.py, test_evaluation.py)
         prompts = [c[0] for c in chunk] + [chunk[0][0]] * (min(batch_size, len(items)) - len(chunk))
         tokens_bp, mask_bp = left_pad(prompts, tokenizer.pad_id, multiple=32)
         out = jax.device_get(generate(params, tokens_bp, model_cfg, max_new_tokens=max_new_tokens,
