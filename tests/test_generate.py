@@ -113,6 +113,8 @@ def test_wider_left_padding_changes_no_token_or_logprob(model):
     wide = generate(params, tokens, cfg, prompt_mask=mask, **kw)
     np.testing.assert_array_equal(wide.tokens, narrow.tokens)
     np.testing.assert_allclose(wide.logprobs, narrow.logprobs, atol=1e-5)
+    with pytest.raises(GenerationError, match="left_pad: multiple must be a positive integer, got 0"):
+        left_pad(PROMPTS, 0, multiple=0)
 
 
 def test_cache_is_compute_dtype_with_unrepeated_kv_heads():

@@ -47,7 +47,8 @@ def chat_exact_match(params, model_cfg, tokenizer, conversations: list[list[dict
         # prompt widths bucketed to 32 (and a short last chunk padded to batch_size with a copy of
         # its first prompt): a few compiled shapes per model, not one per chunk. A CI worker that
         # had compiled hundreds failed with "Failed to materialize symbols" (likely its memory-map
-        # limit). The padding changes no answer (tests/test_generate.py, test_evaluation.py)
+        # limit). Padding is never attended, so it changes no answer (fp32 tests: test_generate.py,
+        # test_evaluation.py)
         prompts = [c[0] for c in chunk] + [chunk[0][0]] * (min(batch_size, len(items)) - len(chunk))
         tokens_bp, mask_bp = left_pad(prompts, tokenizer.pad_id, multiple=32)
         out = jax.device_get(generate(params, tokens_bp, model_cfg, max_new_tokens=max_new_tokens,

@@ -65,6 +65,8 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 1) -
     many batches reuse a few compiled programs instead of compiling one per distinct width."""
     if len(prompts) == 0:
         raise GenerationError("generate: no prompts given (an empty batch)")
+    if int(multiple) != multiple or multiple < 1:
+        raise GenerationError(f"left_pad: multiple must be a positive integer, got {multiple}")
     lengths = [len(p) for p in prompts]
     for b, n in enumerate(lengths):
         if n == 0:
