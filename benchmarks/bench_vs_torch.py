@@ -2,8 +2,9 @@
 torch.compile, fp32 and bf16 autocast), same geometry, same machine, interleaved in one run.
 
 Each round times `--steps` train steps of every variant in turn (jaxllm in this process, torch
-in one resident worker process, never both at once), so the machine's drift hits all variants
-alike; the table gives the median over rounds and the spread (min-max). The same run measures
+in one resident worker process, jaxllm with model.dot_output=compute in another, since the XLA
+flags that setting needs act on a whole process; never two at once), so the machine's drift
+hits all variants alike; the table gives the median over rounds and the spread (min-max). The same run measures
 each framework's 2048^3 GEMM peak (jnp.dot, torch.mm; fp32, and bf16 operands) and reports MFU =
 model FLOPs/s (training.metrics.flops_per_token, the same count for both) / the framework's own
 bf16 GEMM peak.
@@ -116,11 +117,44 @@ class TorchWorker:
         for line in self.proc.stdout:
             if line.startswith("@@"):
                 return json.loads(line[2:])
-        raise RuntimeError(f"torch worker exited (code {self.proc.wait()}); its stderr is above")
+        raise RuntimeError(f"{type(self).__name__} exited (code {self.proc.wait()}); its stderr is above")
 
     def close(self):
         self.proc.stdin.close()
         self.proc.wait()
+
+
+class JaxWorker:
+    """jaxllm variants with model.dot_output=compute, in a process of their own: the XLA flags
+    that setting needs (jaxllm/xla_flags.py) act on every computation of a process, and would
+    send the fp32 variants' dots to a slower kernel. Same protocol as the torch worker."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, __file__, "--jax-worker"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+
+    ask = TorchWorker.ask
+    close = TorchWorker.close
+
+
+def jax_worker() -> None:
+    """The loop of `--jax-worker`: flags first (before the backend starts), then commands."""
+    from jaxllm import xla_flags
+    from jaxllm.config import ModelConfig
+    print(f"jax worker: {host_alloc.keep_pages()}; "
+          f"{xla_flags.apply(ModelConfig(compute_dtype='bfloat16', dot_output='compute'))}", file=sys.stderr)
+    variant = None
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["cmd"] == "peaks":
+            out = {"bfloat16": measure_peak_flops(jnp.bfloat16, n=2048, out_dtype=jnp.bfloat16)}
+        elif cmd["cmd"] == "setup":
+            variant = JaxVariant(cmd["model"], cmd["batch"], cmd["seq"], "bfloat16",
+                                 ["model.dot_output=compute", *cmd["overrides"]])
+            out = {}
+        else:
+            out = {"times": variant.run(cmd["steps"])}
+        print("@@" + json.dumps(out), flush=True)
 
 
 class JaxVariant:
@@ -148,11 +182,17 @@ def hf_geometry(m) -> dict:
                 rope_theta=m.rope_theta, rms_norm_eps=m.norm_eps, tie_word_embeddings=m.tie_embeddings)
 
 
-def bench_model(model, batch, seq, args, worker, peaks) -> None:
+AMX = "jaxllm bf16 dots (AMX)"
+
+
+def bench_model(model, batch, seq, args, worker, jax_worker, peaks) -> None:
     variants: dict[str, object] = {}
     for dtype in ("float32", "bfloat16"):
         variants[f"jaxllm {dtype}"] = JaxVariant(model, batch, seq, dtype, args.override)
     cfg = variants["jaxllm float32"].cfg
+    if jax_worker is not None:
+        jax_worker.ask(cmd="setup", model=model, batch=batch, seq=seq, overrides=args.override)
+        variants[AMX] = "jax_worker"
     worker.ask(cmd="setup", hf=hf_geometry(cfg.model), batch=batch, seq=seq)
     for mode in ("eager", "compile"):
         for dtype in ("float32", "bfloat16"):
@@ -162,6 +202,8 @@ def bench_model(model, batch, seq, args, worker, peaks) -> None:
         v = variants[name]
         if isinstance(v, JaxVariant):
             return v.run(steps)
+        if v == "jax_worker":
+            return jax_worker.ask(cmd="run", steps=steps)["times"]
         return worker.ask(cmd="run", mode=v[0], dtype=v[1], steps=steps)["times"]
 
     t0 = time.perf_counter()
@@ -180,7 +222,7 @@ def bench_model(model, batch, seq, args, worker, peaks) -> None:
     print("|---|---|---|---|---|---|")
     for name, rs in rates.items():
         med = statistics.median(rs)
-        peak = peaks["jax" if name.startswith("jaxllm") else "torch"]["bfloat16"]
+        peak = peaks["jax amx" if name == AMX else "jax" if name.startswith("jaxllm") else "torch"]["bfloat16"]
         print(f"| {name:24} | {med:,.0f} | {min(rs):,.0f}-{max(rs):,.0f} | {med * fpt / 1e9:.1f} | "
               f"{med * fpt / peak:.1%} | {med / best_torch:.2f}x |", flush=True)
 
@@ -198,22 +240,33 @@ def main():
     ap.add_argument("--torch-host-alloc", choices=("default", "keep"), default="default",
                     help="glibc settings of the torch worker: its defaults (as torch users run it), or "
                          "jaxllm.host_alloc's (one arena, no mmap, no trim) to see what they do for torch")
+    ap.add_argument("--no-amx", action="store_true",
+                    help=f"leave out the '{AMX}' variant (model.dot_output=compute, in its own process)")
+    ap.add_argument("--jax-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.jax_worker:
+        return jax_worker()
     # As `jaxllm train` does: before the backend's threads start (JAXLLM_HOST_ALLOC=default: off).
     print(f"jaxllm {host_alloc.keep_pages()}; torch worker: glibc {args.torch_host_alloc}", flush=True)
     worker = TorchWorker(torch_python(args.torch_python), args.torch_host_alloc)
+    jw = None if args.no_amx else JaxWorker()
     try:
         tp = worker.ask(cmd="peaks")
         peaks = {"jax": {d: measure_peak_flops(jnp.dtype(d), n=2048) for d in ("float32", "bfloat16")},
                  "torch": {d: tp[d] for d in ("float32", "bfloat16")}}
+        if jw is not None:
+            peaks["jax amx"] = jw.ask(cmd="peaks")
         print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; torch {tp['torch']} "
               f"({tp['threads']} threads); overrides {args.override or 'none'}")
         print("same-run 2048^3 GEMM peaks, GFLOP/s: " + "; ".join(
-            f"{fw} fp32 {p['float32'] / 1e9:.0f}, bf16 {p['bfloat16'] / 1e9:.0f}" for fw, p in peaks.items()))
+            f"{fw} " + ", ".join(f"{'fp32' if d == 'float32' else 'bf16'} {v / 1e9:.0f}" for d, v in p.items())
+            for fw, p in peaks.items()) + ("  (jax amx: bf16 -> bf16 dot under the oneDNN flags)" if jw else ""))
         for model in args.models.split(","):
-            bench_model(model, args.batch, args.seq, args, worker, peaks)
+            bench_model(model, args.batch, args.seq, args, worker, jw, peaks)
     finally:
         worker.close()
+        if jw is not None:
+            jw.close()
 
 
 if __name__ == "__main__":

@@ -39,6 +39,11 @@ class ModelConfig:
     param_dtype: Dtype = "float32"
     # bf16 compute is the accelerator default; on CPU XLA's bf16 matmuls are slower, so fp32.
     compute_dtype: Dtype = "float32"
+    # What every matmul writes (all accumulate in fp32): float32, or the compute dtype (torch
+    # autocast's numerics: bf16 logits and attention scores, upcast for the softmax). On CPU
+    # only the latter reaches oneDNN's AMX kernels; the launcher then sets the XLA flags for
+    # them (jaxllm/xla_flags.py). Measured in benchmarks/bench_vs_torch.py.
+    dot_output: Literal["float32", "compute"] = "float32"
     remat: RematPolicy = "none"
     # Layers run under lax.scan (compile time flat in depth) or unrolled (each layer its own
     # HLO: no per-layer residual stacks, so faster steps on CPU; see benchmarks/bench_layers.py).
@@ -69,6 +74,9 @@ class ModelConfig:
         if self.attention == "cudnn" and self.compute_dtype == "float32":
             raise ConfigError("model.attention=cudnn needs model.compute_dtype bfloat16 or float16 "
                               "(cuDNN fused attention has no fp32 kernel)")
+        if self.dot_output == "compute" and self.compute_dtype == "float32":
+            raise ConfigError("model.dot_output=compute makes matmuls write the compute dtype, which "
+                              "is float32 here; set model.compute_dtype=bfloat16 or leave dot_output=float32")
         if self.attention_block <= 0:
             raise ConfigError(f"model.attention_block must be positive, got {self.attention_block}")
         if self.logits_chunk < 0:
@@ -82,6 +90,11 @@ class ModelConfig:
     @property
     def dim_per_head(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def dot_dtype(self) -> str:
+        """The dtype matmuls write (model.dot_output)."""
+        return self.compute_dtype if self.dot_output == "compute" else "float32"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -221,9 +221,11 @@ def unembed_matrix(params: dict, cfg: ModelConfig) -> jax.Array:
 
 def unembed(params: dict, hidden_btd: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Logits (..., vocab) in float32 even under bf16 compute: bf16 rounding of logits over a
-    large vocabulary would add ~0.1 of noise to the cross-entropy."""
+    large vocabulary would add ~0.1 of noise to the cross-entropy. (model.dot_output=compute
+    opts into that rounding, as torch autocast does; they are still returned as float32.)"""
     w_dv = unembed_matrix(params, cfg)
-    logits = mixed_matmul(hidden_btd.astype(w_dv.dtype), w_dv, 1)
+    logits = mixed_matmul(hidden_btd.astype(w_dv.dtype), w_dv, 1,
+                          jnp.dtype(cfg.dot_dtype)).astype(jnp.float32)
     if "tokens" in params:
         logits = patch_logits(logits, hidden_btd, params["tokens"])
     if logits.ndim == 3:

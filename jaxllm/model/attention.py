@@ -34,7 +34,8 @@ def attention_mask(q_positions: jax.Array, kv_positions: jax.Array,
 def attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, *,
               q_positions: jax.Array | None = None, kv_positions: jax.Array | None = None,
               q_segment_ids: jax.Array | None = None, kv_segment_ids: jax.Array | None = None,
-              causal: bool = True, implementation: str = "xla", block: int = 512) -> jax.Array:
+              causal: bool = True, implementation: str = "xla", block: int = 512,
+              dot_dtype=jnp.float32) -> jax.Array:
     """Scaled dot-product attention; q has N heads, k/v have K heads with N % K == 0.
 
     Positions default to 0..T-1 and 0..S-1, so with T == S and no segments this is plain
@@ -43,7 +44,8 @@ def attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, *,
     used where it applies (equal lengths, no segments, no cache) and XLA otherwise;
     "blockwise" (model/blockwise.py: flash attention in plain JAX, `block` queries x `block`
     keys at a time) keeps memory linear in the sequence length on every backend.
-    Softmax runs in fp32 whatever the compute dtype.
+    Softmax runs in fp32 whatever the compute dtype. `dot_dtype` is what the two matmuls
+    write (model.dot_output): fp32, or the compute dtype (bf16 scores, upcast for the softmax).
     """
     b, t, n, h = q_btnh.shape
     s, k = k_bskh.shape[1], k_bskh.shape[2]
@@ -63,13 +65,13 @@ def attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, *,
     qg = q_btnh.reshape(b, t, k, g, h)
     if implementation == "blockwise":
         out = blockwise_attention(qg, k_bskh, v_bskh, q_positions, kv_positions, q_segment_ids,
-                                  kv_segment_ids, causal, block, block)
+                                  kv_segment_ids, causal, block, block, dot_dtype)
         return out.reshape(b, t, n, h).astype(q_btnh.dtype)
     mask = attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids, causal)
     scores = jnp.einsum("btkgh,bskh->bkgts", qg, k_bskh,
-                        preferred_element_type=jnp.float32) * (h ** -0.5)
+                        preferred_element_type=dot_dtype).astype(jnp.float32) * (h ** -0.5)
     if mask is not None:
         scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh, preferred_element_type=jnp.float32)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh, preferred_element_type=dot_dtype)
     return out.reshape(b, t, n, h).astype(q_btnh.dtype)

@@ -54,12 +54,18 @@ def _block_mask(q_pos, kv_pos, q_seg, kv_seg, kv_valid, causal: bool):
     return mask
 
 
-def _scores(q_blk, k_blk, scale):
+def _dot(spec, a, b, dot):
+    """einsum with fp32 accumulation that writes `dot` (fp32 or the compute dtype,
+    model.dot_output), returned as fp32 for the online softmax and the accumulators."""
+    return jnp.einsum(spec, a, b, preferred_element_type=dot).astype(jnp.float32)
+
+
+def _scores(q_blk, k_blk, scale, dot):
     """(B, bq, K, G, H) x (B, bk, K, H) -> (B, K, G, bq, bk) fp32."""
-    return jnp.einsum("bqkgh,bskh->bkgqs", q_blk, k_blk, preferred_element_type=jnp.float32) * scale
+    return _dot("bqkgh,bskh->bkgqs", q_blk, k_blk, dot) * scale
 
 
-def _forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, kv_valid, causal, bq, bk):
+def _forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, kv_valid, causal, bq, bk, dot):
     """Blocked q (nq, B, bq, K, G, H) etc. -> out (nq, B, bq, K, G, H) fp32, lse (nq, B, K, G, bq)."""
     scale = q.shape[-1] ** -0.5
     _, b, _, kh, g, h = q.shape
@@ -73,14 +79,13 @@ def _forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, kv_valid, causal, bq, bk):
 
             def compute(carry):
                 m, denom, acc = carry
-                s = jnp.where(mask[:, None, None], _scores(q_blk, k_blk, scale), -jnp.inf)
+                s = jnp.where(mask[:, None, None], _scores(q_blk, k_blk, scale, dot), -jnp.inf)
                 m_new = jnp.maximum(m, s.max(-1))
                 m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)   # a row with no key yet
                 p = jnp.exp(s - m_safe[..., None])                    # masked: exp(-inf) = 0
                 corr = jnp.exp(m - m_safe)
                 denom = denom * corr + p.sum(-1)
-                pv = jnp.einsum("bkgqs,bskh->bkgqh", p.astype(v_blk.dtype), v_blk,
-                                preferred_element_type=jnp.float32)
+                pv = _dot("bkgqs,bskh->bkgqh", p.astype(v_blk.dtype), v_blk, dot)
                 return m_new, denom, acc * corr[..., None] + pv
 
             return jax.lax.cond(mask.any(), compute, lambda c: c, carry), None
@@ -99,18 +104,18 @@ def _forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, kv_valid, causal, bq, bk):
     return out, lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
-def _flash(q, k, v, q_pos, kv_pos, q_seg, kv_seg, kv_valid, causal, bq, bk):
-    out, _ = _forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, kv_valid, causal, bq, bk)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
+def _flash(q, k, v, q_pos, kv_pos, q_seg, kv_seg, kv_valid, causal, bq, bk, dot):
+    out, _ = _forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, kv_valid, causal, bq, bk, dot)
     return out
 
 
-def _flash_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, kv_valid, causal, bq, bk):
-    out, lse = _forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, kv_valid, causal, bq, bk)
+def _flash_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, kv_valid, causal, bq, bk, dot):
+    out, lse = _forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, kv_valid, causal, bq, bk, dot)
     return out, (q, k, v, q_pos, kv_pos, q_seg, kv_seg, kv_valid, out, lse)
 
 
-def _flash_bwd(causal, bq, bk, res, d_out):
+def _flash_bwd(causal, bq, bk, dot, res, d_out):
     """FlashAttention-2's backward: per key block, accumulate dK, dV over query blocks; dQ is
     one array carried through and updated block by block."""
     q, k, v, q_pos, kv_pos, q_seg, kv_seg, kv_valid, out, lse = res
@@ -130,14 +135,13 @@ def _flash_bwd(causal, bq, bk, res, d_out):
 
             def compute(carry):
                 dq, dk, dv = carry
-                s = _scores(q_blk, k_blk, scale)
+                s = _scores(q_blk, k_blk, scale, dot)
                 p = jnp.where(mask[:, None, None], jnp.exp(s - lse_i[..., None]), 0.0)
-                dv = dv + jnp.einsum("bkgqs,bqkgh->bskh", p.astype(dt), do_blk,
-                                     preferred_element_type=jnp.float32)
-                dp = jnp.einsum("bqkgh,bskh->bkgqs", do_blk, v_blk, preferred_element_type=jnp.float32)
+                dv = dv + _dot("bkgqs,bqkgh->bskh", p.astype(dt), do_blk, dot)
+                dp = _dot("bqkgh,bskh->bkgqs", do_blk, v_blk, dot)
                 ds = (p * (dp - delta_i[..., None]) * scale).astype(dt)
-                dk = dk + jnp.einsum("bkgqs,bqkgh->bskh", ds, q_blk, preferred_element_type=jnp.float32)
-                dq_i = jnp.einsum("bkgqs,bskh->bqkgh", ds, k_blk, preferred_element_type=jnp.float32)
+                dk = dk + _dot("bkgqs,bqkgh->bskh", ds, q_blk, dot)
+                dq_i = _dot("bkgqs,bskh->bqkgh", ds, k_blk, dot)
                 return dq.at[i].add(dq_i), dk, dv
 
             return jax.lax.cond(mask.any(), compute, lambda c: c, carry), None
@@ -161,10 +165,11 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 def blockwise_attention(qg_btkgh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array,
                         q_positions: jax.Array, kv_positions: jax.Array,
                         q_segment_ids: jax.Array | None, kv_segment_ids: jax.Array | None,
-                        causal: bool, block_q: int, block_k: int) -> jax.Array:
+                        causal: bool, block_q: int, block_k: int, dot_dtype=jnp.float32) -> jax.Array:
     """Attention of grouped queries (B, T, K, G, H) over keys/values (B, S, K, H): (B, T, K, G, H)
     in fp32. Same masking rules as attention.attention_mask; a query that may see no key
-    outputs zeros (the reference spreads it uniformly; neither is read by a loss)."""
+    outputs zeros (the reference spreads it uniformly; neither is read by a loss).
+    dot_dtype: what each block's matmuls write (model.dot_output); accumulators stay fp32."""
     b, t = qg_btkgh.shape[:2]
     s = k_bskh.shape[1]
     bq, bk = min(block_q, t), min(block_k, s)
@@ -181,5 +186,5 @@ def blockwise_attention(qg_btkgh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Arra
     q_seg = _blocks(_pad_to(q_segment_ids.astype(jnp.int32), 1, bq), 1, bq)
     kv_seg = _blocks(_pad_to(kv_segment_ids.astype(jnp.int32), 1, bk), 1, bk)
     kv_val = _blocks(_pad_to(kv_valid, 1, bk, value=False), 1, bk)
-    out = _flash(q, k, v, q_pos, kv_pos, q_seg, kv_seg, kv_val, causal, bq, bk)
+    out = _flash(q, k, v, q_pos, kv_pos, q_seg, kv_seg, kv_val, causal, bq, bk, jnp.dtype(dot_dtype))
     return _unblocks(out, 1)[:, :t]

@@ -26,8 +26,9 @@ from jaxllm.model.tokens import patch_logits
 from jaxllm.model.transformer import constrain
 
 
-def _chunk_stats(h_bcd, y_bc, w_dv, temperature: float, entropy: bool, tok: dict | None = None) -> dict:
-    logits = mixed_matmul(h_bcd.astype(w_dv.dtype), w_dv, 1)             # (B, c, V) fp32
+def _chunk_stats(h_bcd, y_bc, w_dv, temperature: float, entropy: bool, tok: dict | None = None,
+                 dot_dtype=jnp.float32) -> dict:
+    logits = mixed_matmul(h_bcd.astype(w_dv.dtype), w_dv, 1, dot_dtype).astype(jnp.float32)  # (B, c, V)
     if tok is not None:             # trainable token rows beside a delta (model/tokens.py)
         logits = patch_logits(logits, h_bcd, tok)
     logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
@@ -56,10 +57,11 @@ def token_stats(params: dict, hidden_btd: jax.Array, targets_bt: jax.Array, cfg:
     chunk: sequence positions per chunk (default model.logits_chunk; 0 = all at once)."""
     w_dv = unembed_matrix(params, cfg)
     tok = params.get("tokens")
+    dot = jnp.dtype(cfg.dot_dtype)
     b, t, d = hidden_btd.shape
     c = cfg.logits_chunk if chunk is None else chunk
     if not c or c >= t:
-        return _chunk_stats(hidden_btd, targets_bt, w_dv, temperature, entropy, tok)
+        return _chunk_stats(hidden_btd, targets_bt, w_dv, temperature, entropy, tok, dot)
     n = -(-t // c)
     pad = n * c - t
     h = jnp.pad(hidden_btd, ((0, 0), (0, pad), (0, 0)))
@@ -70,7 +72,7 @@ def token_stats(params: dict, hidden_btd: jax.Array, targets_bt: jax.Array, cfg:
 
     @jax.checkpoint
     def body(carry, xs):
-        return carry, _chunk_stats(xs[0], xs[1], w_dv, temperature, entropy, tok)
+        return carry, _chunk_stats(xs[0], xs[1], w_dv, temperature, entropy, tok, dot)
     _, out = jax.lax.scan(body, None, (h_nbcd, y_nbc))
     return jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1).reshape(b, n * c)[:, :t], out)
 

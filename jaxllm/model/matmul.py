@@ -5,6 +5,12 @@ matmuls of an fp32 cotangent with a bf16 operand, which XLA runs as fp32 matmuls
 converts). On CPUs with AVX512-BF16 (and on GPUs) bf16 operands with fp32 accumulation are the
 fast path, so the backward here casts the cotangent to the operands' dtype and keeps fp32
 accumulation: the usual mixed-precision recipe. For fp32 operands it is exactly autodiff.
+
+`out_dtype` is the dtype the dot writes (model.dot_output). fp32 (the default) keeps logits
+and scores unrounded. The operands' dtype (bf16) is torch autocast's numerics and, on CPU, the
+only kind of dot XLA hands to oneDNN's AMX kernel (with the flags in jaxllm/xla_flags.py):
+the kernel still accumulates in fp32 and rounds once at the end. The backward's dx and dw are
+rounded to the operands' dtype either way, so there the choice changes only which kernel runs.
 """
 from __future__ import annotations
 
@@ -24,23 +30,26 @@ def _specs(n_in: int, n_out: int):
     return fwd, dx, dw
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def mixed_matmul(x, w, n_in: int):
-    """x (..., *in) @ w (*in, *out) -> (..., *out) float32; x and w share one dtype."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def mixed_matmul(x, w, n_in: int, out_dtype=jnp.float32):
+    """x (..., *in) @ w (*in, *out) -> (..., *out) in out_dtype; x and w share one dtype."""
     fwd, _, _ = _specs(n_in, w.ndim - n_in)
-    return jnp.einsum(fwd, x, w, preferred_element_type=jnp.float32)
+    return jnp.einsum(fwd, x, w, preferred_element_type=out_dtype)
 
 
-def _fwd(x, w, n_in):
-    return mixed_matmul(x, w, n_in), (x, w)
+def _fwd(x, w, n_in, out_dtype):
+    return mixed_matmul(x, w, n_in, out_dtype), (x, w)
 
 
-def _bwd(n_in, res, g):
+def _bwd(n_in, out_dtype, res, g):
     x, w = res
     _, dx_spec, dw_spec = _specs(n_in, w.ndim - n_in)
     g = g.astype(x.dtype)
-    dx = jnp.einsum(dx_spec, g, w, preferred_element_type=jnp.float32).astype(x.dtype)
-    dw = jnp.einsum(dw_spec, x, g, preferred_element_type=jnp.float32).astype(w.dtype)
+    # fp32 out: accumulate in fp32 and round to the operands' dtype here; otherwise the dot
+    # writes that dtype itself (the same rounding, done by the kernel).
+    acc = jnp.float32 if jnp.dtype(out_dtype) == jnp.float32 else x.dtype
+    dx = jnp.einsum(dx_spec, g, w, preferred_element_type=acc).astype(x.dtype)
+    dw = jnp.einsum(dw_spec, x, g, preferred_element_type=acc).astype(w.dtype)
     return dx, dw
 
 

@@ -32,13 +32,13 @@ DATASHEET_PEAK_BF16 = {
 
 
 @functools.lru_cache(maxsize=None)
-def measure_peak_flops(dtype=jnp.float32, n: int = 1024, repeats: int = 5) -> float:
+def measure_peak_flops(dtype=jnp.float32, n: int = 1024, repeats: int = 5, out_dtype=jnp.float32) -> float:
     """Achievable matmul FLOP/s of the first device: best of `repeats` large jnp.dot calls
-    (bf16 operands accumulate in fp32, the mixed-precision fast path). Measured once per
-    process. n=1024 measured the same fp32 peak as n=2048 on a 2-core CPU (45 vs 44-45 GFLOP/s)
-    in 0.35 s instead of 2.4 s."""
+    (bf16 operands accumulate in fp32, the mixed-precision fast path; `out_dtype` is what the
+    dot writes, model.dot_output). n=1024 measured the same fp32 peak as n=2048 on a 2-core CPU
+    (45 vs 44-45 GFLOP/s) in 0.35 s instead of 2.4 s."""
     a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=out_dtype))
     f(a, a).block_until_ready()
     best = float("inf")
     for _ in range(repeats):

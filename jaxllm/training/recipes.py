@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 
+from jaxllm import xla_flags
 from jaxllm.config import Config
 from jaxllm.configlib import ConfigError
 
@@ -17,6 +18,9 @@ RECIPES = {
 
 def train(cfg: Config, batches=None) -> dict:
     name = cfg.train.objective
+    line = xla_flags.apply(cfg.model)       # before the first computation starts the backend
+    if line:
+        print(line, flush=True)
     try:
         module = importlib.import_module(RECIPES[name])
     except ModuleNotFoundError as e:

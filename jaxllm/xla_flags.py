@@ -1,0 +1,72 @@
+"""XLA flags a model setting needs, set by the launcher before the backend starts.
+
+model.dot_output=compute makes every matmul write the compute dtype (bf16). On CPU, XLA hands
+such dots to oneDNN's AMX brgemm kernel (`ONEDNN_VERBOSE=1` shows `brg_matmul:avx10_1_512_amx`)
+only with its oneDNN custom calls on and YNNPACK's dot fusions off; by default bf16 dots run
+in YNNPACK at ~1,000-1,400 GFLOP/s against ~1,850-2,200 for the AMX kernel on this CPU
+(README, Benchmarks). The flags are for the CPU backend; a GPU/TPU backend ignores them.
+
+Only from jax 0.12: jaxlib 0.10's oneDNN (v3.7) takes such dots under the same flags but runs
+them as fp32 GEMMs (`gemm_api ... src_f32`, measured), slower than YNNPACK; there the flags are
+not set and the launcher says so. (jax 0.11 was not measured.)
+
+The flags are read once, when the backend starts, and act on every computation of the
+process. So they are set here (never by tests), and a process whose backend is already up is
+told in one line that they did not apply. A flag the user already set in XLA_FLAGS is kept.
+"""
+from __future__ import annotations
+
+import os
+
+from jaxllm.config import ModelConfig
+
+AMX_DOTS = {"--xla_cpu_experimental_onednn_custom_call": "true",
+            "--xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def wanted(model: ModelConfig) -> dict[str, str]:
+    """The flags (name -> value) this model setting needs."""
+    return dict(AMX_DOTS) if model.dot_output == "compute" else {}
+
+
+def _set_names(xla_flags: str) -> set[str]:
+    return {f.split("=", 1)[0] for f in xla_flags.split() if f.startswith("--")}
+
+
+MIN_JAX = (0, 12)
+
+
+def _jax_version() -> tuple[int, ...]:
+    import jax
+    return tuple(int(p) for p in jax.__version__.split(".")[:2])
+
+
+def _backend_started() -> bool:
+    from jax._src import xla_bridge
+    return xla_bridge.backends_are_initialized()
+
+
+def apply(model: ModelConfig, environ=None) -> str | None:
+    """Add the flags `model` needs to XLA_FLAGS; returns the one line to print (None: none needed)."""
+    environ = os.environ if environ is None else environ
+    flags = wanted(model)
+    if not flags:
+        return None
+    if _jax_version() < MIN_JAX:
+        import jax
+        return (f"XLA flags: not set for model.dot_output=compute: jax {jax.__version__}'s oneDNN runs "
+                f"bf16 dots as fp32 GEMMs; its AMX kernel is reached from jax "
+                f"{'.'.join(map(str, MIN_JAX))} (Python >= 3.12 here)")
+    current = environ.get("XLA_FLAGS", "")
+    mine = {k: v for k, v in flags.items() if k not in _set_names(current)}
+    kept = sorted(set(flags) - set(mine))
+    kept_note = f"; kept your {', '.join(kept)}" if kept else ""
+    if not mine:
+        return f"XLA flags: model.dot_output=compute; XLA_FLAGS already sets {', '.join(kept)}"
+    added = " ".join(f"{k}={v}" for k, v in mine.items())
+    if _backend_started():
+        return (f"XLA flags: NOT applied ({added}): the XLA backend had already started, so "
+                "model.dot_output=compute runs without oneDNN's AMX dots on CPU; set XLA_FLAGS "
+                "before the first computation to get them")
+    environ["XLA_FLAGS"] = f"{current} {added}".strip()
+    return f"XLA flags: added {added} (model.dot_output=compute: bf16 dots to oneDNN's AMX kernel on CPU){kept_note}"
