@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 import jaxllm
-from jaxllm import host_alloc
+from jaxllm import host_alloc, xla_flags
 from jaxllm.data.tokens import synthetic_batches
 from jaxllm.objectives import make_clm_loss
 from jaxllm.parallel import mesh as mesh_lib
@@ -30,6 +30,9 @@ from jaxllm.training.step import make_train_step
 def build(model: str, batch: int, seq: int, overrides=()):
     cfg = jaxllm.load_config(None, [f"model={model}", f"train.batch_size={batch}",
                                     f"train.seq_len={seq}", "mesh.devices=1", *overrides])
+    line = xla_flags.apply(cfg.model)      # as `jaxllm train` does, before the backend starts
+    if line:
+        print(line, flush=True)
     mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1])
     rules = rules_lib.logical_rules(cfg.mesh)
     opt = make_optimizer(cfg.optim, 1000)

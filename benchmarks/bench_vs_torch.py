@@ -249,12 +249,13 @@ def main():
     # As `jaxllm train` does: before the backend's threads start (JAXLLM_HOST_ALLOC=default: off).
     print(f"jaxllm {host_alloc.keep_pages()}; torch worker: glibc {args.torch_host_alloc}", flush=True)
     worker = TorchWorker(torch_python(args.torch_python), args.torch_host_alloc)
-    jw = None if args.no_amx else JaxWorker()
+    jw = None
     try:
         tp = worker.ask(cmd="peaks")
         peaks = {"jax": {d: measure_peak_flops(jnp.dtype(d), n=2048) for d in ("float32", "bfloat16")},
                  "torch": {d: tp[d] for d in ("float32", "bfloat16")}}
-        if jw is not None:
+        if not args.no_amx:       # started only now, so its start-up overlaps no peak measurement
+            jw = JaxWorker()
             peaks["jax amx"] = jw.ask(cmd="peaks")
         print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; torch {tp['torch']} "
               f"({tp['threads']} threads); overrides {args.override or 'none'}")

@@ -3,7 +3,8 @@
 Runs a few steps of a config's train step (one device, AdamW) under jax.profiler, reads the
 Perfetto trace it writes, and sums the duration of every XLA op event on XLA's CPU worker
 threads, grouped by op name without its numeric suffix ("ynn_fusion.12" -> "ynn_fusion").
-GEMMs are the `ynn_fusion` rows on jax 0.12 (YNNPACK) and `dot`/`*_dot_fusion` rows on 0.10.
+GEMMs are the `ynn_fusion` rows on jax 0.12 (YNNPACK), `onednn$matmul` with model.dot_output=compute
+(oneDNN, under the flags jaxllm/xla_flags.py sets) and `dot`/`*_dot_fusion` rows on 0.10.
 Shares are of summed op time across threads; on a shared machine absolute times vary from run
 to run, shares much less.
 
@@ -40,7 +41,9 @@ def op_times(trace_file: pathlib.Path) -> collections.Counter:
             continue
         if any(s in e["name"] for s in _NOT_OPS):
             continue
-        out[re.sub(r"[.\d]+$", "", e["name"])] += e["dur"]
+        name = e["name"]
+        # oneDNN dots (model.dot_output=compute with its XLA flags): "custom-call.79.clone__onednn$matmul"
+        out["onednn$matmul" if "onednn$matmul" in name else re.sub(r"[.\d]+$", "", name)] += e["dur"]
     return out
 
 

@@ -2,13 +2,15 @@
 
 model.dot_output=compute makes every matmul write the compute dtype (bf16). On CPU, XLA hands
 such dots to oneDNN's AMX brgemm kernel (`ONEDNN_VERBOSE=1` shows `brg_matmul:avx10_1_512_amx`)
-only with its oneDNN custom calls on and YNNPACK's dot fusions off; by default bf16 dots run
-in YNNPACK at ~1,000-1,400 GFLOP/s against ~1,850-2,200 for the AMX kernel on this CPU
-(README, Benchmarks). The flags are for the CPU backend; a GPU/TPU backend ignores them.
+only with its oneDNN custom calls on and YNNPACK's dot fusions off (by default bf16 dots run
+in YNNPACK, which has no AMX path; benchmarks/bench_vs_torch.py measures both GEMM peaks in one
+run, README). The flags are for the CPU backend; a GPU/TPU backend ignores them.
 
 Only from jax 0.12: jaxlib 0.10's oneDNN (v3.7) takes such dots under the same flags but runs
 them as fp32 GEMMs (`gemm_api ... src_f32`, measured), slower than YNNPACK; there the flags are
-not set and the launcher says so. (jax 0.11 was not measured.)
+not set and the launcher says so (and that the setting itself is then slower: the 25m bf16 step
+ran 1,055 / 1,171 tok/s against 2,383 / 1,989 with fp32 dot outputs, jax 0.10.2, interleaved).
+jax 0.11 was not measured.
 
 The flags are read once, when the backend starts, and act on every computation of the
 process. So they are set here (never by tests), and a process whose backend is already up is
@@ -55,8 +57,9 @@ def apply(model: ModelConfig, environ=None) -> str | None:
     if _jax_version() < MIN_JAX:
         import jax
         return (f"XLA flags: not set for model.dot_output=compute: jax {jax.__version__}'s oneDNN runs "
-                f"bf16 dots as fp32 GEMMs; its AMX kernel is reached from jax "
-                f"{'.'.join(map(str, MIN_JAX))} (Python >= 3.12 here)")
+                f"bf16 dots as fp32 GEMMs, and without it bf16-output dots are slower (the 25m bf16 step "
+                f"~2x slower on jax 0.10.2); oneDNN's AMX kernel is reached from jax "
+                f"{'.'.join(map(str, MIN_JAX))} (Python >= 3.12)")
     current = environ.get("XLA_FLAGS", "")
     mine = {k: v for k, v in flags.items() if k not in _set_names(current)}
     kept = sorted(set(flags) - set(mine))
