@@ -157,14 +157,14 @@ def test_flags_are_added_only_for_compute_dot_output(new_jax):
     assert line.startswith("XLA flags: added --xla_cpu_experimental_onednn_custom_call=true")
     assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8",
                                         "--xla_cpu_experimental_onednn_custom_call=true",
-                                        "--xla_cpu_experimental_ynn_fusion_type="]
+                                        "--xla_cpu_experimental_ynn_fusion_type=reduce"]
 
 
 def test_a_flag_the_user_set_is_kept(new_jax):
     env = {"XLA_FLAGS": "--xla_cpu_experimental_onednn_custom_call=false"}
     line = xla_flags.apply(COMPUTE, env)
     assert env["XLA_FLAGS"].split() == ["--xla_cpu_experimental_onednn_custom_call=false",
-                                        "--xla_cpu_experimental_ynn_fusion_type="]
+                                        "--xla_cpu_experimental_ynn_fusion_type=reduce"]
     assert "kept your --xla_cpu_experimental_onednn_custom_call" in line
 
 
