@@ -211,3 +211,17 @@ def test_the_flags_send_bf16_dots_to_onednn():
     on = onednn_lines("on")
     assert any(",matmul," in ln and "dst:bf16" in ln for ln in on), on or "oneDNN ran nothing"
     assert not onednn_lines("off")
+
+
+def test_fine_tuning_with_compute_dot_output_starts_from_a_base_trained_without(tmp_path, capsys, monkeypatch):
+    """dot_output changes numerics, not the model: init_from accepts it, and `jaxllm.train` says
+    in one line that this process's backend (already up in a test) runs without the flags."""
+    args = ["model=tiny", "train.batch_size=4", "train.seq_len=32", "train.eval_every=0",
+            "train.progress=false", "mesh.devices=1", "train.steps=1"]
+    jaxllm.train(jaxllm.load_config(None, args + [f"train.run_dir={tmp_path}/base"]))
+    monkeypatch.setattr(xla_flags, "_jax_version", lambda: xla_flags.MIN_JAX)
+    s = jaxllm.train(jaxllm.load_config(None, args + [
+        "model.compute_dtype=bfloat16", "model.dot_output=compute",
+        f"checkpoint.init_from={tmp_path}/base", f"train.run_dir={tmp_path}/ft"]))
+    assert np.isfinite(s["final_loss"])
+    assert "XLA flags: NOT applied" in capsys.readouterr().out

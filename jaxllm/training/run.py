@@ -366,7 +366,7 @@ class Run:
         src_model = source_model_config(cfg.checkpoint.init_from)
         if src_model:
             ignore = {"param_dtype", "compute_dtype", "remat", "attention", "attention_block", "max_seq_len",
-                      "init_std", "scale_residual_init", "logits_chunk", "scan_layers"}
+                      "init_std", "scale_residual_init", "logits_chunk", "scan_layers", "dot_output"}
             ours = dataclasses.asdict(cfg.model)
             diffs = [f"{k}: {src_model[k]!r} there vs {ours[k]!r} here" for k in ours
                      if k not in ignore and k in src_model
