@@ -185,13 +185,13 @@ def hf_geometry(m) -> dict:
 AMX = "jaxllm bf16 dots (AMX)"
 
 
-def bench_model(model, batch, seq, args, worker, jax_worker, peaks) -> None:
+def bench_model(model, batch, seq, args, worker, jw, peaks) -> None:
     variants: dict[str, object] = {}
     for dtype in ("float32", "bfloat16"):
         variants[f"jaxllm {dtype}"] = JaxVariant(model, batch, seq, dtype, args.override)
     cfg = variants["jaxllm float32"].cfg
-    if jax_worker is not None:
-        jax_worker.ask(cmd="setup", model=model, batch=batch, seq=seq, overrides=args.override)
+    if jw is not None:
+        jw.ask(cmd="setup", model=model, batch=batch, seq=seq, overrides=args.override)
         variants[AMX] = "jax_worker"
     worker.ask(cmd="setup", hf=hf_geometry(cfg.model), batch=batch, seq=seq)
     for mode in ("eager", "compile"):
@@ -203,7 +203,7 @@ def bench_model(model, batch, seq, args, worker, jax_worker, peaks) -> None:
         if isinstance(v, JaxVariant):
             return v.run(steps)
         if v == "jax_worker":
-            return jax_worker.ask(cmd="run", steps=steps)["times"]
+            return jw.ask(cmd="run", steps=steps)["times"]
         return worker.ask(cmd="run", mode=v[0], dtype=v[1], steps=steps)["times"]
 
     t0 = time.perf_counter()

@@ -23,8 +23,8 @@ import os
 from jaxllm.config import ModelConfig
 
 # YNNPACK keeps the reductions (RMSNorm, the log-partition): with its fusions off altogether
-# they fall to XLA's own reduce-window loops, 8x slower on a (2048, 4096) row sum (1.7-2.2 ms vs
-# 15.8-16.6, measured), while the dots still go to oneDNN.
+# they fall to XLA's own reduce-window loops, 8x slower on a (2048, 4096) row sum (1.7-2.0 ms
+# with `reduce` vs 15.8-16.6, measured), while the dots still go to oneDNN.
 AMX_DOTS = {"--xla_cpu_experimental_onednn_custom_call": "true",
             "--xla_cpu_experimental_ynn_fusion_type": "reduce"}
 
