@@ -2,15 +2,21 @@
 
 XLA flags act on a whole process, so each variant runs in a resident worker process of its own
 (compiled once); every round asks each worker for `--steps` steps in turn, so the machine's drift
-hits all variants alike. Variants (all `model.compute_dtype=bfloat16`):
+hits all variants alike. Variants (`--variants`, comma-separated; default all but `ynn-off`):
 
-  bf16                  fp32-output dots, XLA's default flags (YNNPACK GEMMs)
-  compute               model.dot_output=compute with the flags `jaxllm train` sets
-                        (jaxllm/xla_flags.py: dots to oneDNN's AMX kernel, reductions to YNNPACK)
-  compute, ynn off      the same dots with YNNPACK's fusions off altogether (reductions fall to
+  fp32                  model.compute_dtype=float32 (the reference for CPUs without bf16 hardware)
+  bf16                  model.compute_dtype=bfloat16, fp32-output dots, XLA's default flags
+                        (YNNPACK GEMMs)
+  compute               bf16 + model.dot_output=compute with what `jaxllm train` sets: on a CPU
+                        with AMX the flags of jaxllm/xla_flags.py (dots to oneDNN's AMX kernel,
+                        reductions to YNNPACK), elsewhere none
+  compute-onednn        the same with those flags forced, whatever the CPU
+  ynn-off               compute-onednn with YNNPACK's fusions off altogether (reductions fall to
                         XLA's own loops): what the flags were before they kept YNNPACK's reductions
+  fp32-onednn           fp32 under the oneDNN flags (fp32 dots to oneDNN's brgemm)
+  fp32-ynn-off          fp32 with YNNPACK's fusions off (dots to XLA's Eigen GEMMs)
 
-    python benchmarks/bench_dot_output.py [--model 25m] [--rounds 8] [--steps 3] [--override k=v ...]
+    python benchmarks/bench_dot_output.py [--model 25m] [--rounds 8] [--steps 3] [--variants ...] [--override k=v ...]
 """
 from __future__ import annotations
 
@@ -21,6 +27,8 @@ import pathlib
 import statistics
 import subprocess
 import sys
+
+from jaxllm import xla_flags
 
 BENCH = pathlib.Path(__file__).resolve().parent
 WORKER = r"""
@@ -41,7 +49,7 @@ with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             jax.block_until_ready(m)
             times.append(time.perf_counter() - t0)
             i += 1
-        print("@@" + json.dumps({"times": times, "loss": float(m["loss"])}), flush=True)
+        print("@@" + json.dumps({"times": times, "loss": float(m["loss"]), "jax": jax.__version__}), flush=True)
 """
 
 
@@ -50,12 +58,25 @@ def main():
     ap.add_argument("--model", default="25m")
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--variants", default="fp32,bf16,compute,compute-onednn")
     ap.add_argument("--override", nargs="*", default=["model.scan_layers=false"])
     args = ap.parse_args()
     base = ["model.compute_dtype=bfloat16", *args.override]
     compute = [*base, "model.dot_output=compute"]
-    variants = {"bf16": ("", base), "compute": ("", compute),
-                "compute, ynn off": ("--xla_cpu_experimental_ynn_fusion_type=", compute)}
+    onednn = " ".join(f"{k}={v}" for k, v in xla_flags.AMX_DOTS.items())
+    fp32 = ["model.compute_dtype=float32", *args.override]
+    known = {"fp32": ("", fp32), "bf16": ("", base),
+             "compute": ("", compute), "compute-onednn": (onednn, compute),
+             "ynn-off": ("--xla_cpu_experimental_onednn_custom_call=true "
+                         "--xla_cpu_experimental_ynn_fusion_type=", compute),
+             "fp32-onednn": (onednn, fp32), "fp32-ynn-off": ("--xla_cpu_experimental_ynn_fusion_type=", fp32)}
+    names = args.variants.split(",")
+    if unknown := [n for n in names if n not in known]:
+        ap.error(f"unknown variant(s) {unknown}; known: {', '.join(known)}")
+    if "bf16" not in names:
+        ap.error("--variants must include bf16 (the ratios are against it)")
+    variants = {n: known[n] for n in names}
+    amx = "amx_bf16" in xla_flags.cpu_features()
     workers = {}
     for name, (flags, overrides) in variants.items():
         env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -84,11 +105,13 @@ def main():
                 out = ask(name, args.steps)
                 rates[name].append(8 * 256 / statistics.median(out["times"]))
                 loss[name] = out["loss"]
+                jax_version = out["jax"]
     finally:
         for w in workers.values():
             w.stdin.close()
             w.wait()
     ref = statistics.median(rates["bf16"])
+    print(f"jax {jax_version}, CPU {'with' if amx else 'without'} AMX (amx_bf16)")
     print(f"{args.model}, batch 8 x 256, {' '.join(args.override)}; {args.rounds} interleaved rounds of "
           f"{args.steps} steps, tokens/s (median of each round's median)")
     print("| variant | tokens/s | spread | vs bf16 | loss after the last step |")

@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from jaxllm import configlib, host_alloc
+from jaxllm import configlib, host_alloc, xla_flags
 from jaxllm.config import Config
 from jaxllm.configlib import ConfigError
 from jaxllm.errors import RunError
@@ -186,6 +186,8 @@ class Run:
                 self.log("hybrid mesh: " + ", ".join(
                     f"{ax} {self.mesh.shape[ax]} = {d} slices/hosts x {self.mesh.shape[ax] // d}"
                     for ax, d in zip(self.mesh.axis_names, self.dcn)))
+            if note := xla_flags.cpu_dtype_note(self.cfg.model, jax.default_backend()):
+                self.log(note)
             if not self.guard.handles_sigterm:
                 self.log("SIGTERM is left to JAX's preemption service: on a notice to any host, "
                          "every host saves the step they agree on and exits")
