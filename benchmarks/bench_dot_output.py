@@ -2,7 +2,7 @@
 
 XLA flags act on a whole process, so each variant runs in a resident worker process of its own
 (compiled once); every round asks each worker for `--steps` steps in turn, so the machine's drift
-hits all variants alike. Variants (`--variants`, comma-separated; default all but `ynn-off`):
+hits all variants alike. Variants (`--variants`, comma-separated; default fp32,bf16,compute,compute-onednn):
 
   fp32                  model.compute_dtype=float32 (the reference for CPUs without bf16 hardware)
   bf16                  model.compute_dtype=bfloat16, fp32-output dots, XLA's default flags
@@ -75,6 +75,8 @@ def main():
         ap.error(f"unknown variant(s) {unknown}; known: {', '.join(known)}")
     if "bf16" not in names:
         ap.error("--variants must include bf16 (the ratios are against it)")
+    if args.rounds < 1:
+        ap.error("--rounds must be >= 1")
     variants = {n: known[n] for n in names}
     amx = "amx_bf16" in xla_flags.cpu_features()
     workers = {}

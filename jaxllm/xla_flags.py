@@ -85,7 +85,7 @@ def apply(model: ModelConfig, environ=None) -> str | None:
     if "amx_bf16" not in cpu_features():
         return ("XLA flags: not set for model.dot_output=compute: this CPU has no AMX (amx_bf16), where "
                 "oneDNN runs bf16 dots as fp32 GEMMs (no gain measured on AVX2); on such a CPU "
-                "model.compute_dtype=float32 is the faster step (README)")
+                "model.compute_dtype=float32 is the faster CPU step (README; a GPU/TPU backend is unaffected)")
     current = environ.get("XLA_FLAGS", "")
     mine = {k: v for k, v in flags.items() if k not in _set_names(current)}
     kept = sorted(set(flags) - set(mine))
