@@ -8,8 +8,9 @@ them again: measured 192k minor faults and 0.44 s of kernel time per 25m bf16 st
 2-core CPU. A thread arena cannot serve such a block from its heap (64 MB at most), so only
 glibc's main heap can keep it: with one arena, no mmap and no trimming, the freed block stays
 in the heap and the next step reuses it: 0 faults per step once the heap has grown (by the
-third step), and 1.28x tokens/s (medians of an interleaved A/B of the 25m bf16 step; README,
-Benchmarks).
+third step of a 25m step; the heap then holds about two step blocks, as small allocations in a
+freed block's space can keep the next one from fitting), and 1.28x tokens/s (medians of an
+interleaved A/B of the 25m bf16 step; README, Benchmarks).
 
 The cost: the process keeps its peak heap (glibc never returns freed memory to the OS) and
 all threads share one arena. Set JAXLLM_HOST_ALLOC=default to leave glibc as it is.

@@ -13,8 +13,9 @@ import pytest
 from jaxllm import host_alloc
 from jaxllm.errors import UserError
 
-# A jitted backward whose temporaries (~118 MB) are far above glibc's largest mmap threshold
-# (32 MB): with glibc's defaults each call maps and faults them in afresh.
+# A jitted backward whose temporaries (~117 MB) are far above glibc's largest mmap threshold
+# (32 MB): with glibc's defaults each call maps and faults them in afresh. A narrow matmul keeps
+# each call short (~0.1-0.2 s here) so that the window below can be long.
 CHILD = r"""
 import json, resource, sys
 from jaxllm import host_alloc
@@ -26,17 +27,19 @@ def loss(w, x):
         h = jnp.tanh(h @ w)
     return jnp.sum(h)
 g = jax.jit(jax.grad(loss))
-w = jnp.full((512, 512), 1e-3); x = jnp.ones((8192, 512))
+w = jnp.full((64, 64), 1e-3); x = jnp.ones((65536, 64))
 temp = g.lower(w, x).compile().memory_analysis().temp_size_in_bytes
-for _ in range(3):
+# Warm-up: the kept heap grows while it settles. Small allocations land in the freed blocks'
+# space, so a new block sometimes does not fit and the heap grows (fresh pages, faults); a
+# 25m train step settles by its third step, this toy backward mostly within ~10 calls, with a
+# rare growth later (seen at call 36 of 40).
+for _ in range(10):
     jax.block_until_ready(g(w, x))
 faults = []
-for _ in range(7):
+for _ in range(21):
     r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     jax.block_until_ready(g(w, x))
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
-faults = sorted(faults)[3]   # median: the kept heap still grows now and then (a call's block is
-                             # freed only after the next call starts); glibc's defaults fault every call
 print(json.dumps({"line": line, "temp_pages": temp / 4096, "faults": faults}))
 """
 
@@ -52,11 +55,15 @@ def _child(mode: str) -> dict:
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the settings are glibc's mallopt")
 def test_kept_pages_stop_the_per_call_page_faults():
     default, keep = _child("default"), _child("keep")
-    assert default["temp_pages"] > 20_000, default          # the test's premise: > 80 MB of temporaries
+    pages = default["temp_pages"]
+    assert pages > 20_000, default                          # the test's premise: > 80 MB of temporaries
     assert "glibc defaults" in default["line"] and "main heap only" in keep["line"], (default, keep)
-    # glibc's defaults fault in (nearly) every temporary page on every call; kept pages do not.
-    assert default["faults"] > 0.5 * default["temp_pages"], default
-    assert keep["faults"] < 0.05 * default["temp_pages"], (keep, default)
+    med = {k: sorted(r["faults"])[len(r["faults"]) // 2] for k, r in (("default", default), ("keep", keep))}
+    # glibc's defaults fault in (nearly) every temporary page on every call; kept pages do not,
+    # but for a rare heap growth (median over 21 calls: a growth would need 11 of them to fail).
+    assert med["default"] > 0.5 * pages, default
+    assert med["keep"] < 0.05 * pages, (keep, default)
+    assert sum(keep["faults"]) < 0.25 * sum(default["faults"]), (keep, default)
 
 
 def test_a_wrong_mode_is_refused(monkeypatch):
