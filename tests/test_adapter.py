@@ -128,6 +128,40 @@ def test_trained_norms_start_at_the_base_and_add_to_its_scales(base):
         adapter.attach(base, delta, ACFG)
 
 
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_trained_embeddings_start_at_the_base_and_add_to_its_tables(tied):
+    """adapter.train_embeddings (Houlsby's trained top layer; for an LM the embedding tables): a
+    zero delta on the whole input embedding and LM head; attached, the model is the base with
+    E + dE and W + dW, and the frozen base is not written."""
+    mcfg = ModelConfig(**{**CFG.__dict__, "tie_embeddings": tied})
+    base = jax.jit(jaxllm.init_params, static_argnums=0)(mcfg, jax.random.key(0))
+    cfg = AdapterConfig(size=8, train_embeddings=True)
+    delta = adapter.init_delta(base, cfg, jax.random.key(1))
+    want = {"embed": (128, 64), **({} if tied else {"lm_head": (64, 128)})}
+    assert {k: v.shape for k, v in delta["embeddings"].items()} == want
+    x = tokens()
+    np.testing.assert_array_equal(forward(adapter.attach(base, delta, cfg), x, mcfg), forward(base, x, mcfg))
+    before = jax.tree.map(np.asarray, base)
+    k = iter(jax.random.split(jax.random.key(2), 2))
+    delta["embeddings"] = jax.tree.map(lambda a: 0.05 * jax.random.normal(next(k), a.shape), delta["embeddings"])
+    moved = jax.tree.map(lambda a: a, base)
+    moved["embed"]["embedding"] = base["embed"]["embedding"] + delta["embeddings"]["embed"]
+    if not tied:
+        moved["lm_head"]["kernel"] = base["lm_head"]["kernel"] + delta["embeddings"]["lm_head"]
+    out = forward(adapter.attach(base, delta, cfg), x, mcfg)
+    np.testing.assert_allclose(out, forward(moved, x, mcfg), atol=1e-6, rtol=1e-6)
+    assert np.abs(out - forward(base, x, mcfg)).max() > 0.01
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, base), before)
+    specs = adapter.delta_logical_axes(mcfg, cfg)["embeddings"]
+    assert specs == {"embed": jax.sharding.PartitionSpec("vocab", "embed"),
+                     **({} if tied else {"lm_head": jax.sharding.PartitionSpec("embed", "vocab")})}
+    plain = adapter.init_delta(base, ACFG, jax.random.key(1))
+    with pytest.raises(ConfigError, match=r"\['embeddings'\]\['embed'\]: None \(expected \(128, 64\)\)"):
+        adapter.attach(base, plain, cfg)
+    with pytest.raises(ConfigError, match=r"trainable_tokens with adapter.train_embeddings.*drop"):
+        AdapterConfig(size=8, train_embeddings=True, trainable_tokens=(3,))
+
 @pytest.mark.parametrize("placement", ["serial", "parallel"])
 def test_placement_reads_the_sublayer_output_or_its_normed_input(base, placement):
     """One layer through Block, only the MLP site adapted with random down/up and scale 2,

@@ -207,9 +207,10 @@ def test_full_sft_lora_and_adapters_on_the_demo_base(demo, tmp_path):
     2026-12-06, this test's 300 conversations, Python 3.11 / jax 0.10: pretrained 0.000, full
     0.340, LoRA r=8 0.297, adapters 0.120 (600 steps: full 0.49, LoRA r=8 0.44, adapters 0.22);
     Python 3.13 / jax 0.12 (another demo base): full 0.373, LoRA r=8 0.283, adapters 0.183. So
-    LoRA's gap to full SFT is 4-9 points here, the adapters' 15-22: issue 10's "within a few
-    points" is printed, not asserted; what is asserted is that both learn, LoRA most of what full
-    SFT learns."""
+    LoRA's gap to full SFT is 4-9 points here, the adapters' 15-22 (those adapter figures are from
+    before adapter.train_embeddings joined the recipe, with only the chat specials' rows): issue
+    10's "within a few points" is printed, not asserted; what is asserted is that both learn, LoRA
+    most of what full SFT learns."""
     res = _three_ways(demo["out"], tmp_path, "runs/pretrain", [], 300, (
         ("full SFT", "sft", []), ("LoRA r=8", "lora", ["lora.r=8", "lora.alpha=16"]), ("adapters", "adapter", [])))
     full, lora_, adapters, pre = (res[k]["all"] for k in ("full SFT", "LoRA r=8", "adapters", "pretrained"))
@@ -244,11 +245,13 @@ def test_lora_and_adapters_within_a_few_points_of_full_sft_on_a_small_base(demo,
     as above, bf16 compute; adapters at size 64 (half of d, as size 32 is of tiny's d=64).
     Exact match on 600 eval conversations (one run's standard error ~2 points).
     2026-12-06, Python 3.13 / jax 0.12.1: pretrained 0.000, full SFT 0.450, LoRA r=8 0.400
-    (gap 5.0 points), adapters 0.340 (gap 11.0). Python 3.11 / jax 0.10.2, the same sizes on a
-    base pretrained 2,500 steps, 300 conversations: full 0.463, LoRA 0.440 (2.3), adapters size 32
-    0.337 (12.6), size 64 0.390 (7.3), size 128 0.410 (5.3). LoRA's gap is asserted at under 8
-    points; the adapters' is not within a few points (issue 10 stays open for them) and is
-    asserted at under 15, so a regression back to the tiny base's 15-22 fails."""
+    (gap 5.0 points), adapters 0.340 (gap 11.0) when they trained only the chat specials' rows of
+    the embedding tables. 2026-12-07, the same setup on the AVX2 machine: full 0.443, adapters
+    with those rows 0.332 (11.2), with every row (adapter.train_embeddings, now in the recipe)
+    0.390 (5.3). Python 3.11 / jax 0.10.2, the same sizes on a base pretrained 2,500 steps,
+    300 conversations, specials' rows only: full 0.463, LoRA 0.440 (2.3), adapters size 32 0.337
+    (12.6), size 64 0.390 (7.3), size 128 0.410 (5.3). LoRA's gap is asserted at under 8 points,
+    the adapters' at under 12 (a difference's standard error here is ~2.5-3 points)."""
     # In its own process: in the pytest worker that had run this module's other tests, the
     # evaluation's many generate() compilations failed ("Failed to materialize symbols", CI
     # 2026-12-06) and took the worker's later test files down with it. Likely cause, not proven:
@@ -264,4 +267,4 @@ def test_lora_and_adapters_within_a_few_points_of_full_sft_on_a_small_base(demo,
     full, lora_, adapters, pre = (res[k]["all"] for k in ("full SFT", "LoRA r=8", "adapters", "pretrained"))
     print(f"gap to full SFT: LoRA {full - lora_:+.3f}, adapters {full - adapters:+.3f}")
     assert pre < 0.05 and full > pre + 0.3, res
-    assert full - lora_ < 0.08 and full - adapters < 0.15, res
+    assert full - lora_ < 0.08 and full - adapters < 0.12, res

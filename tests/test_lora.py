@@ -27,7 +27,8 @@ from jaxllm.training.step import make_train_step
 
 CFG = ModelConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128)
 LCFG = LoraConfig(r=4, alpha=8.0)
-KINDS = {"lora": (lora, LCFG), "adapter": (adapter, AdapterConfig(size=8, train_norms=True))}
+KINDS = {"lora": (lora, LCFG), "adapter": (adapter, AdapterConfig(size=8, train_norms=True,
+                                                                        train_embeddings=True))}
 forward = jax.jit(jaxllm.forward, static_argnums=2)
 trunk = jax.jit(jaxllm.trunk, static_argnums=2)
 init_params = jax.jit(jaxllm.init_params, static_argnums=0)

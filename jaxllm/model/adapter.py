@@ -13,7 +13,9 @@ The delta, stacked along `layers` like the base (model/transformer.py Block read
 With adapter.trainable_tokens the delta also holds {"tokens": rows} (model/tokens.py); with
 adapter.train_norms {"norms": {"attn_norm": (L, d), "mlp_norm": (L, d), "final_norm": (d,)}},
 zero-initialised and added to the base's RMSNorm scales when attached (Houlsby et al. train
-the layer norms beside the adapters).
+the layer norms beside the adapters); with adapter.train_embeddings
+{"embeddings": {"embed": (V, d), "lm_head": (d, V)}} (no "lm_head" when tied), likewise added to
+the input embedding and the LM head (their trained top layer).
 Unlike LoRA an adapter cannot be folded into the base weights (the activation sits between
 down and up), so there is no merge of weights: serving keeps the attached params.
 """
@@ -52,6 +54,11 @@ def norm_shapes(n_layers: int, d: int) -> dict:
     return {**{k: (n_layers, d) for k in NORMS}, "final_norm": (d,)}
 
 
+def embedding_shapes(base) -> dict:
+    v, d = base["embed"]["embedding"].shape
+    return {"embed": (v, d), **({"lm_head": (d, v)} if "lm_head" in base else {})}
+
+
 def delta_shapes(n_layers: int, d: int, size: int) -> dict:
     site = {"down": {"kernel": (n_layers, d, size), "bias": (n_layers, size)},
             "up": {"kernel": (n_layers, size, d), "bias": (n_layers, d)}}
@@ -71,6 +78,8 @@ def init_delta(base, cfg: AdapterConfig, key: jax.Array) -> dict:
             "up": {"kernel": jnp.zeros((n, cfg.size, d), dtype), "bias": jnp.zeros((n, d), dtype)}}
     if cfg.train_norms:
         delta["norms"] = {k: jnp.zeros(shape, dtype) for k, shape in norm_shapes(n, d).items()}
+    if cfg.train_embeddings:
+        delta["embeddings"] = {k: jnp.zeros(shape, dtype) for k, shape in embedding_shapes(base).items()}
     if cfg.trainable_tokens:
         delta["tokens"] = tokens.init_rows(base, tokens.ids_of(cfg))
     return delta
@@ -86,6 +95,9 @@ def delta_logical_axes(model_cfg: ModelConfig, cfg: AdapterConfig) -> dict:
     out = {"layers": {s: site for s in SITES}}
     if cfg.train_norms:
         out["norms"] = {**{k: P("layers", "norm") for k in NORMS}, "final_norm": P("norm")}
+    if cfg.train_embeddings:       # as the tables they add to (model/api.py param_logical_axes)
+        out["embeddings"] = {"embed": P("vocab", "embed"),
+                             **({} if model_cfg.tie_embeddings else {"lm_head": P("embed", "vocab")})}
     if cfg.trainable_tokens:
         out["tokens"] = tokens.logical_axes(model_cfg.tie_embeddings)
     return out
@@ -98,6 +110,8 @@ def check_delta(base, delta, cfg: AdapterConfig) -> None:
     want = delta_shapes(n, d, cfg.size)
     if cfg.train_norms:
         want["norms"] = norm_shapes(n, d)
+    if cfg.train_embeddings:
+        want["embeddings"] = embedding_shapes(base)
     flat_want = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_flatten_with_path(
         want, is_leaf=lambda x: isinstance(x, tuple))[0]}
     flat_have = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in
@@ -119,7 +133,11 @@ def attach(base: dict, delta: dict, cfg: AdapterConfig) -> dict:
         norms = delta["norms"]
         layers = {**base["layers"], **{k: {"scale": base["layers"][k]["scale"] + norms[k]} for k in NORMS}}
         base = {**base, "layers": layers, "final_norm": {"scale": base["final_norm"]["scale"] + norms["final_norm"]}}
-    out = {**base, "adapter": {**{k: v for k, v in delta.items() if k not in ("tokens", "norms")},
+    if "embeddings" in delta:      # the same for the tables: E + dE, W + dW (a new tree)
+        tables = delta["embeddings"]
+        base = {**base, "embed": {"embedding": base["embed"]["embedding"] + tables["embed"]},
+                **({"lm_head": {"kernel": base["lm_head"]["kernel"] + tables["lm_head"]}} if "lm_head" in base else {})}
+    out = {**base, "adapter": {**{k: v for k, v in delta.items() if k not in ("tokens", "norms", "embeddings")},
                                "options": AdapterOptions(cfg.activation, cfg.placement, cfg.scale)}}
     return tokens.attach(out, delta["tokens"], tokens.ids_of(cfg)) if "tokens" in delta else out
 
