@@ -4,6 +4,8 @@ Training through the one step (the frozen base is untouched, only the adapters c
 carry optimizer state) and the sharded-equals-single-device check are in test_lora.py,
 parametrized over both kinds of delta.
 """
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -96,26 +98,37 @@ def test_down_projection_init_has_the_configured_std(base):
         AdapterConfig(size=8, init_std=0.0)
 
 
+def _additive_part(base, mcfg, cfg, part: str, std: float, expected) -> dict:
+    """The delta's `part` (zero-initialised, added to base leaves when attached): fresh, the model
+    is the base exactly; randomised (std), it equals expected(base, delta[part]) run as a plain
+    base, differs from the base, and the frozen base is not written. Returns the randomised delta."""
+    delta = adapter.init_delta(base, cfg, jax.random.key(1))
+    x = tokens()
+    np.testing.assert_array_equal(forward(adapter.attach(base, delta, cfg), x, mcfg), forward(base, x, mcfg))
+    before = jax.tree.map(np.asarray, base)
+    k = iter(jax.random.split(jax.random.key(2), len(jax.tree.leaves(delta[part]))))
+    delta[part] = jax.tree.map(lambda a: std * jax.random.normal(next(k), a.shape), delta[part])
+    out = forward(adapter.attach(base, delta, cfg), x, mcfg)
+    np.testing.assert_allclose(out, forward(expected(jax.tree.map(lambda a: a, base), delta[part]), x, mcfg),
+                               atol=1e-6, rtol=1e-6)
+    assert np.abs(out - forward(base, x, mcfg)).max() > 0.01
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, base), before)
+    return delta
+
+
 def test_trained_norms_start_at_the_base_and_add_to_its_scales(base):
     """adapter.train_norms (Houlsby's trained layer norms): a zero delta on every RMSNorm scale;
     attached, the model is the base with scale + delta, and the frozen base is not written."""
     cfg = AdapterConfig(size=8, train_norms=True)
-    delta = adapter.init_delta(base, cfg, jax.random.key(1))
-    chex.assert_shape([delta["norms"]["attn_norm"], delta["norms"]["mlp_norm"], delta["norms"]["final_norm"]],
-                      [(2, 64), (2, 64), (64,)])
-    x = tokens()
-    np.testing.assert_array_equal(forward(adapter.attach(base, delta, cfg), x, CFG), forward(base, x, CFG))
-    before = jax.tree.map(np.asarray, base)
-    k = iter(jax.random.split(jax.random.key(2), 3))
-    delta["norms"] = jax.tree.map(lambda a: 0.3 * jax.random.normal(next(k), a.shape), delta["norms"])
-    scaled = jax.tree.map(lambda a: a, base)
-    for name in ("attn_norm", "mlp_norm"):
-        scaled["layers"][name]["scale"] = base["layers"][name]["scale"] + delta["norms"][name]
-    scaled["final_norm"]["scale"] = base["final_norm"]["scale"] + delta["norms"]["final_norm"]
-    out = forward(adapter.attach(base, delta, cfg), x, CFG)
-    np.testing.assert_allclose(out, forward(scaled, x, CFG), atol=1e-6, rtol=1e-6)
-    assert np.abs(out - forward(base, x, CFG)).max() > 0.01
-    chex.assert_trees_all_equal(jax.tree.map(np.asarray, base), before)
+    fresh = adapter.init_delta(base, cfg, jax.random.key(1))["norms"]
+    chex.assert_shape([fresh["attn_norm"], fresh["mlp_norm"], fresh["final_norm"]], [(2, 64), (2, 64), (64,)])
+
+    def scaled(p, norms):
+        for name in ("attn_norm", "mlp_norm"):
+            p["layers"][name]["scale"] = p["layers"][name]["scale"] + norms[name]
+        p["final_norm"]["scale"] = p["final_norm"]["scale"] + norms["final_norm"]
+        return p
+    delta = _additive_part(base, CFG, cfg, "norms", 0.3, scaled)
     specs = adapter.delta_logical_axes(CFG, cfg)["norms"]
     assert specs == {"attn_norm": jax.sharding.PartitionSpec("layers", "norm"),
                      "mlp_norm": jax.sharding.PartitionSpec("layers", "norm"),
@@ -128,31 +141,23 @@ def test_trained_norms_start_at_the_base_and_add_to_its_scales(base):
         adapter.attach(base, delta, ACFG)
 
 
-
 @pytest.mark.parametrize("tied", [False, True])
 def test_trained_embeddings_start_at_the_base_and_add_to_its_tables(tied):
     """adapter.train_embeddings (Houlsby's trained top layer; for an LM the embedding tables): a
     zero delta on the whole input embedding and LM head; attached, the model is the base with
     E + dE and W + dW, and the frozen base is not written."""
-    mcfg = ModelConfig(**{**CFG.__dict__, "tie_embeddings": tied})
+    mcfg = dataclasses.replace(CFG, tie_embeddings=tied)
     base = jax.jit(jaxllm.init_params, static_argnums=0)(mcfg, jax.random.key(0))
     cfg = AdapterConfig(size=8, train_embeddings=True)
-    delta = adapter.init_delta(base, cfg, jax.random.key(1))
-    want = {"embed": (128, 64), **({} if tied else {"lm_head": (64, 128)})}
-    assert {k: v.shape for k, v in delta["embeddings"].items()} == want
-    x = tokens()
-    np.testing.assert_array_equal(forward(adapter.attach(base, delta, cfg), x, mcfg), forward(base, x, mcfg))
-    before = jax.tree.map(np.asarray, base)
-    k = iter(jax.random.split(jax.random.key(2), 2))
-    delta["embeddings"] = jax.tree.map(lambda a: 0.05 * jax.random.normal(next(k), a.shape), delta["embeddings"])
-    moved = jax.tree.map(lambda a: a, base)
-    moved["embed"]["embedding"] = base["embed"]["embedding"] + delta["embeddings"]["embed"]
-    if not tied:
-        moved["lm_head"]["kernel"] = base["lm_head"]["kernel"] + delta["embeddings"]["lm_head"]
-    out = forward(adapter.attach(base, delta, cfg), x, mcfg)
-    np.testing.assert_allclose(out, forward(moved, x, mcfg), atol=1e-6, rtol=1e-6)
-    assert np.abs(out - forward(base, x, mcfg)).max() > 0.01
-    chex.assert_trees_all_equal(jax.tree.map(np.asarray, base), before)
+    fresh = adapter.init_delta(base, cfg, jax.random.key(1))["embeddings"]
+    assert {k: v.shape for k, v in fresh.items()} == {"embed": (128, 64), **({} if tied else {"lm_head": (64, 128)})}
+
+    def moved(p, tables):
+        p["embed"]["embedding"] = p["embed"]["embedding"] + tables["embed"]
+        if not tied:
+            p["lm_head"]["kernel"] = p["lm_head"]["kernel"] + tables["lm_head"]
+        return p
+    _additive_part(base, mcfg, cfg, "embeddings", 0.05, moved)
     specs = adapter.delta_logical_axes(mcfg, cfg)["embeddings"]
     assert specs == {"embed": jax.sharding.PartitionSpec("vocab", "embed"),
                      **({} if tied else {"lm_head": jax.sharding.PartitionSpec("embed", "vocab")})}
@@ -161,6 +166,7 @@ def test_trained_embeddings_start_at_the_base_and_add_to_its_tables(tied):
         adapter.attach(base, plain, cfg)
     with pytest.raises(ConfigError, match=r"trainable_tokens with adapter.train_embeddings.*drop"):
         AdapterConfig(size=8, train_embeddings=True, trainable_tokens=(3,))
+
 
 @pytest.mark.parametrize("placement", ["serial", "parallel"])
 def test_placement_reads_the_sublayer_output_or_its_normed_input(base, placement):
