@@ -216,6 +216,9 @@ class TrainConfig:
             raise ConfigError("train.run_dir is empty: give a directory for checkpoints and metrics")
         if self.z_loss < 0:
             raise ConfigError(f"train.z_loss must be >= 0, got {self.z_loss}")
+        if self.sample_tokens < 1:
+            raise ConfigError(f"train.sample_tokens must be >= 1 (new tokens per sample prompt), "
+                              f"got {self.sample_tokens}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,8 +322,9 @@ class RewardConfig:
     def __post_init__(self):
         if self.k_max < 2:
             raise ConfigError(f"reward.k_max must be >= 2 (a ranking compares responses), got {self.k_max}")
-        if self.margin < 0 or self.center_coef < 0:
-            raise ConfigError("reward.margin and reward.center_coef must be >= 0")
+        for name in ("margin", "center_coef"):   # (written so that NaN fails too)
+            if not 0 <= getattr(self, name) < float("inf"):
+                raise ConfigError(f"reward.{name} must be a finite number >= 0, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,22 +339,27 @@ class RLConfig:
     max_prompt_tokens: int = 64      # longer prompts keep their last tokens (counted)
     max_new_tokens: int = 48
     temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
+    top_k: int = 0                   # 0: every token; else the k likeliest
+    top_p: float = 1.0               # nucleus sampling, in (0, 1]
     epochs: int = 2                  # passes over each rollout batch
     minibatches: int = 2             # updates per pass
     clip: float = 0.2
+    # PPO only (GRPO has no critic and refuses non-default values): value_clip, vf_coef,
+    # entropy_coef, gamma, lam, whiten_advantages, kl_estimator, value_init, value_lr
     value_clip: float = 0.2
     vf_coef: float = 0.1
-    entropy_coef: float = 0.0
-    gamma: float = 1.0
-    lam: float = 0.95
-    kl_coef: float = 0.05            # beta of the KL penalty to the reference policy
+    entropy_coef: float = 0.0        # >= 0: a bonus for the policy's entropy (< 0 would reward collapse)
+    gamma: float = 1.0               # in [0, 1]
+    lam: float = 0.95                # GAE's lambda, in [0, 1]
+    kl_coef: float = 0.05            # beta of the KL penalty to the reference policy (PPO and GRPO)
+    # PPO's per-token reward penalty; GRPO's loss term is always k3 (DeepSeekMath)
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
     kl_target: float = 0.0           # > 0: adaptive beta (Ziegler et al. 2019) towards this KL
-    kl_horizon: float = 10000.0
+    kl_horizon: float = 10000.0      # (only with kl_target > 0)
     whiten_advantages: bool = True
-    missing_eos_penalty: float = 0.0  # added to the score of a response that hit max_new_tokens
+    # >= 0, SUBTRACTED from the score of a response that hit max_new_tokens without a stop
+    # token (TRL's missing_eos_penalty)
+    missing_eos_penalty: float = 0.0
     # the critic's head: zeros, or the reward model's scalar head (InstructGPT initialises the
     # value function from the reward model; here the head sits on the policy's trunk)
     value_init: Literal["zero", "reward_model"] = "zero"
@@ -365,15 +374,40 @@ class RLConfig:
         for name in ("group_size", "max_prompt_tokens", "max_new_tokens", "epochs", "minibatches"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"rl.{name} must be >= 1, got {getattr(self, name)}")
-        if not self.temperature > 0:
+        if not 0 < self.temperature < float("inf"):
             raise ConfigError(f"rl.temperature must be > 0 (rollouts sample), got {self.temperature}")
-        if self.kl_coef < 0 or self.clip <= 0 or self.value_clip <= 0:
-            raise ConfigError("rl.kl_coef must be >= 0, rl.clip and rl.value_clip > 0")
+        if self.missing_eos_penalty < 0:
+            raise ConfigError(f"rl.missing_eos_penalty={self.missing_eos_penalty}: it is a penalty >= 0 that is "
+                              f"subtracted from a truncated response's score (TRL's sign); write "
+                              f"{-self.missing_eos_penalty} to penalise truncation")
+        inf = float("inf")   # each test below also fails for NaN
+        for name, lo, lo_ok, hi, hi_ok, why in (
+                ("clip", 0, False, inf, False, "the PPO/GRPO ratio clip"),
+                ("value_clip", 0, False, inf, False, "the critic's clip"),
+                ("kl_coef", 0, True, inf, False, "the KL penalty's beta"),
+                ("kl_target", 0, True, inf, False, "0 = fixed beta"),
+                ("kl_horizon", 0, False, inf, False, "adaptive beta's horizon"),
+                ("vf_coef", 0, True, inf, False, "the value loss's weight"),
+                ("entropy_coef", 0, True, inf, False, "an entropy bonus; < 0 would reward collapse"),
+                ("gamma", 0, True, 1, True, "the discount"),
+                ("lam", 0, True, 1, True, "GAE's lambda"),
+                ("top_p", 0, False, 1, True, "nucleus sampling"),
+                ("missing_eos_penalty", 0, True, inf, False, "subtracted from a truncated response's score"),
+                ("dpo_beta", 0, False, inf, False, "DPO's beta")):
+            v = getattr(self, name)
+            if not ((v >= lo if lo_ok else v > lo) and (v <= hi if hi_ok else v < hi)):
+                span = f"{'[' if lo_ok else '('}{lo}, {'inf' if hi == inf else hi}{']' if hi_ok else ')'}"
+                raise ConfigError(f"rl.{name} must be in {span} ({why}), got {v}")
+        if self.top_k < 0:
+            raise ConfigError(f"rl.top_k must be >= 0 (0: no top-k cut), got {self.top_k}")
+        if self.kl_horizon != RLConfig.kl_horizon and not self.kl_target:
+            raise ConfigError("rl.kl_horizon is set but adaptive KL is off (rl.kl_target=0): set "
+                              "rl.kl_target > 0 or drop rl.kl_horizon")
         if not 0 < self.value_lr < float("inf"):
             raise ConfigError(f"rl.value_lr must be > 0, got {self.value_lr}")
         if self.value_init == "reward_model" and not self.reward_model:
             raise ConfigError("rl.value_init=reward_model needs rl.reward_model (a reward-model run dir)")
-        if not self.dpo_beta > 0 or not self.dpo_rpo_alpha >= 0:
+        if not self.dpo_beta > 0 or not 0 <= self.dpo_rpo_alpha < float("inf"):
             raise ConfigError(f"rl.dpo_beta must be > 0 and rl.dpo_rpo_alpha >= 0, got "
                               f"{self.dpo_beta} and {self.dpo_rpo_alpha}")
 
@@ -433,6 +467,26 @@ class Config:
                               "every token row already)")
         if self.adapter.init_std != AdapterConfig.init_std and not self.adapter.size:
             raise ConfigError("adapter.init_std is set but adapters are off (adapter.size=0)")
+        for name, cfg, switch in (("lora", self.lora, "r"), ("adapter", self.adapter, "size")):
+            if not getattr(cfg, switch):
+                changed = [f"{name}.{f.name}" for f in dataclasses.fields(cfg)
+                           if getattr(cfg, f.name) != f.default]
+                if changed:
+                    it = "it" if len(changed) == 1 else "them"
+                    raise ConfigError(f"{', '.join(changed)} set but {name} is off ({name}.{switch}=0), so "
+                                      f"{it} would be ignored: set {name}.{switch} > 0 or drop {it}")
+        if self.train.sample_prompts and self.train.objective in ("reward", "dpo", "ppo", "grpo"):
+            raise ConfigError(f"train.sample_prompts: the {self.train.objective} recipe does not write samples "
+                              f"(clm, mlm and sft do; PPO/GRPO log their held-out answers); drop it")
+        if self.train.sample_prompts and self.data.kind == "synthetic_tokens":
+            raise ConfigError("train.sample_prompts needs a tokenizer to encode them: data.kind=synthetic_tokens "
+                              "has none (use text or chat data, or drop them)")
+        if self.train.sample_prompts and not self.train.eval_every:
+            raise ConfigError("train.sample_prompts are written at each evaluation, and train.eval_every=0 "
+                              "turns evaluation off: set train.eval_every > 0 or drop them")
+        if self.lora.dropout and self.train.objective in ("reward", "dpo", "ppo", "grpo"):
+            raise ConfigError(f"lora.dropout={self.lora.dropout}: the {self.train.objective} objective "
+                              f"runs the policy without dropout (clm, mlm and sft apply it); drop it")
 
 
 def load_config(path: str | pathlib.Path | None = None, overrides: Sequence[str] = ()) -> Config:

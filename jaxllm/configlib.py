@@ -232,8 +232,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, val = text.split("=", 1)
     try:
         value = yaml.safe_load(val) if val != "" else ""
-    except yaml.YAMLError:
-        value = val
+    except yaml.YAMLError as e:
+        if val.lstrip().startswith(("[", "{")):   # meant as a list / mapping: not a plain string
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"override '{text}': the value is not valid YAML ({problem}); quote items "
+                              f"that hold ':', '?', ',' or '#', e.g. {key}=['What is 2 + 3?']") from None
+        value = val   # a plain string that YAML cannot read, e.g. a path with ': '
     return key.strip().split("."), value
 
 

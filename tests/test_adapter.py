@@ -16,6 +16,7 @@ import jaxllm
 from jaxllm.config import AdapterConfig, ModelConfig
 from jaxllm.configlib import ConfigError
 from jaxllm.model import adapter
+from jaxllm.objectives.policy import reference_params
 
 CFG = ModelConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128)
 ACFG = AdapterConfig(size=8)
@@ -101,7 +102,8 @@ def test_down_projection_init_has_the_configured_std(base):
 def _additive_part(base, mcfg, cfg, part: str, std: float, expected) -> dict:
     """The delta's `part` (zero-initialised, added to base leaves when attached): fresh, the model
     is the base exactly; randomised (std), it equals expected(base, delta[part]) run as a plain
-    base, differs from the base, and the frozen base is not written. Returns the randomised delta."""
+    base, differs from the base, its reference policy (RL, DPO) is the base, and the frozen base is
+    not written. Returns the randomised delta."""
     delta = adapter.init_delta(base, cfg, jax.random.key(1))
     x = tokens()
     np.testing.assert_array_equal(forward(adapter.attach(base, delta, cfg), x, mcfg), forward(base, x, mcfg))
@@ -112,6 +114,9 @@ def _additive_part(base, mcfg, cfg, part: str, std: float, expected) -> dict:
     np.testing.assert_allclose(out, forward(expected(jax.tree.map(lambda a: a, base), delta[part]), x, mcfg),
                                atol=1e-6, rtol=1e-6)
     assert np.abs(out - forward(base, x, mcfg)).max() > 0.01
+    # the reference policy (RL's KL, DPO's implicit reward) is the base, not base + delta[part]
+    np.testing.assert_array_equal(forward(reference_params(adapter.attach(base, delta, cfg)), x, mcfg),
+                                  forward(base, x, mcfg))
     chex.assert_trees_all_equal(jax.tree.map(np.asarray, base), before)
     return delta
 

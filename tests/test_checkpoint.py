@@ -246,6 +246,14 @@ def test_convert_refuses_a_non_empty_destination_unless_overwrite(tmp_path, refe
     convert(str(dst), str(tmp_path / "orbax"), "orbax")
     with pytest.raises(jaxllm.UserError, match="is not empty"):
         convert(str(dst), str(tmp_path / "orbax"), "orbax")   # would leave the old model in place
+    convert(str(dst), str(tmp_path / "orbax"), "orbax", overwrite=True)   # its own export: replaced
+    # --overwrite into a run's checkpoints/ (its step 0 is not a convert export): refused, kept
+    run = tmp_path / "run"
+    jaxllm.train(jaxllm.load_config(None, ARGS + ["train.steps=1", "checkpoint.every=1", f"train.run_dir={run}"]))
+    (run / "checkpoints" / "1").rename(run / "checkpoints" / "0")   # where the export would go
+    with pytest.raises(jaxllm.UserError, match="was not written by `jaxllm convert --to orbax`.*will not delete"):
+        convert(str(dst), str(run / "checkpoints"), "orbax", overwrite=True)
+    assert (run / "checkpoints" / "0").is_dir()
 
 
 @pytest.mark.slow

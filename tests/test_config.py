@@ -125,3 +125,34 @@ def test_microbatch_rows_must_split_over_the_batch_axes(tmp_path):
                                     "mesh.fsdp=8", "train.steps=1", f"train.run_dir={tmp_path}"])
     with pytest.raises(ConfigError, match=r"2 rows per microbatch must be divisible by mesh data\*fsdp = 8"):
         jaxllm.train(cfg)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["lora.dropout=0.1"], r"^lora.dropout set but lora is off \(lora.r=0\), so it would be ignored"),
+    (["lora.rslora=true", "lora.init=peft"], r"^lora.rslora, lora.init set but lora is off.*drop them"),
+    (["adapter.train_embeddings=true"], r"^adapter.train_embeddings set but adapter is off \(adapter.size=0\)"),
+    (["adapter.placement=parallel", "adapter.scale=4"], r"^adapter.placement, adapter.scale set but adapter is off"),
+    (["lora.r=4", "lora.dropout=0.1", "train.objective=dpo"], r"the dpo objective runs the policy without dropout"),
+    (["lora.r=4", "lora.dropout=0.1", "train.objective=grpo"], r"the grpo objective runs the policy without dropout"),
+    (["train.sample_prompts=[hi]", "train.objective=dpo"], r"the dpo recipe does not write samples"),
+    (["train.sample_prompts=[hi]"], r"needs a tokenizer to encode them: data.kind=synthetic_tokens"),
+    (["train.sample_prompts=[hi]", "data.kind=text", "data.sources=[{path: a.jsonl}]", "train.eval_every=0"],
+     r"train.eval_every=0 turns evaluation off"),
+])
+def test_options_that_would_be_ignored_are_refused(args, message):
+    """A delta's options while that delta is off, LoRA dropout under an objective that does not
+    apply it, or sample prompts where none are written would change nothing: refused in one
+    line, never accepted without a word."""
+    with pytest.raises(ConfigError, match=message):
+        jaxllm.load_config(None, args)
+    jaxllm.load_config(None, ["lora.r=4", "lora.dropout=0.1", "lora.rslora=true"])     # used: fine
+    jaxllm.load_config(None, ["adapter.size=8", "adapter.train_embeddings=true"])
+
+
+def test_a_list_override_that_is_not_valid_yaml_is_refused_not_taken_as_one_string():
+    with pytest.raises(ConfigError, match=r"override 'train.sample_prompts=\[What is 2 \+ 3\?\]': the value is "
+                                          r"not valid YAML.*quote items"):
+        jaxllm.load_config(None, ["train.sample_prompts=[What is 2 + 3?]"])
+    cfg = jaxllm.load_config(None, ["train.sample_prompts=['What is 2 + 3?', hi]", "data.kind=text",
+                                    "data.sources=[{path: a.jsonl}]"])
+    assert cfg.train.sample_prompts == ("What is 2 + 3?", "hi")

@@ -235,6 +235,20 @@ def test_sample_completions_are_reproducible_and_equal_on_the_training_mesh(tok,
         assert sample_completions(placed, cfg, tok, prompts, 8, jax.random.key(4)) == a
 
 
+def test_sft_samples_are_user_turns_in_the_chat_template_ended_at_end_of_turn(tok):
+    """An SFT run's sample prompts are rendered as user turns up to the assistant header (what
+    it trained on) and the answer stops at <|im_end|>; as raw text the model sees no header."""
+    from jaxllm.data.chat import resolve_template
+    nl = chat_prompt([{"role": "user", "content": "hi"}], tok)[-1]   # last token of the assistant header
+    a, b = tok.encode("moon")[0], tok.encode("river")[-1]
+    params = scripted_params(tok, {nl: a, a: b, b: tok.im_end_id})
+    got = sample_completions(params, CFG, tok, ["hi"], 8, jax.random.key(0), temperature=0.0,
+                             chat_template=resolve_template(tok))
+    assert got == [{"prompt": "hi", "completion": tok.decode([a, b])}]
+    raw = sample_completions(params, CFG, tok, ["hi"], 8, jax.random.key(0), temperature=0.0)
+    assert raw[0]["completion"] != got[0]["completion"]
+
+
 # ------------------------------------------------------------------ lm-eval adapter
 def need_lm_eval():
     pytest.importorskip("lm_eval", reason="the `eval` extra (lm-eval) is not installed")

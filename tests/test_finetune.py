@@ -56,6 +56,11 @@ def test_lora_run_writes_a_peft_adapter_that_loads_back(tmp_path, base):
     delta, lcfg = load_peft(tmp_path / "adapter", cfg)
     assert lcfg.r == 4
     chex.assert_trees_all_close(delta, jax.device_get(s["state"].params), atol=0)
+    # a LoRA run as another run's init_from: its checkpoint is a delta, said in one line
+    with pytest.raises(jaxllm.UserError, match=rf"is a LoRA run: its checkpoint holds the trained delta.*"
+                                               rf"Point at its base \({base_dir}\).*--to hf"):
+        jaxllm.train(jaxllm.load_config(None, ARGS + ["train.steps=1", f"train.run_dir={tmp_path}/next",
+                                                      f"checkpoint.init_from={tmp_path}"]))
 
 
 def test_a_delta_without_a_base_is_refused(tmp_path):
@@ -112,11 +117,13 @@ def test_a_lora_run_with_trainable_tokens_trains_their_rows_and_exports_merged(t
         np.testing.assert_allclose(jaxllm.forward(lora.attach(base_params, d, lcfg), ids, cfg), want, atol=1e-5)
 
 
-def test_a_qlora_run_trains_over_an_nf4_base_and_reloads_and_exports_it(tmp_path, base, capsys):
+@pytest.mark.parametrize("targets", [[], ["lora.targets=layers/attn/q/kernel"]], ids=["all", "q-only"])
+def test_a_qlora_run_trains_over_an_nf4_base_and_reloads_and_exports_it(tmp_path, base, capsys, targets):
     base_dir, base_params = base
     run = tmp_path / "run"
     s = jaxllm.train(jaxllm.load_config(None, ARGS + ["lora.r=4", "lora.quantize_base=nf4", "train.steps=3",
-                                                      f"train.run_dir={run}", f"checkpoint.init_from={base_dir}"]))
+                                                      f"train.run_dir={run}", f"checkpoint.init_from={base_dir}",
+                                                      *targets]))
     from jaxllm.model import lora, quant
     frozen = jax.device_get(s["frozen"])
     want_base = quant.quantize_tree(base_params, "nf4", 64)
@@ -126,7 +133,8 @@ def test_a_qlora_run_trains_over_an_nf4_base_and_reloads_and_exports_it(tmp_path
     assert "16 in layers/attn/o/kernel" in log, log     # head_dim 16 < 64: the smaller block is said
     assert all(np.isfinite(h["loss"]) for h in s["history"])
     trained = jax.device_get(s["state"].params)
-    assert np.abs(trained["layers"]["mlp"]["up"]["kernel"]["b"]).max() > 0   # B left zero: it trained
+    block, name = ("attn", "q") if targets else ("mlp", "up")
+    assert np.abs(trained["layers"][block][name]["kernel"]["b"]).max() > 0   # B left zero: it trained
     # load_policy rebuilds the base the delta was trained on (quantized), so generation and
     # evaluation see the trained function; the HF export folds the dequantized kernels
     from jaxllm.interop.cli import convert
@@ -137,6 +145,7 @@ def test_a_qlora_run_trains_over_an_nf4_base_and_reloads_and_exports_it(tmp_path
     cfg = jaxllm.load_config(None, ARGS).model
     want = jaxllm.forward(lora.attach(want_base, jax.device_get(s["state"].params), delta[1]), ids, cfg)
     np.testing.assert_allclose(jaxllm.forward(params, ids, cfg), want, atol=1e-6)
-    convert(str(run), str(tmp_path / "hf"), "hf")
+    # q-only: the kernels LoRA does not adapt are still quantized after the merge
+    assert "the nf4 base dequantized" in convert(str(run), str(tmp_path / "hf"), "hf")
     hf_cfg, merged = jaxllm.load_hf(tmp_path / "hf")
     np.testing.assert_allclose(jaxllm.forward(merged, ids, hf_cfg), want, atol=1e-5)

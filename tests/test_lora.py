@@ -198,6 +198,7 @@ def test_rank_zero_is_refused_when_lora_is_asked_for(base):
         LoraConfig(r=-1)
 
 
+
 def test_attach_refuses_a_delta_that_does_not_fit(base):
     delta = init_lora(base, LCFG, jax.random.key(1))
     with pytest.raises(ConfigError, match=r"delta adapts .* but lora.targets="):

@@ -199,6 +199,45 @@ def test_bad_rl_configs_are_refused(policy, tmp_path):
     no_base = [a for a in args if not a.startswith("checkpoint.init_from")]
     with pytest.raises(jaxllm.ConfigError, match="set checkpoint.init_from"):
         rl_run(no_base, tmp_path, "mesh.devices=1")
+    # what only PPO reads is refused under GRPO, naming the key (PPO itself accepts each)
+    grpo = ["train.objective=grpo", "rl.group_size=2", "mesh.devices=1"]
+    for override in ("rl.value_lr=0.5", "rl.vf_coef=0.5", "rl.value_clip=0.5", "rl.gamma=0.9", "rl.lam=0.5",
+                     "rl.whiten_advantages=false", "rl.entropy_coef=0.01", "rl.kl_estimator=k3"):
+        with pytest.raises(jaxllm.ConfigError, match=f"train.objective=grpo .*: {override} would do nothing"):
+            rl_run(args, tmp_path, *grpo, override)
+        rl_recipe._check(jaxllm.load_config(None, args + [override]))            # PPO reads it
+
+
+def test_bad_prompt_records_are_counted_at_start_up_with_file_line_or_refused_when_strict(policy, tmp_path):
+    """RL prompts are scanned before the run (as SFT's chat data): bad records are skipped and
+    counted with their file:line, or stop the run at start-up under data.strict=true; prompts
+    cut to rl.max_prompt_tokens are counted (or dropped with data.long_examples=drop)."""
+    from jaxllm.data.config import SourceConfig
+    from jaxllm.data.sources import DataError
+    from jaxllm.data.tokenizer import load_tokenizer
+    from jaxllm.rl import rollout as R
+    d, _ = policy
+    tok = load_tokenizer(str(d / "tok"))
+    f = tmp_path / "prompts.jsonl"
+    lines = [{"prompt": "What is 2 + 3?"},
+             {"messages": [{"role": "robot", "content": "hi"}]},                       # line 2: unknown role
+             {"prompt": "Tell me a story. " * 20},                                     # line 3: long
+             {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+             {"prompt": "Name a colour."}]
+    f.write_text("".join(json.dumps(x) + "\n" for x in lines) + "{not json\n")        # line 6
+    kw = dict(max_tokens=64, global_batch=2, seed=0, shuffle=False, repeat=False)   # the short ones: < 32
+    said = []
+    it = R.prompt_iterator([SourceConfig(path=str(f))], tok, log=said.append, **kw)
+    assert len(said) == 1 and "6 records" in said[0] and "-> 3 prompts (1 cut to their last" in said[0], said
+    assert "3 bad records skipped" in said[0] and f"{f}:2: message 0 has unknown role 'robot'" in said[0], said
+    assert f"{f}:4: an RL prompt ends before" in said[0] and f"{f}:6: malformed JSON" in said[0], said
+    rows = [r for batch in it for r in batch]
+    assert [r["cut"] for r in rows] == [False, True, False] and [len(r["ids"]) <= 64 for r in rows] == [True] * 3
+    said.clear()
+    R.prompt_iterator([SourceConfig(path=str(f))], tok, log=said.append, drop_long=True, **kw)
+    assert "-> 2 prompts (0 cut" in said[0] and "1 dropped as longer" in said[0], said
+    with pytest.raises(DataError, match=f"{f}:2: message 0 has unknown role 'robot'.*data.strict=true"):
+        R.prompt_iterator([SourceConfig(path=str(f))], tok, strict=True, **kw)
 
 
 def test_rankings_of_own_samples_are_best_first_distinct_and_finished(policy, monkeypatch):
@@ -251,3 +290,37 @@ def test_curves_png_is_drawn_from_the_whole_metrics_file_or_says_why_not(tmp_pat
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert plot_curves(tmp_path) == f"wrote {tmp_path / 'curves.png'} (5 iterations)"
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_grpo_adaptive_beta_reaches_the_loss_and_truncation_is_penalised(policy, tmp_path, monkeypatch):
+    """rl.kl_target under GRPO: each update's batch carries the iteration's beta (the one
+    logged and checkpointed), which moves by the global rollout batch; rl.missing_eos_penalty
+    is subtracted from the score of responses cut at max_new_tokens."""
+    _, args = policy
+    monkeypatch.setattr(rl_recipe.Scorer, "__call__", lambda self, batch, records, texts: np.zeros(len(texts)))
+    betas, counts = [], []
+    real_step, real_update = rl_recipe.make_train_step, rl_recipe.AdaptiveKL.update
+
+    def spy_step(*a, **k):
+        step = real_step(*a, **k)
+
+        def wrapped(state, mb, frozen):
+            betas.append(np.asarray(mb["kl_coef"]))
+            return step(state, mb, frozen)
+        return wrapped
+
+    def spy_update(self, kl, n_steps):
+        counts.append(n_steps)
+        return real_update(self, kl, n_steps)
+    monkeypatch.setattr(rl_recipe, "make_train_step", spy_step)
+    monkeypatch.setattr(rl_recipe.AdaptiveKL, "update", spy_update)
+    h = rl_run(args, tmp_path, "train.objective=grpo", "rl.group_size=2", "train.batch_size=2", "rl.epochs=1",
+               "rl.minibatches=1", "rl.max_new_tokens=4", "rl.kl_coef=0.1", "rl.kl_target=1.0", "rl.kl_horizon=10",
+               "rl.missing_eos_penalty=1", "train.steps=2", "mesh.devices=1")["history"]
+    assert counts == [4, 4]                                   # 2 prompts x 2 samples: the global batch
+    assert h[0]["kl_coef"] == 0.1 and h[1]["kl_coef"] == pytest.approx(0.1 * (1 - 0.2 * 4 / 10))  # kl 0 < target
+    for it_betas, row in zip(betas, h):
+        np.testing.assert_allclose(it_betas, row["kl_coef"], rtol=1e-6)
+    for row in h:
+        assert row["ended_fraction"] < 1 and row["score"] == pytest.approx(-(1 - row["ended_fraction"]))

@@ -203,3 +203,88 @@ def test_the_value_head_starts_as_the_reward_models_head():
     assert logged == ["value head: initialised from the reward model's head"]
     with pytest.raises(ConfigError, match="d_model differ"):
         _value_head_from({"kernel": jnp.ones((8,))}, state, run)
+
+
+@pytest.mark.parametrize("override, match", [
+    ("rl.kl_horizon=0", r"rl.kl_horizon must be in \(0, inf\)"),          # kl_target would divide by it
+    ("rl.kl_horizon=-5", r"rl.kl_horizon must be in \(0, inf\)"),
+    ("rl.kl_horizon=500", r"rl.kl_horizon is set but adaptive KL is off \(rl.kl_target=0\)"),
+    ("rl.kl_target=-0.1", r"rl.kl_target must be in \[0, inf\)"),
+    ("rl.lam=1.5", r"rl.lam must be in \[0, 1\]"),
+    ("rl.lam=-0.1", r"rl.lam must be in \[0, 1\]"),
+    ("rl.gamma=1.01", r"rl.gamma must be in \[0, 1\]"),
+    ("rl.vf_coef=-1", r"rl.vf_coef must be in \[0, inf\)"),
+    ("rl.entropy_coef=-0.01", r"rl.entropy_coef must be in \[0, inf\) \(an entropy bonus"),
+    ("rl.top_p=0", r"rl.top_p must be in \(0, 1\]"),
+    ("rl.top_p=1.5", r"rl.top_p must be in \(0, 1\]"),
+    ("rl.top_k=-1", r"rl.top_k must be >= 0"),
+    ("rl.clip=.inf", r"rl.clip must be in \(0, inf\)"),
+    ("rl.clip=.nan", r"rl.clip must be in \(0, inf\)"),
+    ("rl.dpo_beta=.inf", r"rl.dpo_beta must be in \(0, inf\)"),
+    ("rl.kl_coef=.nan", r"rl.kl_coef must be in \[0, inf\)"),
+    ("rl.missing_eos_penalty=-1", r"rl.missing_eos_penalty=-1.0: it is a penalty >= 0 that is subtracted.*write 1.0"),
+    ("reward.margin=.nan", r"reward.margin must be a finite number >= 0, got nan"),
+    ("train.sample_tokens=-1", r"train.sample_tokens must be >= 1"),
+])
+def test_bad_rl_reward_and_sampling_values_are_refused_naming_the_key(override, match):
+    import jaxllm
+    with pytest.raises(ConfigError, match=match):
+        jaxllm.load_config(None, [override])
+    jaxllm.load_config(None, ["rl.kl_target=0.1", "rl.kl_horizon=500", "rl.lam=1", "rl.gamma=0",
+                              "rl.missing_eos_penalty=1", "rl.top_p=1"])     # the edges are valid
+
+
+def test_dpo_chosen_reward_is_the_mean_best_implicit_reward_per_prompt_for_k_above_2():
+    import jaxllm
+    from jaxllm.objectives.dpo import make_dpo_loss, sequence_logps
+    cfg = jaxllm.ModelConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32)
+    params = jaxllm.init_params(cfg, jax.random.key(0))
+    b, k, t = 3, 4, 8                                                    # K = 4: 6 pairs per prompt
+    batch = {"tokens": jax.random.randint(jax.random.key(1), (b, k, t), 0, 32),
+             "positions": jnp.broadcast_to(jnp.arange(t), (b, k, t)),
+             "segment_ids": jnp.ones((b, k, t), jnp.int32),
+             "loss_mask": jnp.zeros((b, k, t), jnp.int32).at[:, :, 4:].set(1),
+             "response_mask": jnp.ones((b, k), jnp.int32),
+             "ref_logps": jax.random.normal(jax.random.key(2), (b, k))}
+    _, sums = make_dpo_loss(cfg, beta=0.5)(params, batch, None)
+    best = 0.5 * (np.asarray(sequence_logps(params, batch, cfg))[:, 0] - np.asarray(batch["ref_logps"])[:, 0])
+    assert float(sums["weight"]) == 18
+    # the step logs sums / weight (the pair count): that is the mean over prompts
+    np.testing.assert_allclose(float(sums["chosen_reward"]) / float(sums["weight"]), best.mean(), rtol=1e-5)
+
+
+def test_grpo_loss_takes_beta_from_the_batch_when_given():
+    """The recipe's adaptive beta (rl.kl_target) reaches GRPO's loss as batch["kl_coef"]."""
+    import jaxllm
+    from jaxllm.objectives.grpo import make_grpo_loss
+    cfg = jaxllm.ModelConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32)
+    params = jaxllm.init_params(cfg, jax.random.key(0))
+    b, t = 4, 8
+    batch = {"tokens": jax.random.randint(jax.random.key(1), (b, t), 0, 32),
+             "positions": jnp.broadcast_to(jnp.arange(t), (b, t)), "segment_ids": jnp.ones((b, t), jnp.int32),
+             "response_mask": jnp.zeros((b, t), jnp.int32).at[:, 4:].set(1),
+             "old_logprobs": jnp.full((b, t), -3.0), "ref_logprobs": jnp.full((b, t), -2.0),
+             "advantages": jnp.ones((b, t))}
+    built_with = {beta: float(make_grpo_loss(cfg, beta=beta)(params, batch, None)[0]) for beta in (0.04, 0.5)}
+    assert built_with[0.04] != built_with[0.5]
+    from_batch = make_grpo_loss(cfg, beta=0.04)(params, dict(batch, kl_coef=jnp.full((b,), 0.5)), None)[0]
+    np.testing.assert_allclose(float(from_batch), built_with[0.5], rtol=1e-6)
+
+
+def test_rl_rollouts_never_sample_ids_beyond_the_tokenizer():
+    """A model vocabulary padded above the tokenizer's (64 vs 40 ids): rollouts sample only ids
+    the tokenizer has."""
+    import types
+
+    import jaxllm
+    from jaxllm.config import Config, RLConfig
+    from jaxllm.training.rl import _Loop
+    mc = jaxllm.ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32)
+    cfg = Config(model=mc, rl=RLConfig(max_new_tokens=8, max_prompt_tokens=4))
+    tok = types.SimpleNamespace(vocab_size=40, eos_id=1, pad_id=0)
+    loop = _Loop(cfg, None, tok, (1,), None, lambda p, f: p, None, types.SimpleNamespace(batch=None), False)
+    params = jaxllm.init_params(mc, jax.random.key(0))
+    prompts = jnp.asarray([[5, 6, 7, 8]] * 8, jnp.int32)
+    gen = loop._generate(params, prompts, key=jax.random.key(3), prompt_mask=jnp.ones_like(prompts))
+    ids = np.asarray(gen.tokens)[np.asarray(gen.mask) > 0]
+    assert ids.size > 8 and ids.max() < 40, ids

@@ -22,6 +22,21 @@ def _check_destination(dst: pathlib.Path, overwrite: bool) -> None:
                         f"(replaces only the files the conversion writes)")
 
 
+_EXPORT_MARK = "jaxllm convert --to orbax"
+
+
+def _check_own_export(step_dir: pathlib.Path) -> None:
+    """--overwrite deletes a step-0 directory only if this command wrote it (its meta item says
+    so): a run's checkpoints/ folder, or anything else, is refused, not deleted."""
+    try:
+        meta = json.loads((step_dir / "meta" / "metadata").read_text())
+    except (OSError, ValueError):
+        meta = None
+    if not isinstance(meta, dict) or meta.get("written_by") != _EXPORT_MARK:
+        raise UserError(f"{step_dir} was not written by `jaxllm convert --to orbax`; --overwrite replaces "
+                        f"only such an export and will not delete it: choose another destination")
+
+
 def convert(src: str, dst: str, to: str, overwrite: bool = False) -> str:
     """to='hf': a run dir / orbax checkpoint dir -> HF directory (config.json + safetensors).
     to='orbax': an HF directory -> an orbax checkpoint dir that `checkpoint.init_from` reads.
@@ -61,16 +76,24 @@ def convert(src: str, dst: str, to: str, overwrite: bool = False) -> str:
                                 f"checkpoint; export the base, or train LoRA to merge")
             from jaxllm.model import lora
             params = lora.merge({k: v for k, v in params.items() if k not in ("lora", "tokens")}, delta[2], delta[1])
+        quantized = getattr(delta[1], "quantize_base", "none") if delta else "none"
+        if quantized != "none":   # QLoRA: merge dequantized only the adapted kernels; the rest here
+            from jaxllm.model import quant
+            params = quant.dequantize_tree(params)
         save_hf(out, cfg, params)
-        return f"wrote HF checkpoint to {out}" + (" (LoRA merged into the base)" if delta else "")
+        return (f"wrote HF checkpoint to {out}" + (" (LoRA merged into the base" if delta else "")
+                + (f", the {quantized} base dequantized to its float dtype)" if quantized != "none"
+                   else ")" if delta else ""))
     cfg, params = load_hf(src)
     path = out.absolute()
     if (path / "0").exists():   # --overwrite: our own step-0 export, replaced as a whole
+        _check_own_export(path / "0")
         shutil.rmtree(path / "0")
     with ocp.CheckpointManager(path) as mngr:
         mngr.save(0, args=ocp.args.Composite(
             state=ocp.args.StandardSave({"params": params}),
-            meta=ocp.args.JsonSave({"model": json.loads(json.dumps(dataclasses.asdict(cfg)))})))
+            meta=ocp.args.JsonSave({"model": json.loads(json.dumps(dataclasses.asdict(cfg))),
+                                    "written_by": _EXPORT_MARK})))
         mngr.wait_until_finished()
     return f"wrote orbax checkpoint (params only) to {out}/0"
 

@@ -48,6 +48,8 @@ def _geometry(base) -> tuple[int, int, jnp.dtype]:
 
 
 NORMS = ("attn_norm", "mlp_norm")
+# attach() keeps the base tables that the norms / embeddings deltas change under this key
+BASE_TABLES = "adapter_base_tables"
 
 
 def norm_shapes(n_layers: int, d: int) -> dict:
@@ -129,6 +131,13 @@ def attach(base: dict, delta: dict, cfg: AdapterConfig) -> dict:
     if "adapter" in base:
         raise ConfigError("these params already carry adapters (an 'adapter' key): attach to the base")
     check_delta(base, delta, cfg)
+    # The tables the deltas below add to, as they were: the reference policy (RL, DPO) is the
+    # base without any delta, so objectives.policy.reference_params puts these back.
+    originals = {}
+    if "norms" in delta:
+        originals.update(layers={k: base["layers"][k] for k in NORMS}, final_norm=base["final_norm"])
+    if "embeddings" in delta:
+        originals.update({k: base[k] for k in ("embed", "lm_head") if k in base})
     if "norms" in delta:   # base scale + delta (a new tree: the frozen base is not written)
         norms = delta["norms"]
         layers = {**base["layers"], **{k: {"scale": base["layers"][k]["scale"] + norms[k]} for k in NORMS}}
@@ -138,7 +147,8 @@ def attach(base: dict, delta: dict, cfg: AdapterConfig) -> dict:
         base = {**base, "embed": {"embedding": base["embed"]["embedding"] + tables["embed"]},
                 **({"lm_head": {"kernel": base["lm_head"]["kernel"] + tables["lm_head"]}} if "lm_head" in base else {})}
     out = {**base, "adapter": {**{k: v for k, v in delta.items() if k not in ("tokens", "norms", "embeddings")},
-                               "options": AdapterOptions(cfg.activation, cfg.placement, cfg.scale)}}
+                               "options": AdapterOptions(cfg.activation, cfg.placement, cfg.scale)},
+           **({BASE_TABLES: originals} if originals else {})}
     return tokens.attach(out, delta["tokens"], tokens.ids_of(cfg)) if "tokens" in delta else out
 
 

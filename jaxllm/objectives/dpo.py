@@ -59,11 +59,13 @@ def make_dpo_loss(model_cfg, *, beta: float = 0.1, label_smoothing: float = 0.0,
         diff = implicit[:, :, None] - implicit[:, None, :]                        # (B, K, K): i over j
         on = pair_mask(batch["response_mask"])                                   # i ranked above j
         loss = -(1 - label_smoothing) * jax.nn.log_sigmoid(diff) - label_smoothing * jax.nn.log_sigmoid(-diff)
+        pairs_b = jnp.sum(on, axis=(1, 2))                                       # (B,)
+        # the best response's implicit reward once per pair of its prompt: the step divides by
+        # the pair count, so the metric is the mean over prompts (pair-weighted when K varies)
         sums = {"weight": jnp.sum(on), "accuracy": jnp.sum(on * (diff > 0)), "margin": jnp.sum(on * diff),
-                "chosen_reward": jnp.sum(implicit[:, 0] * (jnp.sum(on, -1)[:, 0] > 0))}
+                "chosen_reward": jnp.sum(implicit[:, 0] * pairs_b)}
         total = jnp.sum(loss * on)
         if rpo_alpha:
-            pairs_b = jnp.sum(on, axis=(1, 2))                                   # (B,)
             n_best = jnp.maximum(jnp.sum(batch["loss_mask"][:, 0].astype(jnp.float32), -1), 1.0)
             nll_b = -logps[:, 0] / n_best                                        # (B,) per-token NLL
             sums["chosen_nll"] = jnp.sum(nll_b * pairs_b)

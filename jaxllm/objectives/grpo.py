@@ -4,7 +4,9 @@ the response's tokens. Clipped ratio as PPO, plus beta * k3 KL to the reference 
 each response's tokens are averaged, then responses averaged (the paper's 1/G sum 1/|o_i|).
 
 Batch (B, T), aligned to tokens: tokens, positions, segment_ids, response_mask, old_logprobs,
-ref_logprobs, advantages.
+ref_logprobs, advantages; and optionally kl_coef (B,), the KL coefficient of this iteration
+for each row (the recipe's adaptive beta, rl.kl_target > 0): a batch value, so a changing beta
+does not recompile the step. Without it the loss uses the `beta` it was built with.
 """
 from __future__ import annotations
 
@@ -22,9 +24,10 @@ def make_grpo_loss(model_cfg, *, clip: float = 0.2, beta: float = 0.04, temperat
         m = batch["response_mask"].astype(jnp.float32)
         pg, clipped = clipped_policy_loss(out["logprob"], batch["old_logprobs"], batch["advantages"], clip)
         kl = kl_estimate(out["logprob"], batch["ref_logprobs"], "k3")
+        beta_b = batch["kl_coef"][:, None] if "kl_coef" in batch else beta
         n_tok = jnp.sum(m, axis=1, keepdims=True)
         w = jnp.where(n_tok > 0, m / jnp.maximum(n_tok, 1.0), 0.0)      # 1/|o_i| per token
         sums = {"weight": jnp.sum(n_tok > 0).astype(jnp.float32), "pg_loss": jnp.sum(pg * w),
                 "kl": jnp.sum(kl * w), "clipfrac": jnp.sum(clipped * w)}
-        return jnp.sum((pg + beta * kl) * w), sums
+        return jnp.sum((pg + beta_b * kl) * w), sums
     return loss_fn

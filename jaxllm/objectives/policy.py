@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxllm.model.adapter import BASE_TABLES
 from jaxllm.model.api import trunk
 from jaxllm.model.heads import token_stats
 
@@ -47,6 +48,12 @@ def policy_outputs(params: dict, batch: dict, model_cfg, *, temperature: float =
 
 
 def reference_params(params: dict) -> dict:
-    """The policy with its trainable delta switched off: LoRA / adapters removed. Under a
+    """The policy with its trainable delta switched off: LoRA / adapters removed, and the base
+    tables that adapter.train_norms / train_embeddings add to put back as they were. Under a
     delta the base is frozen, so this IS the reference policy, without a second copy."""
-    return {k: v for k, v in params.items() if k not in ("lora", "adapter", "tokens", "value_head")}
+    ref = {k: v for k, v in params.items() if k not in ("lora", "adapter", "tokens", "value_head", BASE_TABLES)}
+    originals = params.get(BASE_TABLES, {})
+    if "layers" in originals:
+        ref["layers"] = {**ref["layers"], **originals["layers"]}
+    ref.update({k: v for k, v in originals.items() if k != "layers"})
+    return ref

@@ -3,10 +3,14 @@ and for the PPO / GRPO step.
 
 Prompt records are JSONL/Parquet/ArrayRecord objects {"prompt": str, "task": {...}} (the
 embedded `ppo` data) or {"messages": [...]} without the final assistant turn. Each is rendered
-by the chat template up to the assistant header (data/chat.chat_prompt); prompts longer than
-rl.max_prompt_tokens keep their last tokens (counted). The stream is shuffled per epoch with a
-seed and built on grain, so its position checkpoints with the run; every process reads the
-same global stream and keeps its own rows, so the prompts do not depend on the process count.
+by the chat template up to the assistant header (data/chat.chat_prompt). Before the run, every
+record is rendered once (`scan_prompts`, as SFT's data/chat.scan): bad records (malformed JSON,
+an unknown role, no prompt, ...) are skipped and counted with their first file:line locations,
+or stop the run at start-up with data.strict=true; prompts longer than rl.max_prompt_tokens
+keep their last tokens (data.long_examples=drop leaves them out); one line says the counts.
+The stream is shuffled per epoch with a seed and built on grain, so its position checkpoints
+with the run; every process reads the same global stream and keeps its own rows, so the
+prompts do not depend on the process count.
 
 Layout of a rollout batch (everything indexed by token, see objectives/policy.py):
     tokens        (B, P + N)  left-padded prompt, then the response (pad after a stop)
@@ -16,7 +20,8 @@ Layout of a rollout batch (everything indexed by token, see objectives/policy.py
 """
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+import sys
+from typing import Callable, Iterator, Sequence
 
 import grain
 import jax
@@ -24,15 +29,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.data import layout
-from jaxllm.data.chat import chat_prompt, resolve_template
+from jaxllm.data.chat import chat_prompt, check_messages, resolve_template
 from jaxllm.data.sources import DataError, open_source
 from jaxllm.model.generate import Generation
 
 
 def prompt_messages(obj: dict, where: str) -> list[dict]:
-    if isinstance(obj.get("messages"), list):
-        msgs = obj["messages"]
-        if msgs and msgs[-1].get("role") == "assistant":
+    """A prompt record -> its messages, or a DataError naming `where` (file:line) and why."""
+    if "messages" in obj:
+        msgs = check_messages(obj["messages"], where, need_assistant=False)
+        if msgs[-1]["role"] == "assistant":
             raise DataError(f"{where}: an RL prompt ends before the assistant's answer (drop the last turn)")
         return msgs
     if isinstance(obj.get("prompt"), str) and obj["prompt"].strip():
@@ -46,8 +52,16 @@ class _Render:
     def __init__(self, tokenizer, template, max_tokens: int):
         self.tok, self.template, self.max_tokens = tokenizer, template, max_tokens
 
+    def ids(self, rec) -> list[int]:
+        """The whole prompt's ids; a DataError naming the record's file:line when it is bad."""
+        try:
+            return chat_prompt(prompt_messages(rec.obj, rec.where), self.tok, self.template)
+        except DataError as e:
+            msg = str(e)
+            raise DataError(msg if msg.startswith(rec.where) else f"{rec.where}: {msg}") from None
+
     def __call__(self, rec) -> dict:
-        ids = chat_prompt(prompt_messages(rec.obj, rec.where), self.tok, self.template)
+        ids = self.ids(rec)
         return {"ids": ids[-self.max_tokens:], "record": rec.obj, "cut": len(ids) > self.max_tokens}
 
 
@@ -67,21 +81,79 @@ class _Records:
         raise IndexError(i)
 
 
+class _Kept:
+    """The records the start-up scan kept, in file order (a grain data source)."""
+
+    def __init__(self, records: _Records, keep: list[int]):
+        self.records, self.keep = records, keep
+
+    def __len__(self):
+        return len(self.keep)
+
+    def __getitem__(self, i):
+        return self.records[self.keep[i]]
+
+
+def scan_prompts(records: _Records, render: _Render, *, strict: bool, drop_long: bool,
+                 show: int = 5) -> tuple[list[int], dict]:
+    """Render every record once -> (the indices of the usable prompts, counts of records, prompts,
+    cut (kept their last max_tokens), dropped (too long, drop_long), bad, and the first `show`
+    bad records' messages). strict: the first bad record raises, naming its file:line."""
+    keep, bad = [], []
+    counts = {"records": len(records), "prompts": 0, "cut": 0, "dropped": 0, "bad": 0}
+    for i in range(len(records)):
+        try:
+            n = len(render.ids(records[i]))
+        except DataError as e:
+            if strict:
+                raise DataError(f"{e} (data.strict=true; false skips and counts bad records)") from None
+            counts["bad"] += 1
+            if len(bad) < show:
+                bad.append(str(e))
+            continue
+        if n > render.max_tokens and drop_long:
+            counts["dropped"] += 1
+            continue
+        counts["cut"] += n > render.max_tokens
+        counts["prompts"] += 1
+        keep.append(i)
+    counts["first_bad"] = bad
+    return keep, counts
+
+
 def prompt_iterator(source_cfgs: Sequence, tokenizer, *, template: str = "", max_tokens: int,
-                    global_batch: int, seed: int, shuffle: bool = True, repeat: bool = True):
-    """grain iterator of lists (one per global batch) of this process's rendered prompts."""
+                    global_batch: int, seed: int, shuffle: bool = True, repeat: bool = True,
+                    strict: bool = False, drop_long: bool = False, label: str = "train",
+                    log: Callable[[str], None] | None = None):
+    """grain iterator of lists (one per global batch) of this process's rendered prompts, over
+    the records `scan_prompts` kept; `log` gets its one line of counts (default: stderr on
+    process 0)."""
     if not source_cfgs:
         raise DataError("RL needs prompts: set data.sources to JSONL/Parquet files of "
                         "{\"prompt\": ...} records (e.g. data/synth/ppo/train.jsonl)")
     records = _Records([open_source(c, records=True) for c in source_cfgs])
+    paths = [c.path for c in source_cfgs]
     if len(records) == 0:
-        raise DataError(f"no RL prompts in {[c.path for c in source_cfgs]}")
-    ds = grain.MapDataset.source(records)
+        raise DataError(f"no RL prompts in {paths}")
+    render = _Render(tokenizer, resolve_template(tokenizer, template or None), max_tokens)
+    keep, c = scan_prompts(records, render, strict=strict, drop_long=drop_long)
+    line = (f"RL {label} prompts: {c['records']} records in {paths} -> {c['prompts']} prompts "
+            f"({c['cut']} cut to their last rl.max_prompt_tokens={max_tokens} tokens), {c['dropped']} dropped "
+            f"as longer (data.long_examples=drop), {c['bad']} bad records skipped")
+    if c["first_bad"]:
+        line += "; first: " + " | ".join(c["first_bad"])
+    if not keep:
+        raise DataError(f"no usable RL prompts: {line}")
+    if log is not None:
+        log(line)
+    elif jax.process_index() == 0:
+        print(line, file=sys.stderr, flush=True)
+    ds = grain.MapDataset.source(_Kept(records, keep))
     if shuffle:
         ds = ds.shuffle(seed=seed)
     if repeat:
         ds = ds.repeat(None)
-    ds = ds.map(_Render(tokenizer, resolve_template(tokenizer, template or None), max_tokens))
+    ds = ds.map(render)
     n, p = jax.process_count(), jax.process_index()
     if global_batch % n:
         raise DataError(f"{global_batch} prompts per iteration do not split over {n} processes")

@@ -295,6 +295,15 @@ def load_params(path: str | pathlib.Path, abstract_params: Any | None = None):
         if step is None:
             raise CheckpointError(f"no complete checkpoint under {ck.directory}")
         meta = ck.read_meta(step)
+        delta = meta.get("delta")
+        if delta and abstract_params is not None:   # a model's layout asked of a delta run
+            kind = delta.get("kind", "delta") if isinstance(delta, dict) else "delta"
+            base = delta.get("base") if isinstance(delta, dict) else None
+            raise UserError(
+                f"{path} is a {'LoRA' if kind == 'lora' else kind} run: its checkpoint holds the trained "
+                f"delta, not a model. Point at its base{f' ({base})' if base else ''}"
+                + (f", or at the merged model: jaxllm convert {path} DIR --to hf, then DIR"
+                   if kind == "lora" else ""))
         if abstract_params is None:
             dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             saved = ck.saved_params_metadata(step)

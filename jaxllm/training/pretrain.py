@@ -186,13 +186,19 @@ def train(cfg: Config, batches: Iterator[dict] | None = None) -> dict:
                                   **merge_kw, **run.step_options())
         eval_step = make_eval_step(loss_fn, shardings=shardings, **merge_kw)
 
+        chat_template = None    # SFT on chat data: sample prompts are user turns in its template
+        if t.sample_prompts and tokenizer is not None and cfg.data.kind == "chat":
+            from jaxllm.data.chat import load_template
+            chat_template = load_template(cfg.data.chat_template, tokenizer)
+
         def evaluate_and_sample(s):
             out = {} if make_eval is None else evaluate(eval_step, s.params, make_eval, shardings.batch, base)
             if t.sample_prompts and tokenizer is not None:
                 from jaxllm.evaluation.samples import sample_completions
                 policy = s.params if merge is None else merge(s.params, base)
                 run.writer.write_samples(int(s.step), sample_completions(
-                    policy, cfg.model, tokenizer, t.sample_prompts, t.sample_tokens, jax.random.key(t.seed)))
+                    policy, cfg.model, tokenizer, t.sample_prompts, t.sample_tokens, jax.random.key(t.seed),
+                    chat_template=chat_template))
             return out
         summary = fit(run, state, step_fn, batches if batches is not None else train_it,
                       shardings=shardings, meta=meta, frozen=base,

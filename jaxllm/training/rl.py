@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.config import Config
+from jaxllm.config import Config, RLConfig
 from jaxllm.configlib import ConfigError
 from jaxllm.data.pipeline import load_tokenizer_for, to_global_batch
 from jaxllm.model.api import init_params, param_logical_axes, param_shapes
@@ -48,13 +48,29 @@ def _stop_ids(tok) -> tuple[int, ...]:
     return tuple(sorted(i for i in ids if i is not None))
 
 
+# rl.* keys that only PPO reads, and why GRPO does not: a non-default value under GRPO is refused
+_NO_GAE = "takes group-normalised scores as advantages (no GAE)"
+PPO_ONLY = {
+    "value_init": "has no critic", "value_lr": "has no critic", "vf_coef": "has no critic",
+    "value_clip": "has no critic", "gamma": _NO_GAE, "lam": _NO_GAE,
+    "whiten_advantages": "normalises advantages within each group",
+    "entropy_coef": "has no entropy bonus in its loss",
+    "kl_estimator": "always puts the k3 estimator in its loss (DeepSeekMath); rl.kl_estimator is PPO's "
+                    "reward penalty"}
+
+
 def _check(cfg: Config):
     t, rl = cfg.train, cfg.rl
     if cfg.data.kind != "chat":
         raise ConfigError("RL reads prompt records through the chat template: set data.kind=chat "
                           "and data.sources to prompt files (e.g. data/synth/ppo/train.jsonl)")
-    if t.objective == "grpo" and rl.value_init != "zero":
-        raise ConfigError(f"train.objective=grpo has no critic: rl.value_init={rl.value_init} would do nothing")
+    if t.objective == "grpo":
+        for name, why in PPO_ONLY.items():
+            if getattr(rl, name) != getattr(RLConfig, name):
+                now, default = (str(v).lower() if isinstance(v, bool) else v
+                                for v in (getattr(rl, name), getattr(RLConfig, name)))
+                raise ConfigError(f"train.objective=grpo {why}: rl.{name}={now} would do nothing "
+                                  f"(leave it at its default, {default})")
     if t.objective == "grpo" and rl.group_size < 2:
         raise ConfigError("train.objective=grpo needs rl.group_size >= 2 samples per prompt")
     rows = t.batch_size * rl.group_size
@@ -149,8 +165,10 @@ def train(cfg: Config) -> dict:
         tok = load_tokenizer_for(cfg.data, cfg.model.vocab_size)
         delta = _delta(cfg, tok)
         stops = _stop_ids(tok)
+        scan_kw = dict(strict=cfg.data.strict, drop_long=cfg.data.long_examples == "drop", log=run.log)
         prompts = R.prompt_iterator(cfg.data.sources, tok, template=cfg.data.chat_template,
-                                    max_tokens=rl.max_prompt_tokens, global_batch=t.batch_size, seed=t.seed)
+                                    max_tokens=rl.max_prompt_tokens, global_batch=t.batch_size, seed=t.seed,
+                                    **scan_kw)
         scorer = Scorer(cfg, tok, run)
         base_specs, base_shapes = param_logical_axes(cfg.model), param_shapes(cfg.model)
         vh_specs = {"kernel": jax.sharding.PartitionSpec("embed"), "bias": jax.sharding.PartitionSpec()}
@@ -192,7 +210,7 @@ def train(cfg: Config) -> dict:
             state = state.replace(params={**jax.tree.map(jnp.copy, frozen), "value_head": state.params["value_head"]})
         if resumed is None and rl.value_init == "reward_model":
             state = state.replace(params={**state.params, "value_head": _value_head_from(scorer.rm_head, state, run)})
-        if t.objective == "grpo":
+        if t.objective == "grpo":   # beta comes with each batch (kl_coef): adaptive under rl.kl_target
             loss_fn = make_grpo_loss(cfg.model, clip=rl.clip, beta=rl.kl_coef, temperature=rl.temperature)
         else:
             loss_fn = make_ppo_loss(cfg.model, clip=rl.clip, value_clip=rl.value_clip, vf_coef=rl.vf_coef,
@@ -204,7 +222,7 @@ def train(cfg: Config) -> dict:
         if t.eval_every and cfg.data.eval_sources:
             it = R.prompt_iterator(cfg.data.eval_sources, tok, template=cfg.data.chat_template,
                                    max_tokens=rl.max_prompt_tokens, global_batch=t.batch_size, seed=t.seed,
-                                   shuffle=False, repeat=False)
+                                   shuffle=False, repeat=False, label="eval", **scan_kw)
             eval_prompts = [next(it, None) for _ in range(t.eval_batches or 4)]
             eval_prompts = [b for b in eval_prompts if b]   # read once, at start-up
         loop = _Loop(cfg, run, tok, stops, scorer, merge, frozen, shardings, delta is not None)
@@ -236,9 +254,11 @@ class _Loop:
         self.kl = AdaptiveKL(rl.kl_coef, rl.kl_target, rl.kl_horizon) if rl.kl_target > 0 else None
         self.eval_prompts = None
         mc = cfg.model
+        # vocab_limit: a model vocabulary padded beyond the tokenizer's never samples a non-token
         self._generate = functools.partial(
             generate, model_cfg=mc, max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
-            top_k=rl.top_k, top_p=rl.top_p, eos_id=tok.eos_id, pad_id=tok.pad_id, stop_ids=stops)
+            top_k=rl.top_k, top_p=rl.top_p, eos_id=tok.eos_id, pad_id=tok.pad_id, stop_ids=stops,
+            vocab_limit=tok.vocab_size)
 
         @jax.jit
         def score_pass(trainable, frozen, batch):
@@ -303,7 +323,7 @@ class _Loop:
         records = [r["record"] for r in rows]
         scores = self.scorer(batch, records, texts)
         done = R.ended(gen, self.stops)
-        scores = scores + rl.missing_eos_penalty * (~done)
+        scores = scores - rl.missing_eos_penalty * (~done)   # a penalty >= 0 for running out of tokens
         timing["score_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         old_lp, old_v, ref_lp = self._score_pass(state.params, self.frozen, batch)
@@ -313,7 +333,8 @@ class _Loop:
         if t.objective == "grpo":
             adv_b = group_advantages(jnp.asarray(scores).reshape(-1, rl.group_size)).reshape(-1)
             adv = adv_b[:, None] * m
-            extra = {"ref_logprobs": ref_lp}
+            # this iteration's beta per row: the adaptive beta reaches the loss without a recompile
+            extra = {"ref_logprobs": ref_lp, "kl_coef": jnp.full(adv_b.shape, beta, jnp.float32)}
             returns = None
         else:
             rewards = per_token_rewards(jnp.asarray(scores), kl_bt, m, beta)
@@ -352,7 +373,7 @@ class _Loop:
         if true is not None:
             metrics["true_reward"] = float(np.mean(true))
         if self.kl is not None:
-            self.kl.update(metrics["kl"], len(rows))
+            self.kl.update(metrics["kl"], n_rows)   # the global batch: beta moves alike on any process count
         return state, metrics
 
     def train(self, state, step_fn, prompts, meta: dict, resumed) -> dict:
