@@ -45,7 +45,7 @@ import numpy as np
 
 from jaxllm.data import packing
 from jaxllm.data.hf_tokenizer import require
-from jaxllm.data.sources import DataError, Record, check_utf8, open_source
+from jaxllm.data.sources import BadRecords, DataError, Record, check_utf8, open_source
 from jaxllm.data.tokenizer import MASK_TOKEN, fingerprint
 from jaxllm.errors import UserError
 
@@ -440,25 +440,20 @@ def scan(sources: list, encoder: ChatEncode, *, label: str, verbose: bool = True
     first_time = key not in _SCANS
     if first_time:
         counts = {"records": 0, "examples": 0, "truncated": 0, "dropped": 0, "bad": 0}
-        bad = []
+        bad = BadRecords(encoder.strict, show)
         for _, src in sources:
             for i in range(len(src)):
                 counts["records"] += 1
-                try:
-                    note = encoder.encode(src[i])[2]
-                except DataError as e:
-                    if encoder.strict:
-                        raise DataError(f"{e} (data.strict=true; false skips and counts bad records)") from None
-                    counts["bad"] += 1
-                    if len(bad) < show:
-                        bad.append(str(e))
+                ok, enc = bad.read(lambda: encoder.encode(src[i]))
+                if not ok:
                     continue
+                note = enc[2]
                 counts["examples"] += note != packing.DROPPED
                 counts["truncated"] += note == packing.TRUNCATED
                 counts["dropped"] += note == packing.DROPPED
-        counts["first_bad"] = bad
+        counts["bad"], counts["first_bad"] = bad.count, bad.first
         if not counts["examples"]:
-            why = (f"{counts['bad']} bad records (first: {'; '.join(bad[:2])})" if counts["bad"] else "") + \
+            why = (f"{counts['bad']} bad records (first: {'; '.join(bad.first[:2])})" if counts["bad"] else "") + \
                   (f"{', ' if counts['bad'] else ''}{counts['dropped']} dropped as longer than "
                    f"{encoder.seq_len} tokens" if counts["dropped"] else "")
             raise DataError(f"no usable chat examples in {label} data {[c.path for c, _ in sources]}: "

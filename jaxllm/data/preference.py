@@ -51,7 +51,7 @@ import numpy as np
 
 from jaxllm.data import chat, layout, packing, pipeline
 from jaxllm.data.config import DataConfig
-from jaxllm.data.sources import DataError, Record
+from jaxllm.data.sources import BadRecords, DataError, Record
 from jaxllm.data.tokenizer import fingerprint
 
 BATCH_KEYS = ("tokens", "positions", "segment_ids", "response_mask", "loss_mask")
@@ -188,19 +188,13 @@ def scan(sources: list, encoder: RankingEncode, *, label: str, strict: bool, ver
     if first_time:
         c = {"records": 0, "rankings": 0, "pairs": 0, "truncated": 0, "dropped_responses": 0,
              "dropped_rankings": 0, "bad": 0}
-        bad, usable = [], []
+        bad, usable = BadRecords(strict, show), []
         for _, src in sources:
             good = []
             for i in range(len(src)):
                 c["records"] += 1
-                try:
-                    enc = encoder.encode(src[i])
-                except DataError as e:
-                    if strict:
-                        raise DataError(f"{e} (data.strict=true; false skips and counts bad records)") from None
-                    c["bad"] += 1
-                    if len(bad) < show:
-                        bad.append(str(e))
+                ok, enc = bad.read(lambda: encoder.encode(src[i]))
+                if not ok:
                     continue
                 c["truncated"] += enc.truncated
                 c["dropped_responses"] += enc.dropped
@@ -211,9 +205,9 @@ def scan(sources: list, encoder: RankingEncode, *, label: str, strict: bool, ver
                 c["pairs"] += len(enc.ids) * (len(enc.ids) - 1) // 2
                 good.append(i)
             usable.append(np.asarray(good, np.int64))
-        c["first_bad"], c["usable"] = bad, usable
+        c["bad"], c["first_bad"], c["usable"] = bad.count, bad.first, usable
         if not c["rankings"]:
-            why = [f"{c['bad']} bad (first: {'; '.join(bad[:2])})"] if c["bad"] else []
+            why = [f"{c['bad']} bad (first: {'; '.join(bad.first[:2])})"] if c["bad"] else []
             if c["dropped_rankings"]:
                 why.append(f"{c['dropped_rankings']} left with fewer than 2 responses that fit "
                            f"seq_len={encoder.seq_len}")

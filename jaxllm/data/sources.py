@@ -36,6 +36,26 @@ class DataError(UserError):
     """A problem with user data; the message starts with the file and line it came from."""
 
 
+class BadRecords:
+    """A start-up scan's bad records: `read(fn)` is (True, fn()), or (False, None) when fn raises
+    DataError (reading the record, e.g. malformed JSON, or encoding it): counted, with the first
+    `show` messages kept (each names its file:line); strict: that error is raised instead."""
+
+    def __init__(self, strict: bool, show: int = 5):
+        self.strict, self.show, self.count, self.first = strict, show, 0, []
+
+    def read(self, fn):
+        try:
+            return True, fn()
+        except DataError as e:
+            if self.strict:
+                raise DataError(f"{e} (data.strict=true; false skips and counts bad records)") from None
+            self.count += 1
+            if len(self.first) < self.show:
+                self.first.append(str(e))
+            return False, None
+
+
 class Doc(NamedTuple):
     text: str
     where: str

@@ -30,7 +30,7 @@ import numpy as np
 
 from jaxllm.data import layout
 from jaxllm.data.chat import chat_prompt, check_messages, resolve_template
-from jaxllm.data.sources import DataError, open_source
+from jaxllm.data.sources import BadRecords, DataError, open_source
 from jaxllm.model.generate import Generation
 
 
@@ -99,25 +99,20 @@ def scan_prompts(records: _Records, render: _Render, *, strict: bool, drop_long:
     """Render every record once -> (the indices of the usable prompts, counts of records, prompts,
     cut (kept their last max_tokens), dropped (too long, drop_long), bad, and the first `show`
     bad records' messages). strict: the first bad record raises, naming its file:line."""
-    keep, bad = [], []
-    counts = {"records": len(records), "prompts": 0, "cut": 0, "dropped": 0, "bad": 0}
+    keep, bad = [], BadRecords(strict, show)
+    counts = {"records": len(records), "prompts": 0, "cut": 0, "dropped": 0}
     for i in range(len(records)):
-        try:
-            n = len(render.ids(records[i]))
-        except DataError as e:
-            if strict:
-                raise DataError(f"{e} (data.strict=true; false skips and counts bad records)") from None
-            counts["bad"] += 1
-            if len(bad) < show:
-                bad.append(str(e))
+        ok, ids = bad.read(lambda: render.ids(records[i]))
+        if not ok:
             continue
+        n = len(ids)
         if n > render.max_tokens and drop_long:
             counts["dropped"] += 1
             continue
         counts["cut"] += n > render.max_tokens
         counts["prompts"] += 1
         keep.append(i)
-    counts["first_bad"] = bad
+    counts["bad"], counts["first_bad"] = bad.count, bad.first
     return keep, counts
 
 
