@@ -61,6 +61,8 @@ def _plan(args):
         raise UserError(f"plan --savers: unknown {unknown}; choose from {list(plan.SAVERS)}, 'all' or 'none'")
     if args.devices < 1:
         raise UserError(f"plan --devices must be >= 1, got {args.devices}")
+    if not 0 < args.device_gb < float("inf"):   # NaN is refused too
+        raise UserError(f"plan --device-gb must be a positive number of GB, got {args.device_gb:g}")
     code = plan.run_in_child(args.config, args.overrides, args.devices, savers, args.device_gb)
     if code:
         raise SystemExit(code)

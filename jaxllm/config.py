@@ -257,7 +257,8 @@ class LoraConfig:
     init: Literal["gaussian", "peft"] = "gaussian"   # A ~ N(0, 1/r) or PEFT's kaiming-uniform; B = 0
     dropout: float = 0.0            # on the LoRA input, training only
     # token ids or pieces whose embedding and LM-head rows are trained too (PEFT's
-    # trainable_token_indices): e.g. a chat template's specials that pretraining never saw
+    # trainable_token_indices): e.g. a chat template's specials that pretraining never saw;
+    # [all]: every row of both tables (its patches are (B, T, vocab): small vocabularies)
     trainable_tokens: tuple[int | str, ...] = ()
     # QLoRA: keep the frozen base's layer matrices as int8 or 4-bit NormalFloat codes with an
     # fp32 absmax scale per block of `quantize_block` values, dequantized per matmul

@@ -130,6 +130,21 @@ def test_jinja_rendering_tokenizes_like_the_whole_text(toks, style):
     assert chat.chat_prompt(CONVO[:2], tok) == tok.encode(template.render(CONVO[:2], True, tok))
 
 
+def test_templates_get_strftime_now_and_the_special_tokens_the_tokenizer_defines(toks):
+    # transformers passes strftime_now (Llama-3.x's "Today Date") and the set special tokens only
+    import datetime
+    template = chat.ChatTemplate('{{ strftime_now("%Y") }}|{{ pad_token }}|{{ unk_token }}|{{ bos_token }}', "t")
+    sp, qwen2, llama3 = toks["chatml"], toks["qwen2"], toks["llama3"]
+    want = {"chatml": f"{sp.id_to_piece(sp.pad_id)}|{sp.id_to_piece(sp.unk_id)}|{sp.id_to_piece(sp.bos_id)}",
+            "qwen2": "<|endoftext|>||",                     # a pad_token, no unk, no bos
+            "llama3": f"||{llama3.id_to_piece(llama3.bos_id)}"}   # no pad_token: not its eos fallback
+    assert sp.id_to_piece(sp.pad_id) == "<pad>" and qwen2.unk_id is None and llama3.pad_id == llama3.eos_id
+    for style, rest in want.items():
+        before = datetime.datetime.now().year
+        got = template.render(CONVO, False, toks[style])
+        assert got in {f"{y}|{rest}" for y in (before, datetime.datetime.now().year)}, (style, got)
+
+
 def test_qwen2_default_system_prompt_is_prompt_side(toks):
     tok = toks["qwen2"]
     ids, mask = chat.render_chat(CONVO[1:3], tok)

@@ -144,3 +144,29 @@ def test_story_demonstrations_carry_a_habit_the_preference_penalises():
             assert ex["scores"][:2] == [1.0, 0.0]
             assert any(w in ex["responses"][1] for w in synthetic_tasks.NEGATIVE_WORDS)
             assert ex["responses"][1].split(" was very ")[0] == ex["responses"][0].split(" was very ")[0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--train-docs", "-5"], "--train-docs and --eval-docs must be >= 1"),
+    (["--eval-docs", "0"], "--train-docs and --eval-docs must be >= 1"),
+    (["--shards", "0"], "--shards must be between 1 and --train-docs"),
+    (["--train-docs", "3", "--shards", "4"], "--shards must be between 1 and --train-docs (3)")])
+def test_data_synth_cli_refuses_counts_that_write_empty_files(tmp_path, capsys, argv, message):
+    from jaxllm.cli import main
+    assert main(["data", "synth", "--out", str(tmp_path / "synth"), "--no-tasks", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "synth").exists()   # nothing written
+
+
+def test_data_rank_checks_its_output_path_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    from jaxllm.cli import main
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before --out was checked")
+    monkeypatch.setattr("jaxllm.evaluation.source.load_model", no_load)
+    (tmp_path / "a_file").write_text("")
+    for out, message in ((tmp_path, "is a directory; give a file name"),
+                         (tmp_path / "a_file" / "x" / "out.jsonl", f"{tmp_path / 'a_file'} is a file")):
+        assert main(["data", "rank", "--model", "m", "--prompts", "p.jsonl", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err and ".tmp" not in err, err

@@ -124,6 +124,33 @@ def test_cli_errors_are_one_line_with_exit_2(tmp_path, hf_dir, capsys):
     assert code == 0 and out.strip(), err
 
 
+def test_a_reward_model_is_refused_in_one_line_by_generate_chat_and_eval(tmp_path, tok, hf_dir, capsys):
+    from jaxllm.training.reward import init_reward_params
+    rm = tmp_path / "rm"   # an exported *ForSequenceClassification, and its orbax checkpoint dir
+    jaxllm.save_hf(rm, CFG, init_reward_params(CFG, jax.random.key(0)), head="reward", pad_token_id=tok.pad_id,
+                   eos_token_id=tok.eos_id)
+    shutil.copy(tok.path, rm / "tokenizer.model")
+    assert run_cli(capsys, "convert", rm, tmp_path / "ck", "--to", "orbax")[0] == 0
+    for argv in (["generate", rm, "--prompt", "hi"], ["chat", rm], ["eval", rm, "--data", "x.jsonl"],
+                 ["generate", tmp_path / "ck", "--prompt", "hi", "--tokenizer", tok.path]):
+        code, out, err = run_cli(capsys, *argv)
+        assert code == 2, (argv, err)
+        assert err.count("\n") == 1 and "is a reward model (a scalar head, no LM head)" in err, err
+
+
+def test_eval_numbers_out_of_range_are_refused_before_the_model_or_lm_eval_loads(hf_dir, capsys, monkeypatch):
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+    monkeypatch.setattr("jaxllm.evaluation.source.load_model", no_load)
+    monkeypatch.setitem(sys.modules, "lm_eval", None)   # checked without lm_eval installed
+    for flag, value, message in (("--batch-size", 0, "--batch-size must be >= 1"),
+                                 ("--num-fewshot", -1, "--num-fewshot must be >= 0"),
+                                 ("--limit", 0, "--limit must be > 0"), ("--limit", "nan", "--limit must be > 0"),
+                                 ("--seq-len", 1, "--seq-len must be >= 2")):
+        code, out, err = run_cli(capsys, "eval", hf_dir, "--tasks", "t", flag, value)
+        assert code == 2 and err.count("\n") == 1 and message in err, (flag, value, err)
+
+
 def test_generate_with_an_empty_prompt_and_no_bos_is_refused(tok, hf_dir):
     cfg, params = jaxllm.load_hf(hf_dir)
     with pytest.raises(jaxllm.UserError, match="prompt 0 is empty"):
@@ -167,6 +194,16 @@ def test_eval_cli_reports_the_runs_own_held_out_perplexity(run_dir, data, capsys
     # same documents, same bos/eos, same loss: packing differs, but no token sees another document
     np.testing.assert_allclose(got["nll"], summary["eval"]["eval_loss"], rtol=1e-5)
     np.testing.assert_allclose(got["ppl"], summary["eval"]["eval_ppl"], rtol=1e-4)
+
+
+def test_eval_of_a_run_defaults_to_its_train_seq_len_and_says_so(run_dir, data, capsys):
+    run, summary = run_dir   # trained at train.seq_len=64; the model's max_seq_len is larger
+    for src in (run, run / "checkpoints"):
+        code, out, err = run_cli(capsys, "eval", src, "--data", data["eval"], "--batch-size", 4)
+        assert code == 0, err
+        got = json.loads(out)
+        assert got["seq_len"] == 64 and "--seq-len 64 (train.seq_len of" in err, err
+        np.testing.assert_allclose(got["nll"], summary["eval"]["eval_loss"], rtol=1e-5)
 
 
 # ------------------------------------------------------------------ perplexity

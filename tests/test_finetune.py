@@ -46,6 +46,36 @@ def test_delta_run_trains_only_the_delta_and_resumes_exactly(tmp_path, base, del
     np.testing.assert_allclose([rows[s] for s in range(1, 7)], [h["loss"] for h in full["history"]], rtol=1e-6)
 
 
+def test_a_delta_run_rebuilds_its_own_base_from_any_directory_or_refuses(tmp_path, monkeypatch):
+    """A LoRA run records its base's absolute path, step and checksum: generation/export from
+    another working directory attach the same base, and a base that has changed since (trained
+    further, or another model put at that path) is refused in one line, also on resume."""
+    from jaxllm.training.checkpoint import CheckpointError, load_policy
+    monkeypatch.chdir(tmp_path)
+    jaxllm.train(jaxllm.load_config(None, ARGS + ["train.steps=2", "checkpoint.every=2", "train.run_dir=base"]))
+    lora_args = ARGS + ["lora.r=4", "checkpoint.init_from=base", "checkpoint.every=2"]
+    s = jaxllm.train(jaxllm.load_config(None, lora_args + ["train.steps=2", "train.run_dir=lora"]))
+    meta_base = json.loads((tmp_path / "lora/checkpoints/2/meta/metadata").read_text())["base"]
+    assert meta_base["path"] == str(tmp_path / "base") and meta_base["step"] == 2
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")          # "base" means nothing here
+    params, _, _ = load_policy(tmp_path / "lora")
+    chex.assert_trees_all_equal(jax.device_get(params["embed"]), jax.device_get(s["frozen"]["embed"]))
+    monkeypatch.chdir(tmp_path)
+    # the base trained on: its step 2 is still there, so the delta still gets it
+    jaxllm.train(jaxllm.load_config(None, ARGS + ["train.steps=4", "checkpoint.every=2", "train.run_dir=base"]))
+    load_policy(tmp_path / "lora")
+    # another model of the same shapes at that path and step: refused
+    import shutil
+    shutil.rmtree(tmp_path / "base")
+    jaxllm.train(jaxllm.load_config(None, ARGS + ["train.steps=2", "train.seed=7", "checkpoint.every=2",
+                                                  "train.run_dir=base"]))
+    with pytest.raises(CheckpointError, match=r"frozen base .*base step 2 is not the model it was trained with"):
+        load_policy(tmp_path / "lora")
+    with pytest.raises(CheckpointError, match=r"is not the model it was trained with"):
+        jaxllm.train(jaxllm.load_config(None, lora_args + ["train.steps=4", "train.run_dir=lora"]))
+
+
 @pytest.mark.slow
 def test_lora_run_writes_a_peft_adapter_that_loads_back(tmp_path, base):
     base_dir, _ = base

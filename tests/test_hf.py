@@ -36,6 +36,16 @@ def test_llama31_rope_scaling_is_read_and_matters():
     assert float(np.max(np.abs(unscaled - ref["logits_positions_gapped"]))) > 1e-2
 
 
+def test_rope_type_default_is_unscaled_rope_and_other_types_are_refused():
+    from jaxllm.interop.hf import config_from_hf
+    hf = json.loads((FIX / "llama_gqa" / "config.json").read_text())
+    plain = config_from_hf(hf)
+    for scaling in ({"rope_type": "default"}, {"type": "default"}, {"rope_type": "default", "rope_theta": 1e4}):
+        assert config_from_hf(dict(hf, rope_scaling=scaling)) == plain
+    with pytest.raises(CheckpointFormatError, match="rope scaling 'yarn' is not supported"):
+        config_from_hf(dict(hf, rope_scaling={"rope_type": "yarn", "factor": 4.0}))
+
+
 def test_config_fields_are_read():
     cfg, _ = load_hf(FIX / "qwen2")
     assert cfg.qkv_bias and cfg.tie_embeddings and cfg.rope_theta == 1e6 and cfg.n_kv_heads == 2
@@ -104,3 +114,19 @@ def test_resave_into_the_same_directory_replaces_every_file(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["model.safetensors"]
     _, loaded = load_hf(tmp_path)
     chex.assert_trees_all_equal(loaded, new)
+
+
+def test_convert_refuses_to_write_into_its_source_or_a_run_dir(tmp_path):
+    from jaxllm.interop.cli import convert
+    run = tmp_path / "run"   # a run dir: config.yaml + checkpoints/ (here an orbax export of a fixture)
+    convert(str(FIX / "llama_gqa"), str(run / "checkpoints"), "orbax")
+    (run / "config.yaml").write_text("train: {seq_len: 64}\n")
+    before = sorted(p.name for p in run.iterdir())
+    for src, dst, to, message in ((run, run, "hf", "is the source itself"),
+                                  (run, tmp_path / "x" / ".." / "run", "hf", "is the source itself"),
+                                  (run / "checkpoints", run / "checkpoints", "hf", "is the source itself"),
+                                  (FIX / "llama_gqa", run, "hf", "is a run dir"),
+                                  (FIX / "llama_gqa", run, "orbax", "is a run dir")):
+        with pytest.raises(jaxllm.UserError, match=message):
+            convert(str(src), str(dst), to, overwrite=True)
+    assert sorted(p.name for p in run.iterdir()) == before   # nothing written there

@@ -49,3 +49,12 @@ def test_plan_cli_prints_the_table_on_simulated_devices():
     bad = subprocess.run([sys.executable, "-m", "jaxllm.cli", "plan", "-", "--savers", "zram"], cwd=REPO,
                          env=env, capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "unknown ['zram']" in bad.stderr
+
+
+def test_plan_cli_refuses_a_device_memory_that_is_not_a_positive_number(capsys, monkeypatch):
+    from jaxllm.cli import main
+    monkeypatch.setattr("jaxllm.training.plan.run_in_child", lambda *a: 0)   # no planning: the check comes first
+    for gb in ("-1", "0", "nan"):
+        assert main(["plan", "-", "--device-gb", gb]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--device-gb must be a positive number of GB" in err, err

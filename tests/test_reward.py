@@ -493,6 +493,24 @@ def test_init_from_a_language_model_a_reward_run_or_an_exported_reward_model(syn
     chex.assert_trees_all_equal(jax.device_get(start("from_export", tmp_path / "exported")), trained)
 
 
+def test_convert_exports_a_reward_runs_checkpoints_dir_and_names_a_missing_config(synth, tmp_path, capsys):
+    from jaxllm.cli import main
+    jaxllm.train(jaxllm.load_config(None, recipe_args(synth, tmp_path / "run", "train.steps=1", "train.eval_every=0",
+                                                      "mesh.devices=1")))
+    capsys.readouterr()
+    for src, out in ((tmp_path / "run", "a"), (tmp_path / "run" / "checkpoints", "b")):
+        assert main(["convert", str(src), str(tmp_path / out), "--to", "hf"]) == 0, capsys.readouterr().err
+    chex.assert_trees_all_equal(load_hf(tmp_path / "a"), load_hf(tmp_path / "b"))
+    assert (tmp_path / "a" / "config.json").read_text() == (tmp_path / "b" / "config.json").read_text()
+    # an orbax export of an HF reward model has no run config.yaml (no tokenizer, no pad id)
+    assert main(["convert", str(tmp_path / "a"), str(tmp_path / "orbax" / "ck"), "--to", "orbax"]) == 0
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "orbax" / "ck"), str(tmp_path / "c"), "--to", "hf"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "exporting a reward model needs its run's config.yaml" in err, err
+    assert str(tmp_path / "orbax" / "config.yaml") in err
+
+
 @pytest.mark.slow
 def test_a_resumed_reward_run_continues_exactly(synth, tmp_path):
     # optim.decay_steps fixes the lr horizon (a run started with train.steps=2 keeps its own)

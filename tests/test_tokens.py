@@ -104,6 +104,9 @@ def test_pieces_resolve_through_the_tokenizer_and_bad_entries_are_refused(tmp_pa
         tokens.resolve(["<|im_end|>", tok.special_ids["<|im_end|>"]], tok, "lora.trainable_tokens")
     with pytest.raises(ConfigError, match="needs the run's tokenizer"):
         tokens.resolve(["<|im_end|>"], None, "lora.trainable_tokens")
+    assert tokens.resolve(["all"], tok, "lora.trainable_tokens") == tuple(range(tok.vocab_size))   # every row
+    with pytest.raises(ConfigError, match="'all' needs the run's tokenizer"):
+        tokens.resolve(["all"], None, "lora.trainable_tokens")
     base = init_params(_cfg(), jax.random.key(0))
     with pytest.raises(ConfigError, match="outside the vocabulary"):
         lora.init_delta(base, LoraConfig(r=4, trainable_tokens=(64,)), jax.random.key(0))

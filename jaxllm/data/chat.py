@@ -32,6 +32,7 @@ example's segment and mask.
 """
 from __future__ import annotations
 
+import datetime
 import functools
 import json
 import os
@@ -127,7 +128,21 @@ def _environment():
                                         extensions=[ext.loopcontrols, Generation])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)   # Llama-3.x's date line
     return env
+
+
+def _special_tokens(tokenizer) -> dict[str, str]:
+    """The special-token variables transformers passes a template: {bos,eos,unk,pad}_token for
+    those the tokenizer defines (pad_id falls back to unk/eos when none is; that is no pad)."""
+    sp = getattr(tokenizer, "sp", None)   # SentencePiece: -1 when the model has no pad piece
+    if sp is not None:
+        pad = tokenizer.pad_id if sp.pad_id() >= 0 else None
+    else:   # HF: the pad_token of tokenizer_config.json
+        pad = tokenizer.pad_id if (getattr(tokenizer, "_config", None) or {}).get("pad_token") else None
+    ids = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "unk": getattr(tokenizer, "unk_id", None),
+           "pad": pad}
+    return {f"{k}_token": tokenizer.id_to_piece(i) for k, i in ids.items() if i is not None and i >= 0}
 
 
 class ChatTemplate:
@@ -169,8 +184,7 @@ class ChatTemplate:
         raise_exception) comes back as a DataError: it is this conversation the template
         refuses."""
         jinja2 = require("jinja2", f"the chat template {self.name}")
-        specials = {f"{k}_token": tokenizer.id_to_piece(i)
-                    for k, i in (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id)) if i is not None}
+        specials = _special_tokens(tokenizer)
         try:
             return self._compile().render(messages=[dict(m) for m in messages], tools=None, documents=None,
                                           add_generation_prompt=add_generation_prompt, **specials)

@@ -44,6 +44,12 @@ def _tokenizer_encode(args) -> None:
 
 def _data_synth(args) -> None:
     from jaxllm.data.synthetic import write_corpus
+    if args.train_docs < 1 or args.eval_docs < 1:
+        raise UserError(f"data synth: --train-docs and --eval-docs must be >= 1, got {args.train_docs}, "
+                        f"{args.eval_docs}")
+    if not 1 <= args.shards <= args.train_docs:   # every shard file holds a document
+        raise UserError(f"data synth: --shards must be between 1 and --train-docs ({args.train_docs}), "
+                        f"got {args.shards}")
     counts = write_corpus(args.out, train_docs=args.train_docs, eval_docs=args.eval_docs,
                           seed=args.seed, shards=args.shards, tasks=not args.no_tasks)
     for rel, n in counts.items():
@@ -52,7 +58,8 @@ def _data_synth(args) -> None:
 
 def _data_rank(args) -> None:
     from jaxllm.evaluation.source import load_model
-    from jaxllm.rl.labels import label_file
+    from jaxllm.rl.labels import check_output_path, label_file
+    check_output_path(args.out)   # before the model loads and samples
     if args.k < 2 or args.num < 0 or args.top_k < 0:
         raise UserError(f"data rank: --k must be >= 2 (a ranking needs 2 answers), --num and --top-k >= 0, "
                         f"got --k {args.k} --num {args.num} --top-k {args.top_k}")

@@ -99,6 +99,13 @@ def run(out: str = "runs/demo", *, quick: bool = False, force: bool = False, ful
                 this_run[st.name] = "cannot"
                 times[st.name] = {"status": "skipped", "why": cannot}
                 continue
+            # what the demo did not write (stages.json has no record of this stage) is the user's:
+            # never taken as this stage's output, never deleted
+            foreign = [p for p in st.outputs(ctx) if os.path.exists(p)] if st.name not in times else []
+            if foreign:
+                raise UserError(f"demo: {', '.join(os.path.join(out, p) for p in foreign)} exists and was not "
+                                f"written by the demo's {st.name} stage ({TIMES} has no record of it): "
+                                f"move it away or choose another --out")
             done = st.done(ctx)
             redo = "--force" if force else (f"{ran_before} ran again" if ran_before else None)
             if done and not redo:
@@ -117,6 +124,9 @@ def run(out: str = "runs/demo", *, quick: bool = False, force: bool = False, ful
             log(f"{head}: {st.what}" + (f"; {resume}" if resume else "") + f"\n    $ {cmd}")
             t0 = time.perf_counter()
             prev = times.get(st.name, {}) if resume else {}
+            # recorded before it runs: a stage killed midway left outputs the demo wrote
+            times[st.name] = {**prev, "status": "running", "command": cmd}
+            _save_times(times)
             try:
                 line = st.run(ctx)
             except Interrupted as e:

@@ -10,6 +10,7 @@ dir or an HF directory (see evaluation/source.py for how SRC and its tokenizer a
 from __future__ import annotations
 
 import json
+import sys
 
 from jaxllm.errors import UserError
 
@@ -56,13 +57,27 @@ def _chat(args) -> None:
 
 
 def _eval(args) -> None:
-    from jaxllm.evaluation.source import load_model
+    from jaxllm.evaluation.source import load_model, run_seq_len
     if not args.data and not args.tasks:
         raise UserError("eval: give --data FILE ... (perplexity) and/or --tasks NAME,... (lm-eval)")
+    # before the model and lm_eval load: a bad number is a one-line error, not a traceback later
+    if args.batch_size < 1:
+        raise UserError(f"eval: --batch-size must be >= 1, got {args.batch_size}")
+    if args.seq_len is not None and args.seq_len < 2:
+        raise UserError(f"eval: --seq-len must be >= 2, got {args.seq_len}")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise UserError(f"eval: --num-fewshot must be >= 0, got {args.num_fewshot}")
+    if args.limit is not None and not args.limit > 0:   # not >: NaN is refused too
+        raise UserError(f"eval: --limit must be > 0 (documents per task, or a fraction < 1), got {args.limit}")
     model = load_model(args.src, args.tokenizer)
     if args.data:
         from jaxllm.evaluation.perplexity import file_perplexity
-        seq_len = args.seq_len or min(model.cfg.max_seq_len, 1024)
+        seq_len = args.seq_len
+        if seq_len is None:   # a run's eval loss is measured at the length it trained at
+            seq_len, where = run_seq_len(args.src)
+            if seq_len is not None:
+                print(f"eval: --seq-len {seq_len} (train.seq_len of {where})", file=sys.stderr)
+        seq_len = seq_len or min(model.cfg.max_seq_len, 1024)
         out = file_perplexity(model.params, model.cfg, model.tokenizer, args.data, seq_len=seq_len,
                               batch_size=args.batch_size, text_field=args.text_field)
         print(json.dumps({"src": args.src, "data": args.data, "seq_len": seq_len, **out}))
@@ -97,7 +112,8 @@ def register(subparsers) -> None:
     e.add_argument("--data", nargs="+", default=None, help="text files (JSONL/Parquet/text/ArrayRecord, globs)")
     e.add_argument("--text-field", default="text", help="JSON key / Parquet column holding the text")
     e.add_argument("--seq-len", type=int, default=None,
-                   help="tokens per row (default: min(model.max_seq_len, 1024)); lm-eval's context window")
+                   help="tokens per row (default: a run dir's train.seq_len, else min(model.max_seq_len, 1024)); "
+                        "lm-eval's context window")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--tasks", default=None, help="lm-eval task names, comma-separated (needs jaxllm[eval])")
     e.add_argument("--include-path", default=None, help="a directory of extra lm-eval task YAMLs")

@@ -4,7 +4,10 @@ The files go through the same grain pipeline as training data (make_eval_iterato
 bos/eos around each document, pack into (B, T) rows, every document read once) and the loss
 is the CLM objective's: next-token cross-entropy summed over the targets of each document (a
 document's first token is not predicted from the previous document) and divided by their
-count. So `jaxllm eval --data` on a run's eval files reports that run's eval_loss/eval_ppl.
+count. So `jaxllm eval --data` on a run's eval files reports that run's eval_loss/eval_ppl when
+the rows are as long as the run's were (train.seq_len, what --seq-len defaults to for a run dir
+or its checkpoints/); at another length long documents are cut elsewhere, and positions beyond
+the trained length are ones the model never learned (a higher loss).
 """
 from __future__ import annotations
 

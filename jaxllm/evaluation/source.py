@@ -48,6 +48,18 @@ def _run_dir_tokenizer(path: pathlib.Path) -> tuple[str | None, str]:
     return None, f"a config.yaml in {path} or {path.parent}"
 
 
+def run_seq_len(src: str | pathlib.Path) -> tuple[int | None, str]:
+    """(train.seq_len of SRC's run config.yaml, that file) or (None, "") when SRC is no run's."""
+    path = pathlib.Path(src)
+    for run in (path, path.parent):
+        cfg_file = run / "config.yaml"
+        if cfg_file.is_file():
+            train = (yaml.safe_load(cfg_file.read_text()) or {}).get("train") or {}
+            n = train.get("seq_len") if isinstance(train, dict) else None
+            return (n, str(cfg_file)) if isinstance(n, int) and not isinstance(n, bool) else (None, "")
+    return None, ""
+
+
 def tokenizer_path(src: str | pathlib.Path, override: str | None = None) -> str:
     """Where SRC's tokenizer is: --tokenizer, the HF dir's own files, or the run's config."""
     from jaxllm.training.checkpoint import is_hf_dir
@@ -69,6 +81,20 @@ def tokenizer_path(src: str | pathlib.Path, override: str | None = None) -> str:
                     f"(a tokenizer.model, tokenizer.json or a directory holding one)")
 
 
+_REWARD_MODEL = "{src} is a reward model (a scalar head, no LM head): generate/chat/eval need a language model"
+
+
+def _is_reward_hf_dir(path: pathlib.Path) -> bool:
+    """An HF *ForSequenceClassification dir (an exported reward model)."""
+    import json
+
+    from jaxllm.interop.hf import hf_head
+    try:
+        return hf_head(json.loads((path / "config.json").read_text())) == "reward"
+    except (OSError, ValueError, AttributeError):
+        return False   # not an HF dir, or a config.json that load_policy reports on
+
+
 def load_model(src: str | pathlib.Path, tokenizer: str | None = None) -> Model:
     """(model config, params, tokenizer) of SRC; every expected failure is a one-line error."""
     from jaxllm.data.tokenizer import check_vocab, load_tokenizer
@@ -76,12 +102,16 @@ def load_model(src: str | pathlib.Path, tokenizer: str | None = None) -> Model:
     path = pathlib.Path(src)
     if not path.exists():
         raise UserError(f"{src} does not exist (give a run dir, a checkpoint dir or an HF model dir)")
+    if _is_reward_hf_dir(path):   # before the tokenizer: no tokenizer would make it usable
+        raise UserError(_REWARD_MODEL.format(src=src))
     tok_path = tokenizer_path(path, tokenizer)   # before the (slower) params, to fail fast
     try:
         tok = load_tokenizer(tok_path)
     except (ValueError, FileNotFoundError) as e:
         raise UserError(str(e)) from None
     params, saved, _ = load_policy(path)   # a LoRA/adapter run: its delta over its base
+    if isinstance(params, dict) and "reward_head" in params and "lm_head" not in params:
+        raise UserError(_REWARD_MODEL.format(src=src))
     if saved is None:
         raise UserError(f"{src}: the checkpoint holds no model config (meta item 'model')")
     cfg = model_config(saved, str(src))

@@ -14,7 +14,12 @@ import shutil
 from jaxllm.errors import UserError
 
 
-def _check_destination(dst: pathlib.Path, overwrite: bool) -> None:
+def _check_destination(dst: pathlib.Path, overwrite: bool, src: str | pathlib.Path) -> None:
+    if dst.resolve() == pathlib.Path(src).resolve():
+        raise UserError(f"{dst} is the source itself; write the conversion to another directory")
+    if dst.is_dir() and any((dst / name).exists() for name in ("checkpoints", "config.yaml")):
+        raise UserError(f"{dst} is a run dir (it holds checkpoints/ or config.yaml), not a place for a "
+                        f"conversion: even with --overwrite, choose another directory")
     if dst.exists() and not dst.is_dir():
         raise UserError(f"{dst} exists and is not a directory")
     if dst.exists() and any(dst.iterdir()) and not overwrite:
@@ -49,7 +54,7 @@ def convert(src: str, dst: str, to: str, overwrite: bool = False) -> str:
     out = pathlib.Path(dst)
     if to not in ("hf", "orbax", "peft"):
         raise UserError(f"unknown target format '{to}'; valid: hf, orbax, peft")
-    _check_destination(out, overwrite)
+    _check_destination(out, overwrite, src)
     if to in ("hf", "peft"):
         params, model, delta = load_policy(src)
         if "reward_head" in params:   # a reward model: *ForSequenceClassification, with pad/eos ids

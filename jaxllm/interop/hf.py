@@ -58,8 +58,8 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
     scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
     rope_scaling: tuple = ()
-    if scaling:
-        kind = scaling.get("rope_type", scaling.get("type"))
+    kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else scaling
+    if scaling and kind != "default":   # transformers' "default" rope type is unscaled RoPE
         if kind != "llama3":
             raise CheckpointFormatError(f"{source}: rope scaling {kind!r} is not supported (llama3 is)")
         rope_scaling = (float(scaling["factor"]), float(scaling["low_freq_factor"]),

@@ -35,7 +35,14 @@ class TokenOptions:
 
 def resolve(spec, tokenizer, field: str) -> tuple[int, ...]:
     """Token ids from a config list of ids and/or pieces (e.g. ["<|im_start|>", "<|im_end|>"]):
-    a piece is a special token of the tokenizer or text that encodes to exactly one token."""
+    a piece is a special token of the tokenizer or text that encodes to exactly one token.
+    ["all"]: every id of the tokenizer, i.e. the whole embedding and LM head trained beside the
+    delta (PEFT's trainable_token_indices over the vocabulary). Its patches are (B, T, vocab),
+    a second LM-head-sized matmul each way: for small vocabularies (the demo's 512)."""
+    if tuple(spec) == ("all",):
+        if tokenizer is None:
+            raise ConfigError(f"{field}: 'all' needs the run's tokenizer (data.tokenizer) for its vocabulary")
+        return tuple(range(tokenizer.vocab_size))
     ids = []
     for item in spec:
         if isinstance(item, bool) or not isinstance(item, (int, str)):

@@ -61,6 +61,17 @@ def rank_samples(params, model_cfg, tokenizer, records: Sequence[dict], *, k: in
     return out, skipped
 
 
+def check_output_path(path: str) -> None:
+    """Before sampling: `path` can become a file (not a directory, not below a file)."""
+    if os.path.isdir(path):
+        raise UserError(f"data rank --out {path} is a directory; give a file name (e.g. {path}/train.jsonl)")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):   # the nearest existing folder above it
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"data rank --out {path}: {parent} is a file, not a directory")
+
+
 def write_rankings(path: str, rankings: list[dict]) -> None:
     """Written whole under a temporary name, then renamed: a file at `path` is complete."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -75,6 +86,7 @@ def label_file(model, prompts: str, out: str, *, num: int, k: int, temperature: 
     """`jaxllm data rank` (and the demo's label stage): rank a loaded model's own answers to the
     first `num` prompt records of `prompts` into `out` -> one line on what was made and what was
     left out."""
+    check_output_path(out)
     records, unusable = read_prompt_records(prompts, num)
     rankings, skipped = rank_samples(model.params, model.cfg, model.tokenizer, records, k=k,
                                      temperature=temperature, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed)

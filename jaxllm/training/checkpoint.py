@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxllm.config import CheckpointConfig
@@ -276,13 +277,46 @@ def source_model_config(path: str | pathlib.Path) -> dict | None:
         ck.close()
 
 
-def load_params(path: str | pathlib.Path, abstract_params: Any | None = None):
+def source_step(path: str | pathlib.Path) -> int | None:
+    """The step load_params reads by default: a checkpoint's newest; None for an HF dir."""
+    path = pathlib.Path(path)
+    if is_hf_dir(path):
+        return None
+    ck = Checkpointer(_checkpoint_root(path), CheckpointConfig(), read_only=True)
+    try:
+        return ck.latest_step()
+    finally:
+        ck.close()
+
+
+def params_checksum(params) -> list[float]:
+    """[sum |x|, sum x^2] over every value: a cheap identity of a frozen base, which a delta or
+    reference run records and checks when it is rebuilt (equal up to float rounding on any
+    sharding; another model of the same shapes differs in the leading digits)."""
+    leaves = [x for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)]
+    sums = jax.jit(lambda ls: [jnp.stack([jnp.sum(jnp.abs(x.astype(jnp.float32))),
+                                          jnp.sum(jnp.square(x.astype(jnp.float32)))]) for x in ls])(leaves)
+    total = np.sum(np.asarray(jax.device_get(sums), np.float64), axis=0)
+    return [float(total[0]), float(total[1])]
+
+
+def check_base(ident: dict, params, what: str) -> None:
+    """Refuse a base whose checksum is not the one `ident` recorded (path, step, checksum)."""
+    now = params_checksum(params)
+    if not np.allclose(now, ident["checksum"], rtol=1e-5, atol=0):
+        at = f" step {ident['step']}" if ident.get("step") is not None else ""
+        raise CheckpointError(f"{what}: its frozen base {ident['path']}{at} is not the model it was trained "
+                              f"with (params checksum {now} vs {ident['checksum']} recorded): restore that "
+                              f"model there, or start a new run")
+
+
+def load_params(path: str | pathlib.Path, abstract_params: Any | None = None, step: int | None = None):
     """Params only (never optimizer state), from a run dir (its checkpoints/), a checkpoint
     dir, or an HF directory. -> (params, model config dict or None).
 
     abstract_params: ShapeDtypeStructs with shardings (the caller's target layout); default:
     the saved shapes and dtypes on this process's first device, so a checkpoint written on
-    any device count loads here."""
+    any device count loads here. step: that checkpoint step (default: the newest)."""
     path = pathlib.Path(path)
     if is_hf_dir(path):
         from jaxllm.interop.hf import load_hf
@@ -291,7 +325,10 @@ def load_params(path: str | pathlib.Path, abstract_params: Any | None = None):
         return params, dataclasses.asdict(cfg)
     ck = Checkpointer(_checkpoint_root(path), CheckpointConfig(), read_only=True)
     try:
-        step = ck.latest_step()
+        if step is not None and step not in ck.all_steps():
+            raise CheckpointError(f"{ck.directory} has no step {step} (it has {ck.all_steps()}); the run "
+                                  f"that reads it was trained on that step")
+        step = ck.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no complete checkpoint under {ck.directory}")
         meta = ck.read_meta(step)
@@ -346,7 +383,14 @@ def load_policy(path: str | pathlib.Path):
     from jaxllm.config import load_config
     cfg = load_config(run_dir / "config.yaml")
     delta = params.get("delta", params)
-    base, _ = load_params(delta_info["base"])
+    ident = meta.get("base")
+    if ident is None:   # a run from before bases were recorded: its init_from, as written
+        print(f"note: {path} does not record its base's step and checksum (an older run): attaching it to "
+              f"{delta_info['base']} unchecked", file=sys.stderr)
+        base, _ = load_params(delta_info["base"])
+    else:
+        base, _ = load_params(ident["path"], step=ident.get("step"))
+        check_base(ident, base, str(path))
     if delta_info["kind"] == "lora":
         from jaxllm.model import lora as module
         dcfg = cfg.lora

@@ -65,7 +65,7 @@ def train(cfg: Config) -> dict:
             meta={"delta": _delta_meta(delta, cfg.checkpoint.init_from)},
             data_iter=train_it, init_from_trainable=False,
             **dict(zip(("frozen_specs", "frozen_shapes"), frozen_layout(cfg, base_specs, base_shapes))))
-        frozen = load_frozen_base(run, base_specs, base_shapes, shardings.frozen)   # QLoRA: quantized
+        frozen = load_frozen_base(run, base_specs, base_shapes, shardings.frozen, meta)   # QLoRA: quantized
         if delta is None and resumed is None:   # the policy starts as the reference
             state = state.replace(params=jax.tree.map(jnp.copy, frozen))
         step_fn = make_train_step(loss_fn, optimizer, shardings, microbatches=t.microbatches, merge=merge,

@@ -9,6 +9,7 @@ and the loop (training/loop.py) are shared with every other recipe.
 from __future__ import annotations
 
 import math
+import pathlib
 import sys
 from typing import Iterator
 
@@ -22,6 +23,7 @@ from jaxllm.model.api import init_params, param_logical_axes, param_shapes
 from jaxllm.objectives import make_objective
 from jaxllm.parallel import rules as R
 from jaxllm.training import metrics as metrics_lib
+from jaxllm.training.checkpoint import check_base, params_checksum, source_step
 from jaxllm.training.loop import fit
 from jaxllm.training.optim import lr_schedule, make_optimizer, skip_metrics
 from jaxllm.training.run import Run
@@ -127,14 +129,25 @@ def frozen_layout(cfg: Config, base_specs, base_shapes):
     return quant.logical_axes(base_specs, shapes), shapes
 
 
-def load_frozen_base(run, base_specs, base_shapes, frozen_shardings):
+def load_frozen_base(run, base_specs, base_shapes, frozen_shardings, meta: dict):
     """checkpoint.init_from's params as the frozen base, placed in the step's frozen shardings;
-    quantized on the devices (from the base's own shardings) when lora.quantize_base is set."""
+    quantized on the devices (from the base's own shardings) when lora.quantize_base is set.
+
+    meta["base"] records which model that is (absolute path, step, checksum), so a resumed run,
+    generation and export rebuild the same base, or refuse in one line if it has changed;
+    a fresh run (or one from before this record) writes it."""
     q = run.cfg.lora
     quantized = q.quantize_base != "none"
     shardings = R.param_shardings(base_specs, base_shapes, run.rules, run.mesh) if quantized else frozen_shardings
+    ident = meta.get("base")
+    path = ident["path"] if ident else str(pathlib.Path(run.cfg.checkpoint.init_from).absolute())
+    step = ident.get("step") if ident else source_step(path)
     full = run.load_init_from(jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), base_shapes, shardings))
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), base_shapes, shardings), path, step)
+    if ident:
+        check_base(ident, full, str(run.dir))
+    else:
+        meta["base"] = {"path": path, "step": step, "checksum": params_checksum(full)}
     if not quantized:
         return full
     base = jax.jit(lambda p: quant.quantize_tree(p, q.quantize_base, q.quantize_block),
@@ -179,7 +192,7 @@ def train(cfg: Config, batches: Iterator[dict] | None = None) -> dict:
             data_iter=None if batches is not None else train_it, **frozen_kw)
         base = None
         if delta is not None:
-            base = load_frozen_base(run, base_specs, base_shapes, shardings.frozen)
+            base = load_frozen_base(run, base_specs, base_shapes, shardings.frozen, meta)
         merge_kw = {} if merge is None else {"merge": merge}
         step_fn = make_train_step(loss_fn, optimizer, shardings, microbatches=t.microbatches,
                                   optimizer_metrics=skip_metrics(lr_schedule(cfg.optim, meta["schedule_steps"])),

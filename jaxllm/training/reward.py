@@ -184,11 +184,16 @@ def export_hf(run_dir: str | pathlib.Path, out_dir: str | pathlib.Path) -> str:
     from jaxllm.config import load_config
     from jaxllm.data.tokenizer import load_tokenizer
     from jaxllm.interop.hf import save_hf
-    run_dir = pathlib.Path(run_dir)
-    cfg = load_config(run_dir / "config.yaml")
-    params, model = load_params(run_dir)
+    src = pathlib.Path(run_dir)   # a run dir, or its checkpoints/ (as checkpoint.load_policy takes it)
+    run_dir = src if (src / "checkpoints").is_dir() else src.parent
+    params, model = load_params(src)
     if "reward_head" not in params:
-        raise ConfigError(f"{run_dir} holds no reward head (not a reward run)")
+        raise ConfigError(f"{src} holds no reward head (not a reward run)")
+    if not (run_dir / "config.yaml").is_file():   # e.g. `convert --to orbax` of an HF reward model
+        raise ConfigError(f"{src}: exporting a reward model needs its run's config.yaml (its data.tokenizer "
+                          f"gives the pad and eos ids transformers scores with); there is no "
+                          f"{(run_dir / 'config.yaml').absolute()}")
+    cfg = load_config(run_dir / "config.yaml")
     tok = load_tokenizer(cfg.data.tokenizer)
     ends = {i for i in (tok.eos_id, getattr(tok, "im_end_id", None)) if i is not None}
     if tok.pad_id in ends:

@@ -205,7 +205,7 @@ def train(cfg: Config) -> dict:
                   "delta": _delta_meta(delta, cfg.checkpoint.init_from)},
             data_iter=prompts, init_from_trainable=False, **frozen_kw)
         # the frozen tree: the reference policy (full) or the base the delta adapts (LoRA)
-        frozen = load_frozen_base(run, base_specs, base_shapes, shardings.frozen)
+        frozen = load_frozen_base(run, base_specs, base_shapes, shardings.frozen, meta)
         if resumed is None and delta is None:   # the policy starts as the reference
             state = state.replace(params={**jax.tree.map(jnp.copy, frozen), "value_head": state.params["value_head"]})
         if resumed is None and rl.value_init == "reward_model":

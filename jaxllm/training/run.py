@@ -361,11 +361,13 @@ class Run:
             return int(saved_horizon)
         return horizon
 
-    def load_init_from(self, abstract_params):
-        """Params of another run / checkpoint / HF model, checked against this run's model,
-        restored straight into the target shardings (optimizer state is never read)."""
+    def load_init_from(self, abstract_params, path: str | None = None, step: int | None = None):
+        """Params of another run / checkpoint / HF model (checkpoint.init_from, or `path` at
+        `step`), checked against this run's model, restored straight into the target shardings
+        (optimizer state is never read)."""
         cfg = self.cfg
-        src_model = source_model_config(cfg.checkpoint.init_from)
+        src = cfg.checkpoint.init_from if path is None else path
+        src_model = source_model_config(src)
         if src_model:
             ignore = {"param_dtype", "compute_dtype", "remat", "attention", "attention_block", "max_seq_len",
                       "init_std", "scale_residual_init", "logits_chunk", "scan_layers", "dot_output"}
@@ -374,12 +376,12 @@ class Run:
                      if k not in ignore and k in src_model
                      and (tuple(src_model[k]) if isinstance(src_model[k], list) else src_model[k]) != ours[k]]
             if diffs:
-                raise ConfigError(f"checkpoint.init_from={cfg.checkpoint.init_from} has another model: "
+                raise ConfigError(f"checkpoint.init_from={src} has another model: "
                                   + "; ".join(diffs) + " (set model.* to match)")
         # master weights keep this run's param dtype (an HF bf16 file must not make bf16 masters)
-        params, _ = load_params(cfg.checkpoint.init_from, abstract_params)
+        params, _ = load_params(src, abstract_params, step=step)
         params = jax.tree.map(lambda p, ref: p.astype(ref.dtype), params, abstract_params)
-        self.log(f"initialised params from {cfg.checkpoint.init_from}")
+        self.log(f"initialised params from {src}" + (f" (step {step})" if step is not None else ""))
         return params
 
 
