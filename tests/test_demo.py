@@ -159,6 +159,13 @@ def test_grpo_and_dpo_on_the_demo_models_also_beat_sft(demo, tmp_path):
     assert sampled["GRPO"] > sampled["SFT"] and sampled["DPO"] > sampled["SFT"], sampled
 
 
+# LoRA r=8 as the demo recipe runs it, but training every row of the embedding tables beside the
+# delta (lora.trainable_tokens=[all], PEFT's trainable_token_indices over the vocabulary) in place
+# of the chat specials' rows only, as the adapters do (adapter.train_embeddings): full SFT trains
+# them, and on these small bases they are most of what a delta over the layers lacks (README).
+LORA_EVERY_ROW = ["lora.r=8", "lora.alpha=16", "lora.trainable_tokens=[all]"]
+
+
 def _three_ways(out, tmp_path, base: str, model: list, n_convs: int, ways) -> dict:
     """Train each of `ways` ((name, demo recipe, overrides), 250 steps) from `base` in the demo dir
     `out`; held-out chat exact match of the base and of each, on the first `n_convs` eval-split
@@ -200,24 +207,22 @@ def _three_ways(out, tmp_path, base: str, model: list, n_convs: int, ways) -> di
 
 def test_full_sft_lora_and_adapters_on_the_demo_base(demo, tmp_path):
     """Issue 10's learning comparison on the quick demo's pretrained model, each way 250 steps
-    over the same chat data: full SFT (demo/sft.yaml), LoRA r=8 (demo/lora.yaml at r=8) and
-    bottleneck adapters (demo/adapter.yaml), held-out chat exact match on 300 conversations of
-    the eval split. The task space is small, so some eval conversations also occur verbatim in
-    the train split: the figures are printed for those ("seen") and the rest ("unseen") too.
-    2026-12-06, this test's 300 conversations, Python 3.11 / jax 0.10: pretrained 0.000, full
-    0.340, LoRA r=8 0.297, adapters 0.120 (600 steps: full 0.49, LoRA r=8 0.44, adapters 0.22);
-    Python 3.13 / jax 0.12 (another demo base): full 0.373, LoRA r=8 0.283, adapters 0.183. So
-    LoRA's gap to full SFT is 4-9 points here, the adapters' 15-22 (those adapter figures are from
-    before adapter.train_embeddings joined the recipe, with only the chat specials' rows): issue
-    10's "within a few points" is printed, not asserted; what is asserted is that both learn, LoRA
-    most of what full SFT learns."""
+    over the same chat data: full SFT (demo/sft.yaml), LoRA r=8 (demo/lora.yaml at r=8, every
+    row of the embedding tables trained beside it: LORA_EVERY_ROW) and bottleneck adapters
+    (demo/adapter.yaml, which trains the tables too), held-out chat exact match on 300
+    conversations of the eval split. The task space is small, so some eval conversations also
+    occur verbatim in the train split: the figures are printed for those ("seen") and the rest
+    ("unseen") too. 2026-12-07, AVX2 machine, Python 3.13 / jax 0.12.1, data.seed 0 and 1: full
+    0.377 / 0.350, LoRA r=8 with every row 0.393 / 0.407, with the specials' rows only 0.297 /
+    0.290, adapters 0.377 / 0.377. Earlier (specials' rows only for both deltas; 2026-12-06):
+    LoRA 4-9 points under full SFT, adapters 15-22. Asserted: both within 6 points."""
     res = _three_ways(demo["out"], tmp_path, "runs/pretrain", [], 300, (
-        ("full SFT", "sft", []), ("LoRA r=8", "lora", ["lora.r=8", "lora.alpha=16"]), ("adapters", "adapter", [])))
+        ("full SFT", "sft", []), ("LoRA r=8", "lora", LORA_EVERY_ROW), ("adapters", "adapter", [])))
     full, lora_, adapters, pre = (res[k]["all"] for k in ("full SFT", "LoRA r=8", "adapters", "pretrained"))
-    assert pre < 0.05 and full > pre + 0.25, res
-    assert lora_ > 0.7 * full, res                   # LoRA: 0.87x and 0.76x of full SFT in two runs
-    assert adapters > pre + 0.05, res                # adapters learn, but lag here (README, issue 10)
     print(f"gap to full SFT: LoRA {full - lora_:+.3f}, adapters {full - adapters:+.3f}")
+    assert pre < 0.05 and full > pre + 0.25, res
+    # 2026-12-07 (AVX2, Python 3.13), two data seeds: LoRA -1.7 / -5.7 points, adapters 0.0 / -2.7
+    assert full - lora_ < 0.06 and full - adapters < 0.06, res
 
 
 def _small_base_comparison(out, tmp_path) -> dict:
@@ -234,8 +239,7 @@ def _small_base_comparison(out, tmp_path) -> dict:
             "mesh.devices=1", f"train.run_dir={base}", "train.steps=1500", "train.eval_every=1500",
             "train.log_every=100", "checkpoint.every=1500", *model]))
     return _three_ways(out, tmp_path, base, model, 600, (
-        ("full SFT", "sft", []), ("LoRA r=8", "lora", ["lora.r=8", "lora.alpha=16"]),
-        ("adapters", "adapter", ["adapter.size=64"])))
+        ("full SFT", "sft", []), ("LoRA r=8", "lora", LORA_EVERY_ROW), ("adapters", "adapter", ["adapter.size=64"])))
 
 
 def test_lora_and_adapters_within_a_few_points_of_full_sft_on_a_small_base(demo, tmp_path):
@@ -244,14 +248,14 @@ def test_lora_and_adapters_within_a_few_points_of_full_sft_on_a_small_base(demo,
     pretrained 1,500 steps on the quick demo's corpus (demo/pretrain.yaml), then each way 250 steps
     as above, bf16 compute; adapters at size 64 (half of d, as size 32 is of tiny's d=64).
     Exact match on 600 eval conversations (one run's standard error ~2 points).
-    2026-12-06, Python 3.13 / jax 0.12.1: pretrained 0.000, full SFT 0.450, LoRA r=8 0.400
-    (gap 5.0 points), adapters 0.340 (gap 11.0) when they trained only the chat specials' rows of
-    the embedding tables. 2026-12-07, the same setup on the AVX2 machine: full 0.443, adapters
-    with those rows 0.332 (11.2), with every row (adapter.train_embeddings, now in the recipe)
-    0.390 (5.3). Python 3.11 / jax 0.10.2, the same sizes on a base pretrained 2,500 steps,
-    300 conversations, specials' rows only: full 0.463, LoRA 0.440 (2.3), adapters size 32 0.337
-    (12.6), size 64 0.390 (7.3), size 128 0.410 (5.3). LoRA's gap is asserted at under 8 points,
-    the adapters' at under 12 (a difference's standard error here is ~2.5-3 points)."""
+    2026-12-07, AVX2 machine, Python 3.13 / jax 0.12.1 (full SFT 0.443 / 0.443 / 0.445 / 0.440 in
+    the four runs: data.seed 0, train.seed 1, data.seed 1, data.seed 2): adapters with every
+    table row (adapter.train_embeddings, the recipe) 0.390 / 0.378 / 0.397 / 0.397, gaps 4.3-6.5
+    points; LoRA r=8 with every row (LORA_EVERY_ROW) 0.427 (data.seed 0) and 0.440 (data.seed 1),
+    gaps 1.6 and 0.5; LoRA r=8 with the specials' rows only 0.382 / 0.408 / 0.422 (train.seed 1,
+    data.seed 1, 2), gaps 1.8-6.2. Before the tables were trained (2026-12-06): LoRA 5.0, adapters
+    11.0. Asserted: LoRA under 6 points, adapters under 10 (a difference's standard error here is
+    ~2.5-3 points)."""
     # In its own process: in the pytest worker that had run this module's other tests, the
     # evaluation's many generate() compilations failed ("Failed to materialize symbols", CI
     # 2026-12-06) and took the worker's later test files down with it. Likely cause, not proven:
@@ -267,4 +271,5 @@ def test_lora_and_adapters_within_a_few_points_of_full_sft_on_a_small_base(demo,
     full, lora_, adapters, pre = (res[k]["all"] for k in ("full SFT", "LoRA r=8", "adapters", "pretrained"))
     print(f"gap to full SFT: LoRA {full - lora_:+.3f}, adapters {full - adapters:+.3f}")
     assert pre < 0.05 and full > pre + 0.3, res
-    assert full - lora_ < 0.08 and full - adapters < 0.12, res
+    # 2026-12-07 (AVX2, Python 3.13): LoRA 1.6 / 0.5 points in two data seeds, adapters 4.3-6.5 in four runs
+    assert full - lora_ < 0.06 and full - adapters < 0.10, res
