@@ -286,6 +286,27 @@ def test_sft_samples_are_user_turns_in_the_chat_template_ended_at_end_of_turn(to
     assert raw[0]["completion"] != got[0]["completion"]
 
 
+def test_chat_and_rank_prompt_a_run_with_the_template_it_trained_with(tmp_path):
+    """`jaxllm chat` / `data rank` default to the run's data.chat_template; another one given on
+    the command line is used, and said to differ in one line."""
+    from jaxllm.evaluation.source import template_for
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("data:\n  kind: chat\n  chat_template: my.jinja\n")
+    said = []
+    assert template_for(run, None, said.append) == "my.jinja" and "data.chat_template of" in said[-1]
+    assert template_for(run / "checkpoints", None, said.append) == "my.jinja"   # a checkpoint dir of the run
+    assert template_for(run, "chatml", said.append) == "chatml"
+    assert "--chat-template 'chatml' is not the template" in said[-1]
+    n = len(said)
+    (run / "config.yaml").write_text("data:\n  kind: chat\n")                   # trained with the default
+    assert template_for(run, None, said.append) == "" and template_for(run, "chatml", said.append) == "chatml"
+    assert len(said) == n                                                        # nothing to say
+    from jaxllm.cli import build_parser
+    for argv in (["chat", str(run)], ["data", "rank", "--model", str(run), "--prompts", "p", "--out", "o"]):
+        assert build_parser().parse_args(argv).chat_template is None
+
+
 # ------------------------------------------------------------------ lm-eval adapter
 def need_lm_eval():
     pytest.importorskip("lm_eval", reason="the `eval` extra (lm-eval) is not installed")

@@ -63,9 +63,11 @@ def _data_rank(args) -> None:
     if args.k < 2 or args.num < 0 or args.top_k < 0:
         raise UserError(f"data rank: --k must be >= 2 (a ranking needs 2 answers), --num and --top-k >= 0, "
                         f"got --k {args.k} --num {args.num} --top-k {args.top_k}")
+    from jaxllm.evaluation.source import template_for
+    template = template_for(args.model, args.chat_template, lambda m: print(m, file=sys.stderr))
     model = load_model(args.model, args.tokenizer)
     print(label_file(model, args.prompts, args.out, num=args.num, k=args.k, temperature=args.temperature,
-                     top_k=args.top_k, max_new_tokens=args.max_new_tokens, seed=args.seed))
+                     top_k=args.top_k, max_new_tokens=args.max_new_tokens, seed=args.seed, template=template))
 
 
 def register(subparsers) -> None:
@@ -110,5 +112,7 @@ def register(subparsers) -> None:
     rk.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all); "
                                                           "use the PPO recipe's rl.top_k")
     rk.add_argument("--max-new-tokens", type=int, default=48)
+    rk.add_argument("--chat-template", default=None,
+                    help="default: the model run's data.chat_template (else the tokenizer's own, else ChatML)")
     rk.add_argument("--seed", type=int, default=0)
     rk.set_defaults(func=_data_rank)

@@ -49,10 +49,11 @@ def _generate(args) -> None:
 
 def _chat(args) -> None:
     from jaxllm.evaluation.chat import chat_loop
-    from jaxllm.evaluation.source import load_model
+    from jaxllm.evaluation.source import load_model, template_for
+    template = template_for(args.src, args.chat_template, lambda m: print(m, file=sys.stderr))
     model = load_model(args.src, args.tokenizer)
     n = min(256, model.cfg.max_seq_len // 2) if args.max_new_tokens is None else args.max_new_tokens
-    chat_loop(model, template=args.chat_template, system=args.system, max_new_tokens=n,
+    chat_loop(model, template=template, system=args.system, max_new_tokens=n,
               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
 
@@ -101,8 +102,9 @@ def register(subparsers) -> None:
 
     c = subparsers.add_parser("chat", help="talk to a chat model in the terminal (answers stream)")
     c.add_argument("src", help="run dir, checkpoint dir or HF model dir")
-    c.add_argument("--chat-template", default="",
-                   help="'' (the tokenizer's own, else ChatML), 'chatml', or a Jinja file / tokenizer_config.json")
+    c.add_argument("--chat-template", default=None,
+                   help="default: the run's data.chat_template; '' (the tokenizer's own, else ChatML), 'chatml', "
+                        "or a Jinja file / tokenizer_config.json")
     c.add_argument("--system", default=None, help="a system message to start the conversation with")
     _sampling(c, "256, at most half the model's max_seq_len", 0.7, 0.9)
     c.set_defaults(func=_chat)

@@ -48,6 +48,32 @@ def _run_dir_tokenizer(path: pathlib.Path) -> tuple[str | None, str]:
     return None, f"a config.yaml in {path} or {path.parent}"
 
 
+def run_chat_template(src: str | pathlib.Path) -> tuple[str, str]:
+    """(data.chat_template of SRC's run config.yaml when the run trained on chat data, that
+    file), or ("", "") when it set none (the tokenizer's own template, else ChatML) or SRC is no run."""
+    path = pathlib.Path(src)
+    for run in (path, path.parent):
+        cfg_file = run / "config.yaml"
+        if cfg_file.is_file():
+            data = (yaml.safe_load(cfg_file.read_text()) or {}).get("data") or {}
+            spec = data.get("chat_template") if isinstance(data, dict) and data.get("kind") == "chat" else None
+            return (spec, str(cfg_file)) if isinstance(spec, str) and spec else ("", "")
+    return "", ""
+
+
+def template_for(src: str | pathlib.Path, given: str | None, log) -> str:
+    """The chat template to prompt SRC with: `given` (a command's --chat-template), else the one
+    its run trained with; a given one that differs from the trained one is said in one line."""
+    trained, where = run_chat_template(src)
+    if given is None:
+        if trained:
+            log(f"chat template: {trained} (data.chat_template of {where})")
+        return trained
+    if trained and given != trained:
+        log(f"note: --chat-template {given!r} is not the template {src} trained with ({trained!r}, {where})")
+    return given
+
+
 def run_seq_len(src: str | pathlib.Path) -> tuple[int | None, str]:
     """(train.seq_len of SRC's run config.yaml, that file) or (None, "") when SRC is no run's."""
     path = pathlib.Path(src)

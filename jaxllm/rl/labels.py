@@ -19,7 +19,7 @@ from typing import Sequence
 
 import jax
 
-from jaxllm.data.chat import chat_prompt
+from jaxllm.data.chat import chat_prompt, load_template
 from jaxllm.data.synthetic_tasks import score_response
 from jaxllm.errors import UserError
 from jaxllm.evaluation.chat import end_of_turn_ids
@@ -28,7 +28,7 @@ from jaxllm.rl import rollout as R
 
 
 def rank_samples(params, model_cfg, tokenizer, records: Sequence[dict], *, k: int, temperature: float, top_k: int = 0,
-                 max_new_tokens: int, seed: int, batch_prompts: int = 64) -> tuple[list[dict], int]:
+                 max_new_tokens: int, seed: int, batch_prompts: int = 64, template=None) -> tuple[list[dict], int]:
     """-> (ranking records {"prompt", "task", "responses": best first, "scores"}, skipped).
     Prompts are rendered as PPO renders them (rl/rollout.py), so the reward model learns on
     the inputs PPO will score."""
@@ -36,7 +36,8 @@ def rank_samples(params, model_cfg, tokenizer, records: Sequence[dict], *, k: in
     out, skipped = [], 0
     for start in range(0, len(records), batch_prompts):
         chunk = records[start:start + batch_prompts]
-        prompts = [chat_prompt(R.prompt_messages(r, f"prompt {start + i}"), tokenizer) for i, r in enumerate(chunk)]
+        prompts = [chat_prompt(R.prompt_messages(r, f"prompt {start + i}"), tokenizer, template)
+                   for i, r in enumerate(chunk)]
         gen = jax.device_get(generate(
             params, [p for p in prompts for _ in range(k)], model_cfg, max_new_tokens=max_new_tokens,
             key=jax.random.fold_in(jax.random.key(seed), start), temperature=temperature, top_k=top_k,
@@ -82,14 +83,15 @@ def write_rankings(path: str, rankings: list[dict]) -> None:
 
 
 def label_file(model, prompts: str, out: str, *, num: int, k: int, temperature: float, top_k: int,
-               max_new_tokens: int, seed: int) -> str:
+               max_new_tokens: int, seed: int, template: str = "") -> str:
     """`jaxllm data rank` (and the demo's label stage): rank a loaded model's own answers to the
     first `num` prompt records of `prompts` into `out` -> one line on what was made and what was
     left out."""
     check_output_path(out)
     records, unusable = read_prompt_records(prompts, num)
     rankings, skipped = rank_samples(model.params, model.cfg, model.tokenizer, records, k=k,
-                                     temperature=temperature, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed)
+                                     temperature=temperature, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed,
+                                     template=load_template(template, model.tokenizer))
     write_rankings(out, rankings)
     left = f"; {unusable} records without a 'task' and a 'prompt' left out" if unusable else ""
     return (f"{out}: {len(rankings)} rankings of {model.src}'s answers ({skipped} of {len(records)} prompts "
