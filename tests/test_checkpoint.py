@@ -250,6 +250,8 @@ def test_convert_refuses_a_non_empty_destination_unless_overwrite(tmp_path, refe
     # --overwrite into a run's checkpoints/ (its step 0 is not a convert export): refused, kept
     run = tmp_path / "run"
     jaxllm.train(jaxllm.load_config(None, ARGS + ["train.steps=1", "checkpoint.every=1", f"train.run_dir={run}"]))
+    with pytest.raises(jaxllm.UserError, match=r"holds checkpoint steps \['1'\].*directory of its own"):
+        convert(str(dst), str(run / "checkpoints"), "orbax", overwrite=True)   # no step 0 there: still refused
     (run / "checkpoints" / "1").rename(run / "checkpoints" / "0")   # where the export would go
     with pytest.raises(jaxllm.UserError, match="was not written by `jaxllm convert --to orbax`.*will not delete"):
         convert(str(dst), str(run / "checkpoints"), "orbax", overwrite=True)
@@ -270,3 +272,87 @@ def test_convert_and_init_from_read_checkpoints_of_another_device_count(tmp_path
         f"checkpoint.init_from={tmp_path}/src", f"train.run_dir={tmp_path}/dst"]))
     chex.assert_trees_all_close(jax.device_get(s["state"].params), jax.device_get(src["state"].params),
                                 atol=0)
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    """A 2-step run on text data, with the SentencePiece tokenizer its config.yaml names."""
+    from jaxllm.data import synthetic
+    d = tmp_path_factory.mktemp("textrun")
+    data = synthetic.prepare_default_data(str(d / "synth"), train_docs=200, eval_docs=4, vocab_size=400, tasks=False)
+    jaxllm.train(jaxllm.load_config(None, ARGS + [
+        "data.kind=text", f"data.tokenizer={data['tokenizer']}", f"data.sources=[{{path: '{data['train']}'}}]",
+        "train.steps=2", "train.batch_size=4", "train.seq_len=64", f"train.run_dir={d / 'run'}"]))
+    return d / "run", pathlib.Path(data["tokenizer"])
+
+
+def test_convert_to_hf_carries_the_runs_tokenizer_ids_and_files(tmp_path, text_run):
+    from jaxllm.data.tokenizer import load_tokenizer
+    from jaxllm.evaluation.source import load_model
+    from jaxllm.interop.cli import convert
+    from jaxllm.model.generate import generate_text
+    run, tok_dir = text_run
+    tok = load_tokenizer(tok_dir)
+    for src in (run, run / "checkpoints"):   # the checkpoints/ dir finds the run's config.yaml above it
+        out = tmp_path / src.name
+        assert convert(str(src), str(out), "hf").endswith(f"with the tokenizer {tok_dir}")
+        hf = json.loads((out / "config.json").read_text())
+        assert (hf["bos_token_id"], hf["eos_token_id"], hf["pad_token_id"]) == (tok.bos_id, tok.eos_id, tok.pad_id)
+        assert (out / "tokenizer.model").read_bytes() == (tok_dir / "tokenizer.model").read_bytes()
+        tc = json.loads((out / "tokenizer_config.json").read_text())
+        assert (tc["bos_token"], tc["eos_token"]) == (tok.id_to_piece(tok.bos_id), tok.id_to_piece(tok.eos_id))
+        assert "chat_template" not in tc   # a text run trained with no template
+    jaxllm.load_hf(out)
+    texts = []
+    for m in (load_model(run), load_model(out)):   # the export needs no --tokenizer
+        texts.append(generate_text(m.params, m.cfg, m.tokenizer, ["Once upon", "hi"], max_new_tokens=6,
+                                   key=jax.random.key(0)))
+    assert texts[0] == texts[1]
+    try:
+        from transformers import LlamaConfig
+    except ImportError:
+        return
+    c = LlamaConfig.from_pretrained(out)
+    assert (c.bos_token_id, c.eos_token_id, c.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
+
+
+def test_convert_to_hf_without_a_tokenizer_says_so_and_leaves_no_stale_one(tmp_path, reference, text_run):
+    from jaxllm.interop.cli import convert
+    dst = tmp_path / "hf"
+    convert(str(text_run[0]), str(dst), "hf")
+    msg = convert(str(reference), str(dst), "hf", overwrite=True)   # synthetic tokens: no tokenizer
+    assert msg == (f"wrote HF checkpoint to {dst}; no tokenizer written (the source names none): pass "
+                   f"--tokenizer to generate, and set bos/eos ids for transformers")
+    assert not any((dst / n).exists() for n in ("tokenizer.model", "tokenizer_config.json"))
+    assert "eos_token_id" not in json.loads((dst / "config.json").read_text())
+    # --tokenizer supplies one; a named tokenizer that does not exist is a one-line error, before writing
+    assert convert(str(reference), str(dst), "hf", overwrite=True, tokenizer=str(text_run[1])).endswith(
+        f"with the tokenizer {text_run[1]}")
+    assert (dst / "tokenizer.model").exists()
+    with pytest.raises(FileNotFoundError, match="tokenizer not found"):
+        convert(str(reference), str(tmp_path / "x"), "hf", tokenizer=str(tmp_path / "nope"))
+    assert not (tmp_path / "x").exists()
+
+
+def test_convert_exports_the_chat_template_a_chat_run_trained_with(tmp_path, text_run):
+    from jaxllm.data.chat import chat_prompt, render_chat
+    from jaxllm.data.tokenizer import load_tokenizer
+    from jaxllm.interop.cli import _trained_chat_template
+    from jaxllm.interop.hf import CHATML_JINJA, save_tokenizer
+    tok = load_tokenizer(text_run[1])
+    run = tmp_path / "run"
+    run.mkdir()
+    jinja = tmp_path / "t.jinja"
+    jinja.write_text("{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}")
+    cases = {"": CHATML_JINJA, "chatml": CHATML_JINJA, str(jinja): jinja.read_text()}
+    for spec, want in cases.items():
+        (run / "config.yaml").write_text(f"data: {{kind: chat, tokenizer: x, chat_template: '{spec}'}}\n")
+        assert _trained_chat_template(str(run), tok) == want
+    (run / "config.yaml").write_text("data: {kind: text}\n")
+    assert _trained_chat_template(str(run), tok) is None
+    save_tokenizer(tmp_path / "out", text_run[1], CHATML_JINJA)
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["chat_template"] == CHATML_JINJA
+    # the Jinja ChatML renders what the built-in ChatML renders
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    assert render_chat(msgs, tok, CHATML_JINJA) == render_chat(msgs, tok, "chatml")
+    assert chat_prompt(msgs[:1], tok, CHATML_JINJA) == chat_prompt(msgs[:1], tok, "chatml")

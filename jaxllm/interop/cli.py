@@ -2,7 +2,10 @@
 adapter in PEFT's format.
 
 The destination must not exist or be empty, unless --overwrite: then jaxllm replaces only what
-it writes there (an HF export's config.json and model*.safetensors; an orbax export's step 0).
+it writes there (an HF export's config.json, model*.safetensors and tokenizer files; an orbax
+export's step 0).
+An HF export carries the run's tokenizer (data.tokenizer of its config.yaml, or --tokenizer):
+its files, its bos/eos/pad ids in config.json and, for a chat run, the template it trained with.
 """
 from __future__ import annotations
 
@@ -42,19 +45,55 @@ def _check_own_export(step_dir: pathlib.Path) -> None:
                         f"only such an export and will not delete it: choose another destination")
 
 
-def convert(src: str, dst: str, to: str, overwrite: bool = False) -> str:
+_NO_TOKENIZER = ("; no tokenizer written (the source names none): pass --tokenizer to generate, "
+                 "and set bos/eos ids for transformers")
+
+
+def _source_tokenizer(src: str, override: str | None) -> str | None:
+    """Where SRC's tokenizer is (as generate finds it), or None when SRC names none; a named
+    tokenizer that does not exist is an error."""
+    from jaxllm.evaluation.source import _run_dir_tokenizer, tokenizer_path
+    try:
+        return tokenizer_path(src, override)
+    except UserError:
+        if override or _run_dir_tokenizer(pathlib.Path(src))[0]:
+            raise
+        return None
+
+
+def _trained_chat_template(src: str, tok) -> str | None:
+    """The Jinja source of the template SRC's run trained with (data.chat_template of a chat
+    run's config.yaml; built-in ChatML as Jinja), or None: not a chat run, or the tokenizer's own."""
+    import yaml
+
+    from jaxllm.data.chat import CHATML, load_template
+    from jaxllm.interop.hf import CHATML_JINJA
+    path = pathlib.Path(src)
+    cfg_file = next((d / "config.yaml" for d in (path, path.parent) if (d / "config.yaml").is_file()), None)
+    data = ((yaml.safe_load(cfg_file.read_text()) or {}).get("data") or {}) if cfg_file else {}
+    if not isinstance(data, dict) or data.get("kind") != "chat":
+        return None
+    spec = data.get("chat_template") or ""
+    if spec == CHATML or (not spec and getattr(tok, "chat_template", None) is None):
+        return CHATML_JINJA
+    return load_template(spec, tok).source if spec else None
+
+
+def convert(src: str, dst: str, to: str, overwrite: bool = False, tokenizer: str | None = None) -> str:
     """to='hf': a run dir / orbax checkpoint dir -> HF directory (config.json + safetensors).
     to='orbax': an HF directory -> an orbax checkpoint dir that `checkpoint.init_from` reads.
-    Checkpoints written on any mesh or device count load here (onto this process's devices)."""
+    Checkpoints written on any mesh or device count load here (onto this process's devices).
+    `tokenizer` (to='hf'): the tokenizer to export, in place of the one SRC's run names."""
     import orbax.checkpoint as ocp
 
     from jaxllm.config import ModelConfig
-    from jaxllm.interop.hf import load_hf, save_hf
+    from jaxllm.interop.hf import TOKENIZER_FILES, load_hf, save_hf, save_tokenizer
     from jaxllm.training.checkpoint import CheckpointError, load_policy
     out = pathlib.Path(dst)
     if to not in ("hf", "orbax", "peft"):
         raise UserError(f"unknown target format '{to}'; valid: hf, orbax, peft")
     _check_destination(out, overwrite, src)
+    tok_path = _source_tokenizer(src, tokenizer) if to == "hf" else None   # before the params: fail fast
     if to in ("hf", "peft"):
         params, model, delta = load_policy(src)
         if "reward_head" in params:   # a reward model: *ForSequenceClassification, with pad/eos ids
@@ -85,12 +124,33 @@ def convert(src: str, dst: str, to: str, overwrite: bool = False) -> str:
         if quantized != "none":   # QLoRA: merge dequantized only the adapted kernels; the rest here
             from jaxllm.model import quant
             params = quant.dequantize_tree(params)
-        save_hf(out, cfg, params)
+        ids: dict = {}
+        if tok_path is not None:
+            from jaxllm.data.tokenizer import check_vocab, load_tokenizer
+            try:
+                tok = load_tokenizer(tok_path)
+                check_vocab(tok, cfg.vocab_size)
+            except ValueError as e:
+                raise UserError(f"{src}: {e}") from None
+            from jaxllm.data.chat import _special_tokens
+            defined = _special_tokens(tok)   # the ids the tokenizer defines (pad: not a fallback)
+            ids = {f"{k}_token_id": getattr(tok, f"{k}_id") for k in ("bos", "eos", "pad") if f"{k}_token" in defined}
+        save_hf(out, cfg, params, **ids)
+        if tok_path is not None:
+            save_tokenizer(out, tok_path, _trained_chat_template(src, tok))
+        else:   # an --overwrite: a previous export's tokenizer must not stay beside this model
+            for name in TOKENIZER_FILES:
+                (out / name).unlink(missing_ok=True)
         return (f"wrote HF checkpoint to {out}" + (" (LoRA merged into the base" if delta else "")
                 + (f", the {quantized} base dequantized to its float dtype)" if quantized != "none"
-                   else ")" if delta else ""))
+                   else ")" if delta else "")
+                + (f" with the tokenizer {tok_path}" if tok_path else _NO_TOKENIZER))
     cfg, params = load_hf(src)
     path = out.absolute()
+    steps = sorted(p.name for p in path.iterdir() if p.name.isdigit() and p.name != "0") if path.is_dir() else []
+    if steps:   # a run's checkpoints/: an export written beside its steps would become one of them
+        raise UserError(f"{path} holds checkpoint steps {steps[:5]} (a run's checkpoints?): an orbax export "
+                        f"goes to a directory of its own; choose another destination")
     if (path / "0").exists():   # --overwrite: our own step-0 export, replaced as a whole
         _check_own_export(path / "0")
         shutil.rmtree(path / "0")
@@ -104,7 +164,7 @@ def convert(src: str, dst: str, to: str, overwrite: bool = False) -> str:
 
 
 def _run(args):
-    print(convert(args.src, args.dst, args.to, overwrite=args.overwrite))
+    print(convert(args.src, args.dst, args.to, overwrite=args.overwrite, tokenizer=args.tokenizer))
 
 
 def register(subparsers) -> None:
@@ -115,4 +175,6 @@ def register(subparsers) -> None:
                    help="hf: safetensors (a LoRA run is merged into its base); peft: a LoRA run's adapter")
     p.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty DST (replaces only the files the conversion writes)")
+    p.add_argument("--tokenizer", default=None,
+                   help="--to hf: the tokenizer to export with the model (default: the run's data.tokenizer)")
     p.set_defaults(func=_run)

@@ -279,9 +279,12 @@ def _check_head(params, head: str, pad_token_id, eos_token_id) -> None:
 
 
 def save_hf(directory: str | pathlib.Path, cfg: ModelConfig, params, max_shard_bytes: int = 2 << 30, *,
-            head: str = "lm", pad_token_id: int | None = None, eos_token_id: int | None = None):
+            head: str = "lm", pad_token_id: int | None = None, eos_token_id: int | None = None,
+            bos_token_id: int | None = None):
     """Write config.json + safetensors (sharded with an index above max_shard_bytes).
     Tensors are pulled from the device one at a time; at most one shard is buffered.
+    The token ids given are written into config.json (transformers' generate() stops on its
+    eos_token_id; unset, LlamaConfig assumes bos=1, eos=2): pass those of the model's tokenizer.
     head="reward": a *ForSequenceClassification (num_labels=1) of params["reward_head"]
     (params["lm_head"], if any, is left out), with pad_token_id (required; must differ from
     eos_token_id when that is given) in config.json."""
@@ -340,4 +343,55 @@ def save_hf(directory: str | pathlib.Path, cfg: ModelConfig, params, max_shard_b
     dtype = str(jnp.dtype(jax.tree.leaves(params)[0].dtype))
     hf = (config_to_hf(cfg, dtype) if head == "lm" else
           reward_config_to_hf(cfg, dtype, pad_token_id, eos_token_id))
+    hf.update({k: int(v) for k, v in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id),
+                                      ("pad_token_id", pad_token_id)) if v is not None})
     (directory / "config.json").write_text(json.dumps(hf, indent=2))
+
+
+# ---------------------------------------------------------------- tokenizer files
+
+# Files a tokenizer export writes (and an --overwrite removes first: a stale tokenizer.json
+# would be read instead of a new tokenizer.model).
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "chat_template.jinja")
+# jaxllm's built-in ChatML (data/chat.py) as the Jinja template transformers renders
+CHATML_JINJA = ("{% if bos_token %}{{ bos_token }}{% endif %}"
+                "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content']"
+                " + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}"
+                "{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def save_tokenizer(directory: str | pathlib.Path, tokenizer: str | pathlib.Path,
+                   chat_template: str | None = None):
+    """Copy the tokenizer at `tokenizer` (what load_tokenizer reads: ours or an HF tokenizer.json
+    with its tokenizer_config.json / chat_template.jinja) into `directory`, where load_tokenizer
+    and transformers' AutoTokenizer find it. `chat_template` (Jinja source): written into
+    tokenizer_config.json in place of the tokenizer's own. Returns the loaded tokenizer."""
+    import shutil
+
+    from jaxllm.data.chat import _special_tokens
+    from jaxllm.data.tokenizer import load_tokenizer
+    directory = pathlib.Path(directory)
+    tok = load_tokenizer(tokenizer)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        (directory / name).unlink(missing_ok=True)
+    config: dict = {}
+    if hasattr(tok, "sp"):   # SentencePiece: tokenizer.model (all load_tokenizer needs)
+        shutil.copyfile(tok.path, directory / "tokenizer.model")
+        config = {"tokenizer_class": "LlamaTokenizer", **_special_tokens(tok)}
+    else:                    # HF: tokenizer.json and the files beside it that define it
+        source = pathlib.Path(tok.path)
+        shutil.copyfile(source, directory / "tokenizer.json")
+        for name in TOKENIZER_FILES[2:]:
+            if (source.parent / name).is_file():
+                shutil.copyfile(source.parent / name, directory / name)
+        if (directory / "tokenizer_config.json").exists():
+            config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+    if chat_template is not None:
+        (directory / "chat_template.jinja").unlink(missing_ok=True)   # it would win over config's
+        config["chat_template"] = chat_template
+    if config:
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False),
+                                                         encoding="utf-8")
+    return tok

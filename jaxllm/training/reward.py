@@ -180,10 +180,10 @@ def train(cfg: Config, batches: Iterator[dict] | None = None) -> dict:
 # ---------------------------------------------------------------------------- export
 def export_hf(run_dir: str | pathlib.Path, out_dir: str | pathlib.Path) -> str:
     """A reward run's newest params -> an HF *ForSequenceClassification directory that
-    transformers loads, its pad id and eos those of the run's tokenizer."""
+    transformers loads, its pad id, eos and bos those of the run's tokenizer, whose files it carries."""
     from jaxllm.config import load_config
     from jaxllm.data.tokenizer import load_tokenizer
-    from jaxllm.interop.hf import save_hf
+    from jaxllm.interop.hf import save_hf, save_tokenizer
     src = pathlib.Path(run_dir)   # a run dir, or its checkpoints/ (as checkpoint.load_policy takes it)
     run_dir = src if (src / "checkpoints").is_dir() else src.parent
     params, model = load_params(src)
@@ -201,5 +201,6 @@ def export_hf(run_dir: str | pathlib.Path, out_dir: str | pathlib.Path) -> str:
                           f"transformers could not find the scored token of an exported reward model")
     model = dict(model, rope_scaling=tuple(model.get("rope_scaling") or ()))
     save_hf(out_dir, ModelConfig(**model), params, head="reward", pad_token_id=tok.pad_id,
-            eos_token_id=tok.eos_id)
-    return f"wrote {out_dir} (reward model, pad_token_id={tok.pad_id})"
+            eos_token_id=tok.eos_id, bos_token_id=tok.bos_id)
+    save_tokenizer(out_dir, cfg.data.tokenizer)
+    return f"wrote {out_dir} (reward model, pad_token_id={tok.pad_id}, with the tokenizer {cfg.data.tokenizer})"
