@@ -3,6 +3,7 @@ non-finite batches, incompatible checkpoints, init_from and convert."""
 import json
 import os
 import pathlib
+import pickle
 import random
 import signal
 import subprocess
@@ -356,3 +357,10 @@ def test_convert_exports_the_chat_template_a_chat_run_trained_with(tmp_path, tex
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     assert render_chat(msgs, tok, CHATML_JINJA) == render_chat(msgs, tok, "chatml")
     assert chat_prompt(msgs[:1], tok, CHATML_JINJA) == chat_prompt(msgs[:1], tok, "chatml")
+    # jaxllm reads an exported SentencePiece tokenizer's template back (chat, generate on OUT),
+    # also in a grain worker's pickled copy; the run's own tokenizer dir has none
+    save_tokenizer(tmp_path / "out2", text_run[1], jinja.read_text())
+    back = load_tokenizer(tmp_path / "out2")
+    assert back.chat_template == jinja.read_text() and tok.chat_template is None
+    assert pickle.loads(pickle.dumps(back)).chat_template == jinja.read_text()
+    assert chat_prompt(msgs[:1], back) == chat_prompt(msgs[:1], tok, jinja.read_text())

@@ -51,7 +51,9 @@ class Tokenizer:
         self.im_start_id: int | None = self.special_ids.get("<|im_start|>")
         self.im_end_id: int | None = self.special_ids.get("<|im_end|>")
         self.mask_id: int | None = self.special_ids.get(MASK_TOKEN)
-        self.chat_template: str | None = None  # ours render chat as built-in ChatML
+        # None: built-in ChatML; load_tokenizer sets the template of a tokenizer_config.json /
+        # chat_template.jinja beside the model (an HF Llama-2-style dir, or a jaxllm HF export)
+        self.chat_template: str | None = None
         # Control pieces are not parsed from text by SentencePiece; a Jinja template may write
         # them as text ({{ bos_token }}), so encode_with_offsets maps their text to their ids.
         self._control_text = {self.sp.id_to_piece(i): i for i in (self.bos_id, self.eos_id)}
@@ -59,10 +61,11 @@ class Tokenizer:
 
     # SentencePieceProcessor does not pickle; grain worker processes need a copy of us.
     def __getstate__(self):
-        return {"model_proto": self._proto, "path": self.path}
+        return {"model_proto": self._proto, "path": self.path, "chat_template": self.chat_template}
 
     def __setstate__(self, state):
         self.__init__(state["model_proto"], state["path"])
+        self.chat_template = state.get("chat_template")
 
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False,
                continues: bool = False) -> list[int]:
@@ -137,9 +140,17 @@ def load_tokenizer(path: str | os.PathLike):
                                 f"--input FILES --vocab-size N --out DIR`)")
     proto = p.read_bytes()
     try:
-        return Tokenizer(proto, str(p))
+        tok = Tokenizer(proto, str(p))
     except RuntimeError as e:
         raise ValueError(f"{p}: not a valid SentencePiece model ({e})") from None
+    config_file = p.parent / "tokenizer_config.json"
+    if config_file.exists() or (p.parent / "chat_template.jinja").exists():   # the dir's own template
+        import json
+
+        from jaxllm.data.hf_tokenizer import _chat_template
+        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
+        tok.chat_template = _chat_template(config, p.parent, str(config_file))
+    return tok
 
 
 def fingerprint(tokenizer) -> str:
