@@ -408,9 +408,8 @@ class RLConfig:
             raise ConfigError(f"rl.value_lr must be > 0, got {self.value_lr}")
         if self.value_init == "reward_model" and not self.reward_model:
             raise ConfigError("rl.value_init=reward_model needs rl.reward_model (a reward-model run dir)")
-        if not self.dpo_beta > 0 or not 0 <= self.dpo_rpo_alpha < float("inf"):
-            raise ConfigError(f"rl.dpo_beta must be > 0 and rl.dpo_rpo_alpha >= 0, got "
-                              f"{self.dpo_beta} and {self.dpo_rpo_alpha}")
+        if not 0 <= self.dpo_rpo_alpha < float("inf"):
+            raise ConfigError(f"rl.dpo_rpo_alpha must be a finite number >= 0, got {self.dpo_rpo_alpha}")
 
 
 @dataclasses.dataclass(frozen=True)

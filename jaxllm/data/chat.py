@@ -132,7 +132,7 @@ def _environment():
     return env
 
 
-def _special_tokens(tokenizer) -> dict[str, str]:
+def special_tokens(tokenizer) -> dict[str, str]:
     """The special-token variables transformers passes a template: {bos,eos,unk,pad}_token for
     those the tokenizer defines (pad_id falls back to unk/eos when none is; that is no pad)."""
     sp = getattr(tokenizer, "sp", None)   # SentencePiece: -1 when the model has no pad piece
@@ -184,7 +184,7 @@ class ChatTemplate:
         raise_exception) comes back as a DataError: it is this conversation the template
         refuses."""
         jinja2 = require("jinja2", f"the chat template {self.name}")
-        specials = _special_tokens(tokenizer)
+        specials = special_tokens(tokenizer)
         try:
             return self._compile().render(messages=[dict(m) for m in messages], tools=None, documents=None,
                                           add_generation_prompt=add_generation_prompt, **specials)
@@ -221,8 +221,8 @@ def load_template(spec: str, tokenizer) -> ChatTemplate:
         raise ChatTemplateError(f"data.chat_template: {spec} does not exist; give 'chatml', a Jinja "
                                 f"template file or a tokenizer_config.json holding chat_template")
     if p.suffix == ".json":
-        from jaxllm.data.hf_tokenizer import _chat_template
-        source = _chat_template(json.loads(p.read_text(encoding="utf-8")), p.parent / "-", str(p))
+        from jaxllm.data.hf_tokenizer import chat_template_of
+        source = chat_template_of(json.loads(p.read_text(encoding="utf-8")), p.parent / "-", str(p))
         if source is None:
             raise ChatTemplateError(f"data.chat_template: {p} has no chat_template")
         return ChatTemplate(source, str(p))

@@ -57,13 +57,12 @@ def _data_synth(args) -> None:
 
 
 def _data_rank(args) -> None:
-    from jaxllm.evaluation.source import load_model
+    from jaxllm.evaluation.source import load_model, template_for
     from jaxllm.rl.labels import check_output_path, label_file
     check_output_path(args.out)   # before the model loads and samples
     if args.k < 2 or args.num < 0 or args.top_k < 0:
         raise UserError(f"data rank: --k must be >= 2 (a ranking needs 2 answers), --num and --top-k >= 0, "
                         f"got --k {args.k} --num {args.num} --top-k {args.top_k}")
-    from jaxllm.evaluation.source import template_for
     template = template_for(args.model, args.chat_template, lambda m: print(m, file=sys.stderr))
     model = load_model(args.model, args.tokenizer)
     print(label_file(model, args.prompts, args.out, num=args.num, k=args.k, temperature=args.temperature,

@@ -43,7 +43,7 @@ def _token_text(value) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _chat_template(config: dict, directory: pathlib.Path, where: str) -> str | None:
+def chat_template_of(config: dict, directory: pathlib.Path, where: str) -> str | None:
     jinja_file = directory / "chat_template.jinja"
     if jinja_file.exists():
         return jinja_file.read_text(encoding="utf-8")
@@ -159,7 +159,7 @@ def load_hf_tokenizer(path: str | pathlib.Path) -> HFTokenizer:
             raise ValueError(f"{config_file}: malformed JSON ({e.msg} at line {e.lineno})") from None
     text = file.read_text(encoding="utf-8")
     try:
-        return HFTokenizer(text, config, str(file), _chat_template(config, directory, str(config_file)))
+        return HFTokenizer(text, config, str(file), chat_template_of(config, directory, str(config_file)))
     except Exception as e:  # the Rust side raises a bare Exception on a malformed file
         if isinstance(e, (MissingExtra, ValueError)):
             raise

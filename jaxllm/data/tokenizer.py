@@ -147,9 +147,9 @@ def load_tokenizer(path: str | os.PathLike):
     if config_file.exists() or (p.parent / "chat_template.jinja").exists():   # the dir's own template
         import json
 
-        from jaxllm.data.hf_tokenizer import _chat_template
+        from jaxllm.data.hf_tokenizer import chat_template_of
         config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
-        tok.chat_template = _chat_template(config, p.parent, str(config_file))
+        tok.chat_template = chat_template_of(config, p.parent, str(config_file))
     return tok
 
 

@@ -38,27 +38,32 @@ def model_config(d: dict, where: str) -> ModelConfig:
     return ModelConfig(**d)
 
 
-def _run_dir_tokenizer(path: pathlib.Path) -> tuple[str | None, str]:
-    """(data.tokenizer of the run's config.yaml or None, where it was looked for)."""
+def run_section(src: str | pathlib.Path, section: str) -> tuple[dict, str]:
+    """(that section of the config.yaml of SRC's run, SRC being a run dir or its checkpoints/;
+    that file), or ({}, "") when SRC is no run's."""
+    path = pathlib.Path(src)
     for run in (path, path.parent):
         cfg_file = run / "config.yaml"
         if cfg_file.is_file():
-            data = (yaml.safe_load(cfg_file.read_text()) or {}).get("data") or {}
-            return data.get("tokenizer") or None, f"data.tokenizer of {cfg_file}"
+            part = (yaml.safe_load(cfg_file.read_text()) or {}).get(section) or {}
+            return (part if isinstance(part, dict) else {}), str(cfg_file)
+    return {}, ""
+
+
+def _run_dir_tokenizer(path: pathlib.Path) -> tuple[str | None, str]:
+    """(data.tokenizer of the run's config.yaml or None, where it was looked for)."""
+    data, cfg_file = run_section(path, "data")
+    if cfg_file:
+        return data.get("tokenizer") or None, f"data.tokenizer of {cfg_file}"
     return None, f"a config.yaml in {path} or {path.parent}"
 
 
 def run_chat_template(src: str | pathlib.Path) -> tuple[str, str]:
     """(data.chat_template of SRC's run config.yaml when the run trained on chat data, that
     file), or ("", "") when it set none (the tokenizer's own template, else ChatML) or SRC is no run."""
-    path = pathlib.Path(src)
-    for run in (path, path.parent):
-        cfg_file = run / "config.yaml"
-        if cfg_file.is_file():
-            data = (yaml.safe_load(cfg_file.read_text()) or {}).get("data") or {}
-            spec = data.get("chat_template") if isinstance(data, dict) and data.get("kind") == "chat" else None
-            return (spec, str(cfg_file)) if isinstance(spec, str) and spec else ("", "")
-    return "", ""
+    data, cfg_file = run_section(src, "data")
+    spec = data.get("chat_template") if data.get("kind") == "chat" else None
+    return (spec, cfg_file) if isinstance(spec, str) and spec else ("", "")
 
 
 def template_for(src: str | pathlib.Path, given: str | None, log) -> str:
@@ -76,14 +81,9 @@ def template_for(src: str | pathlib.Path, given: str | None, log) -> str:
 
 def run_seq_len(src: str | pathlib.Path) -> tuple[int | None, str]:
     """(train.seq_len of SRC's run config.yaml, that file) or (None, "") when SRC is no run's."""
-    path = pathlib.Path(src)
-    for run in (path, path.parent):
-        cfg_file = run / "config.yaml"
-        if cfg_file.is_file():
-            train = (yaml.safe_load(cfg_file.read_text()) or {}).get("train") or {}
-            n = train.get("seq_len") if isinstance(train, dict) else None
-            return (n, str(cfg_file)) if isinstance(n, int) and not isinstance(n, bool) else (None, "")
-    return None, ""
+    train, cfg_file = run_section(src, "train")
+    n = train.get("seq_len")
+    return (n, cfg_file) if isinstance(n, int) and not isinstance(n, bool) else (None, "")
 
 
 def tokenizer_path(src: str | pathlib.Path, override: str | None = None) -> str:

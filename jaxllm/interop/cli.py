@@ -64,14 +64,11 @@ def _source_tokenizer(src: str, override: str | None) -> str | None:
 def _trained_chat_template(src: str, tok) -> str | None:
     """The Jinja source of the template SRC's run trained with (data.chat_template of a chat
     run's config.yaml; built-in ChatML as Jinja), or None: not a chat run, or the tokenizer's own."""
-    import yaml
-
     from jaxllm.data.chat import CHATML, load_template
+    from jaxllm.evaluation.source import run_section
     from jaxllm.interop.hf import CHATML_JINJA
-    path = pathlib.Path(src)
-    cfg_file = next((d / "config.yaml" for d in (path, path.parent) if (d / "config.yaml").is_file()), None)
-    data = ((yaml.safe_load(cfg_file.read_text()) or {}).get("data") or {}) if cfg_file else {}
-    if not isinstance(data, dict) or data.get("kind") != "chat":
+    data, _ = run_section(src, "data")
+    if data.get("kind") != "chat":
         return None
     spec = data.get("chat_template") or ""
     if spec == CHATML or (not spec and getattr(tok, "chat_template", None) is None):
@@ -132,8 +129,8 @@ def convert(src: str, dst: str, to: str, overwrite: bool = False, tokenizer: str
                 check_vocab(tok, cfg.vocab_size)
             except ValueError as e:
                 raise UserError(f"{src}: {e}") from None
-            from jaxllm.data.chat import _special_tokens
-            defined = _special_tokens(tok)   # the ids the tokenizer defines (pad: not a fallback)
+            from jaxllm.data.chat import special_tokens
+            defined = special_tokens(tok)   # the ids the tokenizer defines (pad: not a fallback)
             ids = {f"{k}_token_id": getattr(tok, f"{k}_id") for k in ("bos", "eos", "pad") if f"{k}_token" in defined}
         save_hf(out, cfg, params, **ids)
         if tok_path is not None:

@@ -369,7 +369,7 @@ def save_tokenizer(directory: str | pathlib.Path, tokenizer: str | pathlib.Path,
     tokenizer_config.json in place of the tokenizer's own. Returns the loaded tokenizer."""
     import shutil
 
-    from jaxllm.data.chat import _special_tokens
+    from jaxllm.data.chat import special_tokens
     from jaxllm.data.tokenizer import load_tokenizer
     directory = pathlib.Path(directory)
     tok = load_tokenizer(tokenizer)
@@ -379,7 +379,7 @@ def save_tokenizer(directory: str | pathlib.Path, tokenizer: str | pathlib.Path,
     config: dict = {}
     if hasattr(tok, "sp"):   # SentencePiece: tokenizer.model (all load_tokenizer needs)
         shutil.copyfile(tok.path, directory / "tokenizer.model")
-        config = {"tokenizer_class": "LlamaTokenizer", **_special_tokens(tok)}
+        config = {"tokenizer_class": "LlamaTokenizer", **special_tokens(tok)}
     else:                    # HF: tokenizer.json and the files beside it that define it
         source = pathlib.Path(tok.path)
         shutil.copyfile(source, directory / "tokenizer.json")

@@ -146,8 +146,10 @@ def load_frozen_base(run, base_specs, base_shapes, frozen_shardings, meta: dict)
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), base_shapes, shardings), path, step)
     if ident:
         check_base(ident, full, str(run.dir))
-    else:
+    else:   # a fresh run, or one from before this record: recorded from now on, said once
         meta["base"] = {"path": path, "step": step, "checksum": params_checksum(full)}
+        run.log(f"frozen base: {path}" + (f" step {step}" if step is not None else "")
+                + " (path, step and params checksum recorded: a changed base is refused later)")
     if not quantized:
         return full
     base = jax.jit(lambda p: quant.quantize_tree(p, q.quantize_base, q.quantize_block),
