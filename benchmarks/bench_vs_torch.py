@@ -7,7 +7,9 @@ flags that setting needs act on a whole process; never two at once), so the mach
 hits all variants alike; the table gives the median over rounds and the spread (min-max). The same run measures
 each framework's 2048^3 GEMM peak (jnp.dot, torch.mm; fp32, and bf16 operands) and reports MFU =
 model FLOPs/s (training.metrics.flops_per_token, the same count for both) / the framework's own
-bf16 GEMM peak.
+fastest GEMM peak. On CPU it also runs jaxllm fp32 with model.matmul=blas (every matmul of the
+step an OpenBLAS sgemm custom call, jaxllm/model/cpu_gemm.py; --no-blas leaves it out), whose
+MFU is against that GEMM's own peak when it is the faster one.
 
 torch is not a jaxllm dependency: the torch side runs in .venv-torch, which this script creates
 on first use (`pip install torch==2.13.0 transformers`: the CPU build, from this machine's wheel
@@ -35,6 +37,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from bench_train import build  # noqa: E402
 
 from jaxllm import host_alloc, xla_flags  # noqa: E402
+from jaxllm.model import cpu_gemm  # noqa: E402
 from jaxllm.training.metrics import flops_per_token, measure_peak_flops  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -63,8 +66,13 @@ state = {}
 for line in sys.stdin:
     c = json.loads(line)
     if c["cmd"] == "peaks":
-        reply({"float32": peak(torch.float32), "bfloat16": peak(torch.bfloat16),
-               "threads": torch.get_num_threads(), "torch": torch.__version__})
+        f32 = peak(torch.float32)
+        # bf16 first at 256^3: on a CPU without bf16 instructions torch's bf16 GEMM runs ~0.3
+        # GFLOP/s, and the 2048^3 measurement alone would take ~6 minutes
+        bf16 = peak(torch.bfloat16, n=256, reps=2)
+        if bf16 >= 0.25 * f32:
+            bf16 = peak(torch.bfloat16)
+        reply({"float32": f32, "bfloat16": bf16, "threads": torch.get_num_threads(), "torch": torch.__version__})
     elif c["cmd"] == "setup":
         hf, b, t = c["hf"], c["batch"], c["seq"]
         torch.manual_seed(0)
@@ -174,6 +182,19 @@ class JaxVariant:
         return times
 
 
+def blas_peak(n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of model.matmul=blas's GEMM (OpenBLAS sgemm as an XLA custom call) at n^3."""
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(cpu_gemm.sgemm)
+    f(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
 def hf_geometry(m) -> dict:
     return dict(vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.d_ff,
                 num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads,
@@ -193,12 +214,16 @@ def torch_dtypes(peaks) -> tuple[str, ...]:
 # model.dot_output=compute with what the launcher sets: oneDNN's AMX dots on a CPU with AMX,
 # no flags elsewhere (jaxllm/xla_flags.py).
 COMPUTE = "jaxllm bf16 dots=compute"
+# model.matmul=blas: fp32 projections through OpenBLAS (jaxllm/model/cpu_gemm.py).
+BLAS = "jaxllm fp32 matmul=blas"
 
 
 def bench_model(model, batch, seq, args, worker, jw, peaks) -> None:
     variants: dict[str, object] = {}
     for dtype in ("float32", "bfloat16"):
         variants[f"jaxllm {dtype}"] = JaxVariant(model, batch, seq, dtype, args.override)
+    if not args.no_blas:
+        variants[BLAS] = JaxVariant(model, batch, seq, "float32", ["model.matmul=blas", *args.override])
     cfg = variants["jaxllm float32"].cfg
     if jw is not None:
         jw.ask(cmd="setup", model=model, batch=batch, seq=seq, overrides=args.override)
@@ -229,13 +254,14 @@ def bench_model(model, batch, seq, args, worker, jw, peaks) -> None:
     # MFU against the framework's fastest GEMM (bf16 with AMX; fp32 on a CPU without bf16 hardware)
     best_peak = {"jax": max(peaks["jax"].values()), "torch": max(peaks["torch"].values())}
     best_peak[COMPUTE] = max(best_peak["jax"], peaks.get("jax dots=compute", {}).get("bfloat16", 0))
+    best_peak[BLAS] = max(best_peak["jax"], peaks.get("jax blas", {}).get("float32", 0))
     print(f"model {model} ({cfg.model.n_layers} layers, d {cfg.model.d_model}), batch {batch} x seq {seq}, "
           f"train step incl. AdamW; {args.rounds} interleaved rounds of {args.steps} steps")
     print(f"| {'variant':24} | tokens/s (median) | spread | model GFLOP/s | MFU vs own best peak | vs best torch |")
     print("|---|---|---|---|---|---|")
     for name, rs in rates.items():
         med = statistics.median(rs)
-        peak = best_peak[COMPUTE if name == COMPUTE else "jax" if name.startswith("jaxllm") else "torch"]
+        peak = best_peak[name if name in (COMPUTE, BLAS) else "jax" if name.startswith("jaxllm") else "torch"]
         print(f"| {name:24} | {med:,.0f} | {min(rs):,.0f}-{max(rs):,.0f} | {med * fpt / 1e9:.1f} | "
               f"{med * fpt / peak:.1%} | {med / best_torch:.2f}x |", flush=True)
 
@@ -255,6 +281,8 @@ def main():
                          "jaxllm.host_alloc's (one arena, no mmap, no trim) to see what they do for torch")
     ap.add_argument("--no-compute-dots", action="store_true",
                     help=f"leave out the '{COMPUTE}' variant (model.dot_output=compute, in its own process)")
+    ap.add_argument("--no-blas", action="store_true",
+                    help=f"leave out the '{BLAS}' variant (model.matmul=blas: OpenBLAS sgemm custom calls)")
     ap.add_argument("--jax-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.jax_worker:
@@ -267,6 +295,12 @@ def main():
         tp = worker.ask(cmd="peaks")
         peaks = {"jax": {d: measure_peak_flops(jnp.dtype(d), n=2048) for d in ("float32", "bfloat16")},
                  "torch": {d: tp[d] for d in ("float32", "bfloat16")}}
+        if not args.no_blas:
+            try:
+                peaks["jax blas"] = {"float32": blas_peak()}
+            except cpu_gemm.BlasUnavailable as e:
+                print(f"'{BLAS}' left out: {e}", flush=True)
+                args.no_blas = True
         if not args.no_compute_dots:       # started only now, so its start-up overlaps no peak measurement
             jw = JaxWorker()
             peaks["jax dots=compute"] = jw.ask(cmd="peaks")
@@ -276,7 +310,8 @@ def main():
         print("same-run 2048^3 GEMM peaks, GFLOP/s: " + "; ".join(
             f"{fw} " + ", ".join(f"{'fp32' if d == 'float32' else 'bf16'} {v / 1e9:.0f}" for d, v in p.items())
             for fw, p in peaks.items()) + (
-            "  (jax dots=compute: bf16 -> bf16 dot under the launcher's flags)" if jw else ""))
+            "  (jax dots=compute: bf16 -> bf16 dot under the launcher's flags)" if jw else "") + (
+            "  (jax blas: OpenBLAS sgemm, model.matmul=blas)" if "jax blas" in peaks else ""))
         if "bfloat16" not in torch_dtypes(peaks):
             print(f"torch bf16 autocast left out: torch's bf16 GEMM runs {tp['bfloat16'] / 1e9:.1f} GFLOP/s "
                   f"here against {tp['float32'] / 1e9:.0f} in fp32 (no bf16 kernel on this CPU)", flush=True)

@@ -44,6 +44,10 @@ class ModelConfig:
     # only the latter reaches oneDNN's AMX kernels; the launcher then sets the XLA flags for
     # them (jaxllm/xla_flags.py). Measured in benchmarks/bench_vs_torch.py.
     dot_output: Literal["float32", "compute"] = "float32"
+    # Which GEMM runs the projections and the LM head: xla (XLA's own), or blas: OpenBLAS's
+    # sgemm through a custom call (model/cpu_gemm.py), faster than XLA's fp32 GEMM on CPUs
+    # without bf16 hardware; CPU, fp32 compute and one device only.
+    matmul: Literal["xla", "blas"] = "xla"
     remat: RematPolicy = "none"
     # Layers run under lax.scan (compile time flat in depth) or unrolled (each layer its own
     # HLO: no per-layer residual stacks, so faster steps on CPU; see benchmarks/bench_layers.py).
@@ -77,6 +81,9 @@ class ModelConfig:
         if self.dot_output == "compute" and self.compute_dtype == "float32":
             raise ConfigError("model.dot_output=compute makes matmuls write the compute dtype, which "
                               "is float32 here; set model.compute_dtype=bfloat16 or leave dot_output=float32")
+        if self.matmul == "blas" and self.compute_dtype != "float32":
+            raise ConfigError(f"model.matmul=blas runs fp32 GEMMs (OpenBLAS sgemm); model.compute_dtype is "
+                              f"{self.compute_dtype}: set it to float32 or leave model.matmul=xla")
         if self.attention_block <= 0:
             raise ConfigError(f"model.attention_block must be positive, got {self.attention_block}")
         if self.logits_chunk < 0:

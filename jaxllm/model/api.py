@@ -225,7 +225,7 @@ def unembed(params: dict, hidden_btd: jax.Array, cfg: ModelConfig) -> jax.Array:
     opts into that rounding, as torch autocast does; they are still returned as float32.)"""
     w_dv = unembed_matrix(params, cfg)
     logits = mixed_matmul(hidden_btd.astype(w_dv.dtype), w_dv, 1,
-                          jnp.dtype(cfg.dot_dtype)).astype(jnp.float32)
+                          jnp.dtype(cfg.dot_dtype), cfg.matmul).astype(jnp.float32)
     if "tokens" in params:
         logits = patch_logits(logits, hidden_btd, params["tokens"])
     if logits.ndim == 3:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxllm.model import cpu_gemm
 from jaxllm.model.blockwise import blockwise_attention
 
 
@@ -35,7 +36,7 @@ def attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, *,
               q_positions: jax.Array | None = None, kv_positions: jax.Array | None = None,
               q_segment_ids: jax.Array | None = None, kv_segment_ids: jax.Array | None = None,
               causal: bool = True, implementation: str = "xla", block: int = 512,
-              dot_dtype=jnp.float32) -> jax.Array:
+              dot_dtype=jnp.float32, matmul: str = "xla") -> jax.Array:
     """Scaled dot-product attention; q has N heads, k/v have K heads with N % K == 0.
 
     Positions default to 0..T-1 and 0..S-1, so with T == S and no segments this is plain
@@ -46,6 +47,8 @@ def attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, *,
     keys at a time) keeps memory linear in the sequence length on every backend.
     Softmax runs in fp32 whatever the compute dtype. `dot_dtype` is what the two matmuls
     write (model.dot_output): fp32, or the compute dtype (bf16 scores, upcast for the softmax).
+    `matmul` "blas" (model.matmul, fp32 on CPU) runs the reference path's two einsums as
+    OpenBLAS GEMMs over strided views (model/cpu_gemm.py); blockwise keeps XLA's dots.
     """
     b, t, n, h = q_btnh.shape
     s, k = k_bskh.shape[1], k_bskh.shape[2]
@@ -68,10 +71,17 @@ def attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, *,
                                   kv_segment_ids, causal, block, block, dot_dtype)
         return out.reshape(b, t, n, h).astype(q_btnh.dtype)
     mask = attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids, causal)
-    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k_bskh,
-                        preferred_element_type=dot_dtype).astype(jnp.float32) * (h ** -0.5)
+    blas = matmul == "blas"
+    if blas:
+        scores = cpu_gemm.attention_scores(qg, k_bskh) * (h ** -0.5)
+    else:
+        scores = jnp.einsum("btkgh,bskh->bkgts", qg, k_bskh,
+                            preferred_element_type=dot_dtype).astype(jnp.float32) * (h ** -0.5)
     if mask is not None:
         scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh, preferred_element_type=dot_dtype)
+    if blas:
+        out = cpu_gemm.attention_values(probs, v_bskh)
+    else:
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh, preferred_element_type=dot_dtype)
     return out.reshape(b, t, n, h).astype(q_btnh.dtype)

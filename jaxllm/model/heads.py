@@ -27,8 +27,8 @@ from jaxllm.model.transformer import constrain
 
 
 def _chunk_stats(h_bcd, y_bc, w_dv, temperature: float, entropy: bool, tok: dict | None = None,
-                 dot_dtype=jnp.float32) -> dict:
-    logits = mixed_matmul(h_bcd.astype(w_dv.dtype), w_dv, 1, dot_dtype).astype(jnp.float32)  # (B, c, V)
+                 dot_dtype=jnp.float32, kernel: str = "xla") -> dict:
+    logits = mixed_matmul(h_bcd.astype(w_dv.dtype), w_dv, 1, dot_dtype, kernel).astype(jnp.float32)  # (B, c, V)
     if tok is not None:             # trainable token rows beside a delta (model/tokens.py)
         logits = patch_logits(logits, h_bcd, tok)
     logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
@@ -61,7 +61,7 @@ def token_stats(params: dict, hidden_btd: jax.Array, targets_bt: jax.Array, cfg:
     b, t, d = hidden_btd.shape
     c = cfg.logits_chunk if chunk is None else chunk
     if not c or c >= t:
-        return _chunk_stats(hidden_btd, targets_bt, w_dv, temperature, entropy, tok, dot)
+        return _chunk_stats(hidden_btd, targets_bt, w_dv, temperature, entropy, tok, dot, cfg.matmul)
     n = -(-t // c)
     pad = n * c - t
     h = jnp.pad(hidden_btd, ((0, 0), (0, pad), (0, 0)))
@@ -72,7 +72,7 @@ def token_stats(params: dict, hidden_btd: jax.Array, targets_bt: jax.Array, cfg:
 
     @jax.checkpoint
     def body(carry, xs):
-        return carry, _chunk_stats(xs[0], xs[1], w_dv, temperature, entropy, tok, dot)
+        return carry, _chunk_stats(xs[0], xs[1], w_dv, temperature, entropy, tok, dot, cfg.matmul)
     _, out = jax.lax.scan(body, None, (h_nbcd, y_nbc))
     return jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1).reshape(b, n * c)[:, :t], out)
 

@@ -11,6 +11,9 @@ and scores unrounded. The operands' dtype (bf16) is torch autocast's numerics an
 only kind of dot XLA hands to oneDNN's AMX kernel (with the flags in jaxllm/xla_flags.py):
 the kernel still accumulates in fp32 and rounds once at the end. The backward's dx and dw are
 rounded to the operands' dtype either way, so there the choice changes only which kernel runs.
+
+`kernel` (model.matmul): "xla" lets XLA pick the GEMM; "blas" sends fp32 dots, forward and
+backward, to OpenBLAS through a custom call (model/cpu_gemm.py: CPUs without bf16 hardware).
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from jaxllm.model import cpu_gemm
 
 _LETTERS = "abcdefgh"
 
@@ -30,19 +35,23 @@ def _specs(n_in: int, n_out: int):
     return fwd, dx, dw
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def mixed_matmul(x, w, n_in: int, out_dtype=jnp.float32):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def mixed_matmul(x, w, n_in: int, out_dtype=jnp.float32, kernel: str = "xla"):
     """x (..., *in) @ w (*in, *out) -> (..., *out) in out_dtype; x and w share one dtype."""
+    if kernel == "blas":
+        return cpu_gemm.blas_matmul_fwd(x, w, n_in)
     fwd, _, _ = _specs(n_in, w.ndim - n_in)
     return jnp.einsum(fwd, x, w, preferred_element_type=out_dtype)
 
 
-def _fwd(x, w, n_in, out_dtype):
-    return mixed_matmul(x, w, n_in, out_dtype), (x, w)
+def _fwd(x, w, n_in, out_dtype, kernel):
+    return mixed_matmul(x, w, n_in, out_dtype, kernel), (x, w)
 
 
-def _bwd(n_in, out_dtype, res, g):
+def _bwd(n_in, out_dtype, kernel, res, g):
     x, w = res
+    if kernel == "blas":
+        return cpu_gemm.blas_matmul_bwd(x, w, n_in, g.astype(jnp.float32))
     _, dx_spec, dw_spec = _specs(n_in, w.ndim - n_in)
     g = g.astype(x.dtype)
     # fp32 out: accumulate in fp32 and round to the operands' dtype here; otherwise the dot

@@ -175,7 +175,7 @@ class Dense(nn.Module):
                 kernel_init(std), self.names),
                 self.in_dims + self.out_dims, _dtype(cfg.param_dtype))
         # bf16 operands accumulate in fp32, forward and backward (the fast path on CPUs and GPUs)
-        y = mixed_matmul(x.astype(dt), kernel.astype(dt), len(self.in_dims), _dtype(cfg.dot_dtype))
+        y = mixed_matmul(x.astype(dt), kernel.astype(dt), len(self.in_dims), _dtype(cfg.dot_dtype), cfg.matmul)
         if self.lora is not None and self.has_variable("lora", "kernel"):
             y = y + self._lora_update(x, dt)
         # Named for the remat policies (model/api.py): mixed_matmul is a custom VJP, which
@@ -201,8 +201,9 @@ class Dense(nn.Module):
             keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - p, x.shape)
             x = jnp.where(keep, x / (1.0 - p), 0).astype(x.dtype)
         out = _dtype(self.cfg.dot_dtype)
-        xa = mixed_matmul(x.astype(dt), a.astype(dt), len(self.in_dims), out).astype(dt)   # (..., r)
-        return self.lora.scale * mixed_matmul(xa, b.astype(dt), 1, out).astype(jnp.float32)
+        k = self.cfg.matmul
+        xa = mixed_matmul(x.astype(dt), a.astype(dt), len(self.in_dims), out, k).astype(dt)   # (..., r)
+        return self.lora.scale * mixed_matmul(xa, b.astype(dt), 1, out, k).astype(jnp.float32)
 
 
 def residual_init_std(cfg: ModelConfig) -> float:
@@ -235,7 +236,7 @@ class Attention(nn.Module):
             out_btnh = attention(q, kk, v, q_segment_ids=segment_ids_bt,
                                  kv_segment_ids=segment_ids_bt, causal=self.causal,
                                  implementation=cfg.attention, block=cfg.attention_block,
-                                 dot_dtype=_dtype(cfg.dot_dtype))
+                                 dot_dtype=_dtype(cfg.dot_dtype), matmul=cfg.matmul)
             new_cache = None
         else:
             b, t = x_btd.shape[:2]
@@ -249,7 +250,7 @@ class Attention(nn.Module):
                                  q_positions=q_slots, kv_positions=kv_slots,
                                  q_segment_ids=segment_ids_bt, kv_segment_ids=kv_segment_ids,
                                  causal=self.causal, implementation=cfg.attention, block=cfg.attention_block,
-                                 dot_dtype=_dtype(cfg.dot_dtype))
+                                 dot_dtype=_dtype(cfg.dot_dtype), matmul=cfg.matmul)
             new_cache = {"k": k_all, "v": v_all}
         out = Dense((n, h), (d,), ("heads", "head_dim", "embed"), cfg,
                     init_std=residual_init_std(cfg), lora=lo, name="o")(out_btnh)
@@ -300,7 +301,8 @@ class Block(nn.Module):
         dt = _dtype(self.cfg.compute_dtype)
         src = h_btd if self.adapter.placement == "parallel" else y_btd
         out = _dtype(self.cfg.dot_dtype)
-        z = mixed_matmul(src.astype(dt), p["down"]["kernel"].astype(dt), 1, out) + p["down"]["bias"]
+        k = self.cfg.matmul
+        z = mixed_matmul(src.astype(dt), p["down"]["kernel"].astype(dt), 1, out, k) + p["down"]["bias"]
         z = ADAPTER_ACTIVATIONS[self.adapter.activation](z).astype(dt)             # (B, T, size)
-        u = mixed_matmul(z, p["up"]["kernel"].astype(dt), 1, out) + p["up"]["bias"]     # (B, T, d) fp32
+        u = mixed_matmul(z, p["up"]["kernel"].astype(dt), 1, out, k) + p["up"]["bias"]  # (B, T, d) fp32
         return (y_btd.astype(jnp.float32) + self.adapter.scale * u).astype(y_btd.dtype)

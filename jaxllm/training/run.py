@@ -46,7 +46,7 @@ RESUMABLE_CHANGES = ("train.log_every", "train.eval_every", "train.eval_batches"
                      "checkpoint.keep", "checkpoint.async_save", "checkpoint.resume",
                      "checkpoint.allow_config_change", "checkpoint.fallback", "distributed.",
                      "mesh.", "optim.offload_state", "model.remat", "model.attention", "model.logits_chunk",
-                     "model.scan_layers", "data.eval_sources", "data.eval_batches",
+                     "model.matmul", "model.scan_layers", "data.eval_sources", "data.eval_batches",
                      "data.worker_buffer_size", "data.num_workers")
 
 
@@ -370,7 +370,7 @@ class Run:
         src_model = source_model_config(src)
         if src_model:
             ignore = {"param_dtype", "compute_dtype", "remat", "attention", "attention_block", "max_seq_len",
-                      "init_std", "scale_residual_init", "logits_chunk", "scan_layers", "dot_output"}
+                      "init_std", "scale_residual_init", "logits_chunk", "scan_layers", "dot_output", "matmul"}
             ours = dataclasses.asdict(cfg.model)
             diffs = [f"{k}: {src_model[k]!r} there vs {ours[k]!r} here" for k in ours
                      if k not in ignore and k in src_model

@@ -1,0 +1,189 @@
+"""model.matmul=blas: the projections' fp32 GEMMs through OpenBLAS (jaxllm/model/cpu_gemm.py).
+
+The kernel is an XLA FFI custom call built on first use; these tests build it (the cpublas
+extra and a C++ compiler are part of the set-up, so a missing one fails here rather than
+skipping) and check it against float64 numpy, against XLA's own dot, through autodiff, and in
+a train step; then the refusals."""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxllm
+from jaxllm.config import ModelConfig
+from jaxllm.configlib import ConfigError
+from jaxllm.data.tokens import synthetic_batches
+from jaxllm.model import cpu_gemm
+from jaxllm.model.attention import attention
+from jaxllm.model.matmul import mixed_matmul
+from jaxllm.objectives import make_clm_loss
+
+FP32_REL = 2e-6     # one fp32 GEMM vs a float64 reference: summation-order rounding only
+
+
+def _ref(a, b, ta, tb):
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a64.T if ta else a64) @ (b64.T if tb else b64)
+
+
+@pytest.mark.parametrize("m,k,n", [(3, 5, 7), (130, 70, 33), (256, 128, 300), (1, 64, 1)])
+@pytest.mark.parametrize("ta,tb", [(False, False), (True, False), (False, True), (True, True)])
+def test_sgemm_equals_a_float64_product_in_every_layout(m, k, n, ta, tb):
+    rng = np.random.default_rng(m * 7 + n)
+    a = rng.standard_normal((k, m) if ta else (m, k), dtype=np.float32)
+    b = rng.standard_normal((n, k) if tb else (k, n), dtype=np.float32)
+    got = np.asarray(jax.jit(lambda x, y: cpu_gemm.sgemm(x, y, ta, tb))(a, b))
+    ref = _ref(a, b, ta, tb)
+    assert got.shape == (m, n) and got.dtype == np.float32
+    # the error scale of a k-term fp32 sum is |a||b| row/column norms; bound elementwise by it
+    scale = np.sqrt(k) * np.abs(a).max() * np.abs(b).max()
+    np.testing.assert_array_less(np.abs(got - ref), 8 * FP32_REL * scale)
+
+
+def test_sgemm_splits_a_large_product_into_blocks_without_losing_an_edge():
+    """Sizes that are not multiples of the 16-wide blocks, on both split sides (n >= m splits
+    columns, m > n rows): every output cell is written (a missed edge would stay garbage)."""
+    rng = np.random.default_rng(1)
+    for m, k, n in [(517, 300, 2049), (2051, 300, 517)]:
+        a = rng.standard_normal((m, k), dtype=np.float32)
+        b = rng.standard_normal((k, n), dtype=np.float32)
+        got = np.asarray(jax.jit(cpu_gemm.sgemm)(a, b))
+        np.testing.assert_allclose(got, _ref(a, b, False, False), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("n_in,shapes", [(1, ((2, 9, 24), (24, 3, 8))),      # q projection
+                                         (2, ((2, 9, 3, 8), (3, 8, 24)))])    # attention output
+def test_blas_matmul_equals_xla_value_and_gradients(n_in, shapes):
+    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, shapes[0])
+    w = jax.random.normal(kw, shapes[1])
+    out_shape = shapes[0][:x.ndim - n_in] + shapes[1][n_in:]
+    g = jax.random.normal(kg, out_shape)
+    outs = {}
+    for kernel in ("xla", "blas"):
+        y, vjp = jax.vjp(lambda x, w, kernel=kernel: mixed_matmul(x, w, n_in, jnp.float32, kernel), x, w)
+        outs[kernel] = (y, *vjp(g))
+    for ref, got in zip(outs["xla"], outs["blas"]):
+        assert got.shape == ref.shape
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("t,s,segments", [(9, 9, False), (9, 9, True), (3, 11, False)])
+def test_blas_attention_equals_xla_attention_value_and_gradients(t, s, segments):
+    """GQA (4 query heads over 2 kv heads), causal, packed segments, and fewer queries than
+    keys (a decode step over a cache): the strided batched GEMMs read q/k/v in place."""
+    b, n, kv, h = 2, 4, 2, 8
+    ks = jax.random.split(jax.random.key(3), 4)
+    q = jax.random.normal(ks[0], (b, t, n, h))
+    k = jax.random.normal(ks[1], (b, s, kv, h))
+    v = jax.random.normal(ks[2], (b, s, kv, h))
+    g = jax.random.normal(ks[3], (b, t, n, h))
+    kw = {}
+    if segments:
+        seg = jnp.array([[1] * 4 + [2] * 5, [1] * 9], jnp.int32)
+        kw = dict(q_segment_ids=seg, kv_segment_ids=seg)
+    outs = {}
+    for kernel in ("xla", "blas"):
+        f = jax.jit(lambda q, k, v, kernel=kernel: attention(q, k, v, matmul=kernel, **kw))
+        y, vjp = jax.vjp(f, q, k, v)
+        outs[kernel] = (y, *vjp(g))
+    for ref, got in zip(outs["xla"], outs["blas"]):
+        assert got.shape == ref.shape
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=2e-5)
+
+
+TINY = ["model=tiny", "model.vocab_size=97", "model.d_model=32", "model.n_layers=2", "model.n_heads=4",
+        "model.n_kv_heads=2", "model.d_ff=64", "model.scan_layers=false", "model.attention=xla"]
+
+
+def _batch(cfg, batch: int = 4, seq: int = 16) -> dict:
+    it = synthetic_batches(seq_len=seq, global_batch_size=batch, vocab_size=cfg.vocab_size, seed=0)
+    return jax.tree.map(jnp.asarray, next(it))
+
+
+def _losses(kernel: str, steps: int = 4) -> list[float]:
+    """A few AdamW steps of the CLM loss on one device; the loss after each."""
+    import optax
+    cfg = jaxllm.load_config(None, [*TINY, f"model.matmul={kernel}"]).model
+    params = jaxllm.init_params(cfg, jax.random.key(0))
+    loss_fn = make_clm_loss(cfg)
+    opt = optax.adamw(3e-3)
+    opt_state = opt.init(params)
+    batch = _batch(cfg)
+
+    def mean_loss(p):
+        loss_sum, sums = loss_fn(p, batch, None)
+        return loss_sum / sums["weight"]
+
+    @jax.jit
+    def step(params, opt_state):
+        loss, grads = jax.value_and_grad(mean_loss)(params)
+        upd, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, upd), opt_state, loss
+
+    out = []
+    for _ in range(steps):
+        params, opt_state, loss = step(params, opt_state)
+        out.append(float(loss))
+    return out
+
+
+def test_training_with_blas_matmuls_follows_xla_matmuls():
+    xla, blas = _losses("xla"), _losses("blas")
+    assert xla[-1] < xla[0] - 0.05        # it trains
+    np.testing.assert_allclose(blas, xla, rtol=2e-5)
+
+
+def test_blas_needs_fp32_compute():
+    with pytest.raises(ConfigError, match="model.matmul=blas runs fp32"):
+        dataclasses.replace(ModelConfig(), matmul="blas", compute_dtype="bfloat16")
+
+
+def test_blas_refuses_a_mesh_of_several_devices():
+    """XLA's partitioner cannot split a custom call; it would gather every operand onto every
+    device. Refused in one line instead."""
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,),
+                         devices=jax.devices()[:2])
+    x, w = jnp.ones((4, 8)), jnp.ones((8, 3))
+    with jax.set_mesh(mesh), pytest.raises(cpu_gemm.BlasUnavailable, match="runs on one device"):
+        jax.jit(lambda x, w: mixed_matmul(x, w, 1, jnp.float32, "blas"))(x, w)
+
+
+def test_the_kernel_builds_in_a_fresh_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXLLM_CACHE", str(tmp_path))
+    lib = cpu_gemm._build()
+    assert lib.parent == tmp_path / "cpu_gemm" and lib.stat().st_size > 0
+    assert list(lib.parent.iterdir()) == [lib]      # no temporary file left behind
+    assert cpu_gemm._build() == lib                 # built once, then reused
+
+
+def test_a_missing_or_failing_compiler_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXLLM_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(cpu_gemm.BlasUnavailable, match="found no C.. compiler .*no-such-compiler"):
+        cpu_gemm._build()
+    monkeypatch.setenv("CXX", "false")          # a "compiler" that fails
+    with pytest.raises(cpu_gemm.BlasUnavailable, match="compiling cpu_sgemm.cc failed"):
+        cpu_gemm._build()
+    assert not any(tmp_path.rglob("*.so"))      # nothing half-written is left for a later run
+
+
+def test_every_matmul_of_the_step_is_a_blas_call():
+    """The option reaches the gradient's jitted program as custom calls, for the projections,
+    the LM head and attention's two einsums."""
+    cfg = jaxllm.load_config(None, [*TINY, "model.matmul=blas"]).model
+    params = jaxllm.init_params(cfg, jax.random.key(0))
+    batch = _batch(cfg, 2, 8)
+    loss_fn = make_clm_loss(cfg)
+    with nn.logical_axis_rules(()):
+        hlo = jax.jit(jax.grad(lambda p: loss_fn(p, batch, None)[0])).lower(params).as_text()
+    # per layer q, k, v, o, gate, up, down; plus the LM head: forward + 2 backward GEMMs each
+    assert hlo.count(f"@{cpu_gemm.TARGET}(") == 3 * (7 * cfg.n_layers + 1)
+    # attention: scores and values forward, two GEMMs each backward
+    assert hlo.count(f"@{cpu_gemm.TARGET_BATCHED}(") == 6 * cfg.n_layers
+    assert "dot_general" not in hlo
