@@ -187,3 +187,23 @@ def test_every_matmul_of_the_step_is_a_blas_call():
     # attention: scores and values forward, two GEMMs each backward
     assert hlo.count(f"@{cpu_gemm.TARGET_BATCHED}(") == 6 * cfg.n_layers
     assert "dot_general" not in hlo
+
+
+def test_a_run_on_several_devices_is_refused_before_it_writes_anything(tmp_path):
+    from jaxllm.training.run import Run
+    cfg = jaxllm.load_config(None, [*TINY, "model.matmul=blas", "mesh.devices=2",
+                                    f"train.run_dir={tmp_path / 'run'}"])
+    with pytest.raises(cpu_gemm.BlasUnavailable, match="mesh here has 2"):
+        Run(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_blas_run_loads_with_xla_matmuls_off_cpu(monkeypatch, capsys):
+    """generate/chat/eval of a run trained with model.matmul=blas on a GPU/TPU: the kernel is a
+    CPU choice, not part of the model, so the loader swaps in XLA's matmuls and says so."""
+    from jaxllm.evaluation.source import model_config
+    saved = dataclasses.asdict(dataclasses.replace(ModelConfig(), matmul="blas"))
+    assert model_config(dict(saved), "run").matmul == "blas"            # on CPU: kept
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert model_config(dict(saved), "run").matmul == "xla"
+    assert "trained with model.matmul=blas" in capsys.readouterr().err

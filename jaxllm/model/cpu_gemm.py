@@ -87,19 +87,24 @@ def _build() -> pathlib.Path:
 
 @functools.cache
 def _register() -> None:
-    if jax.default_backend() != "cpu":
-        raise BlasUnavailable(f"model.matmul=blas is a CPU kernel; the backend here is "
-                              f"{jax.default_backend()}: leave model.matmul=xla")
+    check_mesh(None)
     lib = ctypes.cdll.LoadLibrary(str(_build()))
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxllmSgemm), platform="cpu")
     jax.ffi.register_ffi_target(TARGET_BATCHED, jax.ffi.pycapsule(lib.JaxllmBatchedSgemm), platform="cpu")
 
 
-def _check_one_device() -> None:
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and mesh.size > 1:
+def check_mesh(mesh) -> None:
+    """Refuse a mesh this kernel cannot run on: before a run writes anything, and at trace time."""
+    if jax.default_backend() != "cpu":
+        raise BlasUnavailable(f"model.matmul=blas is a CPU kernel; the backend here is "
+                              f"{jax.default_backend()}: leave model.matmul=xla")
+    if mesh is not None and not mesh.empty and mesh.size > 1:
         raise BlasUnavailable(f"model.matmul=blas runs on one device, the mesh here has {mesh.size} "
                               f"({dict(mesh.shape)}): set mesh.devices=1 or leave model.matmul=xla")
+
+
+def _check_one_device() -> None:
+    check_mesh(jax.sharding.get_abstract_mesh())
 
 
 def sgemm(a, b, trans_a: bool = False, trans_b: bool = False):

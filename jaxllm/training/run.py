@@ -29,6 +29,7 @@ from jaxllm import configlib, host_alloc, xla_flags
 from jaxllm.config import Config
 from jaxllm.configlib import ConfigError
 from jaxllm.errors import RunError
+from jaxllm.model import cpu_gemm
 from jaxllm.parallel import distributed
 from jaxllm.parallel import mesh as mesh_lib
 from jaxllm.parallel import rules as rules_lib
@@ -144,6 +145,8 @@ class Run:
                               f"use a new train.run_dir (or resume=true to continue that run)")
         devices = self._devices()
         self.mesh = mesh_lib.make_mesh(cfg.mesh, devices)
+        if cfg.model.matmul == "blas":     # before the run dir exists
+            cpu_gemm.check_mesh(self.mesh)
         self.dcn = mesh_lib.dcn_shape(cfg.mesh, devices)   # slices/hosts each mesh axis spans
         self.rules = rules_lib.logical_rules(cfg.mesh)
         self.lock = RunLock(self.dir)
