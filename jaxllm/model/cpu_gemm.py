@@ -1,4 +1,4 @@
-"""model.matmul=blas: the model's fp32 projection matmuls on CPU through OpenBLAS's sgemm.
+"""model.matmul=blas: the step's fp32 matmuls on CPU through OpenBLAS's sgemm.
 
 Why: on CPUs without bf16 hardware (AVX2 only) fp32 is the fastest mode, and the step is
 GEMM-bound; XLA's own fp32 GEMMs (YNNPACK) ran 0.80-0.95x OpenBLAS's at the step's shapes, and
@@ -6,12 +6,15 @@ most slowly in the backward's weight-gradient layout (benchmarks/bench_vs_torch.
 figures). No XLA flag changes which kernel XLA picks, so the dot leaves XLA: an XLA FFI custom
 call (kernels/cpu_sgemm.cc) calls `cblas_sgemm` of the scipy-openblas32 wheel (the `cpublas`
 extra), with transpose flags, so the backward's x^T g and g w^T read the operands in place.
+Two kinds of call: `sgemm` for the projections and the LM head (model/matmul.py routes them),
+and a strided batched sgemm for attention's two einsums and their gradients, which reads q, k,
+v and the scores in their natural layouts (`attention_scores`, `attention_values`).
 
 The kernel is compiled on first use with the C++ compiler (g++, or $CXX) against jaxlib's FFI
 headers, into ~/.cache/jaxllm (or $JAXLLM_CACHE), keyed by the source, jaxlib and OpenBLAS; a
-missing compiler or wheel is one ConfigError. Limits, each refused in one line rather than run
-slowly: CPU backend only, fp32 operands only, one device (XLA's partitioner cannot split a
-custom call, it would gather every operand onto each device).
+missing compiler or wheel is one line of error (BlasUnavailable, a UserError). Limits, each
+refused in one line rather than run slowly: CPU backend only, fp32 operands only, one device
+(XLA's partitioner cannot split a custom call, it would gather every operand onto each device).
 """
 from __future__ import annotations
 
