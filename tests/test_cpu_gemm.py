@@ -39,21 +39,29 @@ def test_sgemm_equals_a_float64_product_in_every_layout(m, k, n, ta, tb):
     b = rng.standard_normal((n, k) if tb else (k, n), dtype=np.float32)
     got = np.asarray(jax.jit(lambda x, y: cpu_gemm.sgemm(x, y, ta, tb))(a, b))
     ref = _ref(a, b, ta, tb)
-    assert got.shape == (m, n) and got.dtype == np.float32
     # the error scale of a k-term fp32 sum is |a||b| row/column norms; bound elementwise by it
     scale = np.sqrt(k) * np.abs(a).max() * np.abs(b).max()
     np.testing.assert_array_less(np.abs(got - ref), 8 * FP32_REL * scale)
 
 
-def test_sgemm_splits_a_large_product_into_blocks_without_losing_an_edge():
-    """Sizes that are not multiples of the 16-wide blocks, on both split sides (n >= m splits
-    columns, m > n rows): every output cell is written (a missed edge would stay garbage)."""
+@pytest.mark.parametrize("ta,tb", [(False, False), (True, False), (False, True), (True, True)])
+def test_sgemm_splits_a_large_product_into_blocks_without_losing_an_edge(ta, tb):
+    """Products above the one-piece size, not multiples of the 16-wide blocks, on both split
+    sides (n >= m splits columns, m > n rows), in every layout: each block's pointer offsets
+    differ per layout, and every output cell must be written (a missed edge stays garbage)."""
     rng = np.random.default_rng(1)
     for m, k, n in [(517, 300, 2049), (2051, 300, 517)]:
-        a = rng.standard_normal((m, k), dtype=np.float32)
-        b = rng.standard_normal((k, n), dtype=np.float32)
-        got = np.asarray(jax.jit(cpu_gemm.sgemm)(a, b))
-        np.testing.assert_allclose(got, _ref(a, b, False, False), rtol=1e-4, atol=1e-3)
+        a = rng.standard_normal((k, m) if ta else (m, k), dtype=np.float32)
+        b = rng.standard_normal((n, k) if tb else (k, n), dtype=np.float32)
+        got = np.asarray(jax.jit(lambda x, y: cpu_gemm.sgemm(x, y, ta, tb))(a, b))
+        np.testing.assert_allclose(got, _ref(a, b, ta, tb), rtol=1e-4, atol=1e-3)
+
+
+def test_empty_products():
+    """k = 0 is an empty sum (zeros), m = 0 an empty result."""
+    got = jax.jit(cpu_gemm.sgemm)(jnp.ones((3, 0)), jnp.ones((0, 4)))
+    np.testing.assert_array_equal(got, np.zeros((3, 4), np.float32))
+    assert jax.jit(cpu_gemm.sgemm)(jnp.ones((0, 5)), jnp.ones((5, 4))).shape == (0, 4)
 
 
 @pytest.mark.parametrize("n_in,shapes", [(1, ((2, 9, 24), (24, 3, 8))),      # q projection
@@ -69,15 +77,15 @@ def test_blas_matmul_equals_xla_value_and_gradients(n_in, shapes):
         y, vjp = jax.vjp(lambda x, w, kernel=kernel: mixed_matmul(x, w, n_in, jnp.float32, kernel), x, w)
         outs[kernel] = (y, *vjp(g))
     for ref, got in zip(outs["xla"], outs["blas"]):
-        assert got.shape == ref.shape
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("t,s,segments", [(9, 9, False), (9, 9, True), (3, 11, False)])
 def test_blas_attention_equals_xla_attention_value_and_gradients(t, s, segments):
-    """GQA (4 query heads over 2 kv heads), causal, packed segments, and fewer queries than
-    keys (a decode step over a cache): the strided batched GEMMs read q/k/v in place."""
-    b, n, kv, h = 2, 4, 2, 8
+    """GQA (12 query heads over 3 kv heads), causal, packed segments, and fewer queries than
+    keys (a decode step over a cache): the strided batched GEMMs read q/k/v in place. Batch,
+    kv heads, group and head sizes all differ, so a stride taken from the wrong one fails."""
+    b, n, kv, h = 2, 12, 3, 8
     ks = jax.random.split(jax.random.key(3), 4)
     q = jax.random.normal(ks[0], (b, t, n, h))
     k = jax.random.normal(ks[1], (b, s, kv, h))
@@ -93,11 +101,11 @@ def test_blas_attention_equals_xla_attention_value_and_gradients(t, s, segments)
         y, vjp = jax.vjp(f, q, k, v)
         outs[kernel] = (y, *vjp(g))
     for ref, got in zip(outs["xla"], outs["blas"]):
-        assert got.shape == ref.shape
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=2e-5)
 
 
-TINY = ["model=tiny", "model.vocab_size=97", "model.d_model=32", "model.n_layers=2", "model.n_heads=4",
+# batch 4, 2 kv heads, groups of 3, head_dim 8: distinct sizes, so a stride mix-up shows
+TINY = ["model=tiny", "model.vocab_size=97", "model.d_model=48", "model.n_layers=2", "model.n_heads=6",
         "model.n_kv_heads=2", "model.d_ff=64", "model.scan_layers=false", "model.attention=xla"]
 
 
@@ -159,7 +167,10 @@ def test_the_kernel_builds_in_a_fresh_cache(tmp_path, monkeypatch):
     lib = cpu_gemm._build()
     assert lib.parent == tmp_path / "cpu_gemm" and lib.stat().st_size > 0
     assert list(lib.parent.iterdir()) == [lib]      # no temporary file left behind
+    built = lib.stat().st_mtime_ns, lib.stat().st_ino
+    monkeypatch.setenv("CXX", "false")              # a second build would now fail
     assert cpu_gemm._build() == lib                 # built once, then reused
+    assert (lib.stat().st_mtime_ns, lib.stat().st_ino) == built
 
 
 def test_a_missing_or_failing_compiler_is_one_line(tmp_path, monkeypatch):
@@ -207,3 +218,27 @@ def test_a_blas_run_loads_with_xla_matmuls_off_cpu(monkeypatch, capsys):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert model_config(dict(saved), "run").matmul == "xla"
     assert "trained with model.matmul=blas" in capsys.readouterr().err
+
+
+def test_remat_dots_keeps_the_blas_attention_dots():
+    """model.remat=dots saves every matmul output; under blas attention's dots are custom VJPs
+    that checkpoint_dots cannot see, so they are named. Saved, the backward does not recompute
+    them: 6 batched calls per layer (2 forward, 4 backward); remat=full recomputes the 2."""
+    def batched_calls(remat):
+        cfg = jaxllm.load_config(None, [*TINY, "model.matmul=blas", f"model.remat={remat}"]).model
+        params = jaxllm.init_params(cfg, jax.random.key(0))
+        batch = _batch(cfg, 2, 8)
+        loss_fn = make_clm_loss(cfg)
+        hlo = jax.jit(jax.grad(lambda p: loss_fn(p, batch, None)[0])).lower(params).as_text()
+        return hlo.count(f"@{cpu_gemm.TARGET_BATCHED}("), cfg.n_layers
+    dots, layers = batched_calls("dots")
+    full, _ = batched_calls("full")
+    assert (dots, full) == (6 * layers, 8 * layers)
+
+
+def test_mismatched_attention_operands_are_refused_not_read_out_of_bounds():
+    q = jnp.ones((2, 5, 3, 2, 8))
+    with pytest.raises(ValueError, match="k has shape"):
+        cpu_gemm.attention_scores(q, jnp.ones((2, 5, 2, 8)))      # 2 kv heads, q has 3
+    with pytest.raises(ValueError, match="v has shape"):
+        cpu_gemm.attention_values(jnp.ones((2, 3, 2, 5, 5)), jnp.ones((2, 5, 2, 4)))  # 2 kv heads, p has 3

@@ -27,9 +27,10 @@ _policies = jax.checkpoint_policies
 # are matched by their checkpoint name "projection" (model/transformer.py).
 REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole layer
-    # every matmul output: projections and the attention einsums (scores, probs @ v)
+    # every matmul output: projections and the attention einsums (scores, probs @ v; named
+    # "attention_dot" under model.matmul=blas, whose custom VJPs checkpoint_dots does not see)
     "dots": _policies.save_from_both_policies(
-        _policies.checkpoint_dots, _policies.save_only_these_names("projection")),
+        _policies.checkpoint_dots, _policies.save_only_these_names("projection", "attention_dot")),
     # the projections only; attention is recomputed (its (B, heads, T, S) scores are not kept)
     "dots_no_batch": _policies.save_from_both_policies(
         _policies.checkpoint_dots_with_no_batch_dims, _policies.save_only_these_names("projection")),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxllm.model import cpu_gemm
 from jaxllm.model.blockwise import blockwise_attention
@@ -73,7 +74,8 @@ def attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, *,
     mask = attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids, causal)
     blas = matmul == "blas"
     if blas:
-        scores = cpu_gemm.attention_scores(qg, k_bskh) * (h ** -0.5)
+        # named: the custom VJP hides these dots from checkpoint_dots (model.remat=dots)
+        scores = checkpoint_name(cpu_gemm.attention_scores(qg, k_bskh), "attention_dot") * (h ** -0.5)
     else:
         scores = jnp.einsum("btkgh,bskh->bkgts", qg, k_bskh,
                             preferred_element_type=dot_dtype).astype(jnp.float32) * (h ** -0.5)
@@ -81,7 +83,7 @@ def attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, *,
         scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype)
     if blas:
-        out = cpu_gemm.attention_values(probs, v_bskh)
+        out = checkpoint_name(cpu_gemm.attention_values(probs, v_bskh), "attention_dot")
     else:
         out = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh, preferred_element_type=dot_dtype)
     return out.reshape(b, t, n, h).astype(q_btnh.dtype)

@@ -72,19 +72,28 @@ def _build() -> pathlib.Path:
         raise BlasUnavailable(f"model.matmul=blas compiles a small C++ kernel on first use and found no "
                               f"C++ compiler ({f'$CXX={wanted}' if wanted else 'g++ or $CXX'}); install one "
                               f"or leave model.matmul=xla")
-    out.parent.mkdir(parents=True, exist_ok=True)
     # Compile to a temporary name, then rename: concurrent first uses (test workers, hosts on
     # a shared home) each build their own file and the rename is atomic.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
-    cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{inc_jax}", f"-I{inc_ob}",
-           str(_SOURCE), "-o", tmp, f"-L{lib_ob}", f"-l{ob.get_library()}", f"-Wl,-rpath,{lib_ob}"]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode:
-        os.unlink(tmp)
-        errors = [ln for ln in res.stderr.splitlines() if "error" in ln] or [f"exit {res.returncode}"]
-        raise BlasUnavailable(f"model.matmul=blas: compiling {_SOURCE.name} failed ({cxx}): {errors[0].strip()}")
-    os.replace(tmp, out)
+    tmp = None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+        cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{inc_jax}", f"-I{inc_ob}",
+               str(_SOURCE), "-o", tmp, f"-L{lib_ob}", f"-l{ob.get_library()}", f"-Wl,-rpath,{lib_ob}"]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode:
+            errors = [ln for ln in res.stderr.splitlines() if "error" in ln] or [f"exit {res.returncode}"]
+            raise BlasUnavailable(f"model.matmul=blas: compiling {_SOURCE.name} failed ({cxx}): "
+                                  f"{errors[0].strip()}")
+        os.replace(tmp, out)
+        tmp = None
+    except OSError as e:
+        raise BlasUnavailable(f"model.matmul=blas: could not build its kernel in {out.parent}: {e} "
+                              f"(set $JAXLLM_CACHE to a writable folder)") from e
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
     return out
 
 
@@ -160,19 +169,30 @@ def _batched(a, b, out_shape, m, n, k, lda, ldb, ldc, nb, a_s, b_s, c_s, ta=Fals
     """C[i] (+)= op(A[i]) @ op(B[i]) over the batch index i = (i0, i1, i2) (kernels/cpu_sgemm.cc)."""
     _register()
     _check_one_device()
-    for x, (rows, cols), ld, st in ((a, (k, m) if ta else (m, k), lda, a_s), (b, (n, k) if tb else (k, n), ldb, b_s)):
-        assert x.dtype == jnp.float32 and _last(rows, cols, ld, st, nb) < x.size, (x.shape, rows, cols, ld, st, nb)
-    assert _last(m, n, ldc, c_s, nb) < int(np.prod(out_shape)), (out_shape, m, n, ldc, c_s, nb)
+    # The kernel trusts these strides: check every product stays inside its buffer (raised,
+    # not asserted, so python -O keeps the check).
+    for name, x, (rows, cols), ld, st in (("a", a, (k, m) if ta else (m, k), lda, a_s),
+                                          ("b", b, (n, k) if tb else (k, n), ldb, b_s),
+                                          ("out", jax.ShapeDtypeStruct(out_shape, jnp.float32), (m, n), ldc, c_s)):
+        if x.dtype != jnp.float32 or _last(rows, cols, ld, st, nb) >= int(np.prod(x.shape)):
+            raise ValueError(f"batched sgemm: {name} {x.dtype}{x.shape} cannot hold {nb} strided "
+                             f"({rows}, {cols}) float32 matrices (ld {ld}, strides {st})")
     call = jax.ffi.ffi_call(TARGET_BATCHED, jax.ShapeDtypeStruct(out_shape, jnp.float32), vmap_method="sequential")
     return call(a, b, dims=np.array([m, n, k, lda, ldb, ldc, *nb], np.int64),
                 strides=np.array([*a_s, *b_s, *c_s], np.int64), trans_a=np.int32(ta),
                 trans_b=np.int32(tb), sum_inner=np.int32(sum_inner))
 
 
+def _same(what: str, got: tuple, want: tuple) -> None:
+    if tuple(got) != tuple(want):
+        raise ValueError(f"blas attention: {what} has shape {tuple(got)}, expected {tuple(want)}")
+
+
 def _qk(q, k):
     """scores (B, K, G, T, S) = einsum('btkgh,bskh->bkgts', q, k)."""
     B, T, K, G, H = q.shape
     S = k.shape[1]
+    _same("k", k.shape, (B, S, K, H))
     return _batched(q, k, (B, K, G, T, S), T, S, H, K * G * H, K * H, S, (B, K, G),
                     (T * K * G * H, G * H, H), (S * K * H, H, 0), (K * G * T * S, G * T * S, T * S), tb=True)
 
@@ -181,6 +201,7 @@ def _pv(p, v):
     """out (B, T, K, G, H) = einsum('bkgts,bskh->btkgh', p, v)."""
     B, K, G, T, S = p.shape
     H = v.shape[-1]
+    _same("v", v.shape, (B, S, K, H))
     return _batched(p, v, (B, T, K, G, H), T, H, S, S, K * H, K * G * H, (B, K, G),
                     (K * G * T * S, G * T * S, T * S), (S * K * H, H, 0), (T * K * G * H, G * H, H))
 
@@ -189,6 +210,7 @@ def _pt_x(p, x):
     """(B, S, K, H) = einsum('bkgts,btkgh->bskh', p, x): the sum over the G heads of a group."""
     B, K, G, T, S = p.shape
     H = x.shape[-1]
+    _same("x", x.shape, (B, T, K, G, H))
     return _batched(p, x, (B, S, K, H), S, H, T, S, K * G * H, K * H, (B, K, G),
                     (K * G * T * S, G * T * S, T * S), (T * K * G * H, G * H, H), (S * K * H, H, 0),
                     ta=True, sum_inner=True)

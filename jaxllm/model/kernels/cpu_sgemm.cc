@@ -21,6 +21,12 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+// OpenBLAS single-threaded, once for both handlers (its threads spin; see above).
+void OneBlasThread() {
+  static const bool once = (scipy_openblas_set_num_threads(1), true);
+  (void)once;
+}
+
 struct Gemm {
   const float* a;
   const float* b;
@@ -55,8 +61,7 @@ struct Gemm {
 
 static ffi::Error SgemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
                             ffi::ResultBuffer<ffi::F32> c, int32_t trans_a, int32_t trans_b) {
-  static const bool one_thread = (scipy_openblas_set_num_threads(1), true);
-  (void)one_thread;
+  OneBlasThread();
   auto da = a.dimensions(), db = b.dimensions(), dc = c->dimensions();
   if (da.size() != 2 || db.size() != 2 || dc.size() != 2)
     return ffi::Error::InvalidArgument("jaxllm sgemm: 2-D operands only");
@@ -79,12 +84,15 @@ static ffi::Error SgemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::
   // (whole SIMD panels): a thread that starts late (busy with a concurrent op) then leaves a
   // few blocks to the others rather than half the product; one block per thread had more slow
   // steps (25m, 4 alternating runs). Small products (LoRA's rank-r factors) run in one piece.
-  int64_t workers = std::max<int64_t>(1, pool.num_threads());
-  if (m * n * k < (int64_t{1} << 21)) workers = 1;
+  const int64_t workers = std::max<int64_t>(1, pool.num_threads());
   g->split_n = n >= m;
   const int64_t side = g->split_n ? n : m;
-  g->block = ((side + 4 * workers - 1) / (4 * workers) + 15) / 16 * 16;
-  g->blocks = (side + g->block - 1) / g->block;
+  if (m * n * k < (int64_t{1} << 21) || workers == 1) {
+    g->block = side, g->blocks = 1;
+  } else {
+    g->block = ((side + 4 * workers - 1) / (4 * workers) + 15) / 16 * 16;
+    g->blocks = (side + g->block - 1) / g->block;
+  }
   for (int64_t i = 1; i < g->blocks; ++i) pool.Schedule([g] { g->Work(); });
   g->Work();
   while (g->done.load(std::memory_order_acquire) < g->blocks) std::this_thread::yield();
@@ -132,8 +140,7 @@ static ffi::Error BatchedImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBu
                               ffi::Result<ffi::AnyBuffer> c, ffi::Span<const int64_t> dims,
                               ffi::Span<const int64_t> strides, int32_t trans_a, int32_t trans_b,
                               int32_t sum_inner) {
-  static const bool one_thread = (scipy_openblas_set_num_threads(1), true);
-  (void)one_thread;
+  OneBlasThread();
   // dims: m, n, k, lda, ldb, ldc, nb0, nb1, nb2; strides: a_s0..2, b_s0..2, c_s0..2
   if (dims.size() != 9 || strides.size() != 9)
     return ffi::Error::InvalidArgument("jaxllm batched sgemm: 9 dims and 9 strides");
@@ -150,8 +157,8 @@ static ffi::Error BatchedImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBu
     g->nb[i] = dims[6 + i], g->as[i] = strides[i], g->bs[i] = strides[3 + i], g->cs[i] = strides[6 + i];
   g->ta = trans_a != 0, g->tb = trans_b != 0, g->sum_inner = sum_inner != 0;
   const int64_t total = g->nb[0] * g->nb[1] * g->nb[2];
-  if (total == 0 || g->m == 0 || g->n == 0) return ffi::Error::Success();
-  if (g->k == 0) {
+  if (g->m == 0 || g->n == 0 || g->nb[0] * g->nb[1] == 0) return ffi::Error::Success();
+  if (g->k == 0 || total == 0) {  // empty sums: zeros (under sum_inner, nb2 == 0 is one)
     std::fill(g->c, g->c + c->element_count(), 0.0f);
     return ffi::Error::Success();
   }
