@@ -38,7 +38,7 @@ from bench_train import build  # noqa: E402
 
 from jaxllm import host_alloc, xla_flags  # noqa: E402
 from jaxllm.model import cpu_gemm  # noqa: E402
-from jaxllm.training.metrics import flops_per_token, measure_peak_flops  # noqa: E402
+from jaxllm.training.metrics import flops_per_token, gemm_flops, measure_peak_flops  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TORCH_VENV = REPO / ".venv-torch"
@@ -182,19 +182,6 @@ class JaxVariant:
         return times
 
 
-def blas_peak(n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of model.matmul=blas's GEMM (OpenBLAS sgemm as an XLA custom call) at n^3."""
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(cpu_gemm.sgemm)
-    f(a, a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f(a, a).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
-
-
 def hf_geometry(m) -> dict:
     return dict(vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.d_ff,
                 num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads,
@@ -214,7 +201,7 @@ def torch_dtypes(peaks) -> tuple[str, ...]:
 # model.dot_output=compute with what the launcher sets: oneDNN's AMX dots on a CPU with AMX,
 # no flags elsewhere (jaxllm/xla_flags.py).
 COMPUTE = "jaxllm bf16 dots=compute"
-# model.matmul=blas: fp32 projections through OpenBLAS (jaxllm/model/cpu_gemm.py).
+# model.matmul=blas: the fp32 step's matmuls through OpenBLAS (jaxllm/model/cpu_gemm.py).
 BLAS = "jaxllm fp32 matmul=blas"
 
 
@@ -297,7 +284,7 @@ def main():
                  "torch": {d: tp[d] for d in ("float32", "bfloat16")}}
         if not args.no_blas:
             try:
-                peaks["jax blas"] = {"float32": blas_peak()}
+                peaks["jax blas"] = {"float32": gemm_flops(cpu_gemm.sgemm, jnp.float32, n=2048)}
             except cpu_gemm.BlasUnavailable as e:
                 print(f"'{BLAS}' left out: {e}", flush=True)
                 args.no_blas = True

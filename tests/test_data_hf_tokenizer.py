@@ -105,6 +105,10 @@ def test_dispatch_prefers_tokenizer_json_and_keeps_sentencepiece(dirs, tmp_path)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="neither tokenizer.model nor tokenizer.json"):
         load_tokenizer(tmp_path / "empty")
+    # a SentencePiece model whose tokenizer_config.json (read for its chat template) is broken
+    (tmp_path / "sp" / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="tokenizer_config.json: malformed JSON"):
+        load_tokenizer(tmp_path / "sp")
 
 
 def test_missing_tokenizers_package_is_one_line_naming_the_extra(dirs, monkeypatch):

@@ -148,7 +148,10 @@ def load_tokenizer(path: str | os.PathLike):
         import json
 
         from jaxllm.data.hf_tokenizer import chat_template_of
-        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_file}: malformed JSON ({e.msg} at line {e.lineno})") from None
         tok.chat_template = chat_template_of(config, p.parent, str(config_file))
     return tok
 

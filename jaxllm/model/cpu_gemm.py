@@ -137,7 +137,8 @@ def sgemm(a, b, trans_a: bool = False, trans_b: bool = False):
 def blas_matmul_fwd(x, w, n_in: int):
     """x (..., *in) @ w (*in, *out) -> (..., *out), as one (M, K) @ (K, N) sgemm."""
     lead, ins, outs = x.shape[:x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
-    assert x.shape[x.ndim - n_in:] == ins, (x.shape, w.shape, n_in)
+    if x.shape[x.ndim - n_in:] != ins:   # equal products would reshape into a wrong product
+        raise ValueError(f"blas matmul: x {x.shape} does not end in w's input dims {ins}")
     k, n = int(np.prod(ins)), int(np.prod(outs))
     y = sgemm(x.reshape(-1, k), w.reshape(k, n))
     return y.reshape(*lead, *outs)

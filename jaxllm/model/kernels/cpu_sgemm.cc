@@ -5,14 +5,13 @@
 // Threads: OpenBLAS runs single-threaded and the product is split into column or row blocks
 // run on XLA's own intra-op thread pool. OpenBLAS's own threads spin after each call and
 // took cores from the XLA ops that followed (measured: the 25m step ran 0.94x XLA's GEMMs).
-// Blocks are claimed from a shared counter by the calling thread and by pool tasks alike, so
-// the caller never waits for a task that has not started: no deadlock when the pool is busy.
 #include <algorithm>
 #include <atomic>
 #include <climits>
 #include <cstdint>
 #include <memory>
 #include <thread>
+#include <utility>
 
 #include "cblas.h"
 #include "xla/ffi/api/ffi.h"
@@ -27,35 +26,33 @@ void OneBlasThread() {
   (void)once;
 }
 
-struct Gemm {
-  const float* a;
-  const float* b;
-  float* c;
-  int64_t m, n, k, lda, ldb;
-  bool ta, tb, split_n;
-  int64_t blocks = 1, block = 0;  // block: rows (or columns) per block
-  std::atomic<int64_t> next{0}, done{0};
-
-  void Run(int64_t i) {
-    const int64_t lo = i * block, hi = std::min((split_n ? n : m), lo + block);
-    if (split_n) {  // c[:, lo:hi] = op(a) @ op(b)[:, lo:hi]
-      const float* bp = tb ? b + lo * ldb : b + lo;
-      scipy_cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
-                        m, hi - lo, k, 1.0f, a, lda, bp, ldb, 0.0f, c + lo, n);
-    } else {        // c[lo:hi, :] = op(a)[lo:hi, :] @ op(b)
-      const float* ap = ta ? a + lo : a + lo * lda;
-      scipy_cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
-                        hi - lo, n, k, 1.0f, ap, lda, b, ldb, 0.0f, c + lo * n, n);
+// Runs fn(0), ..., fn(tasks - 1) on the calling thread and on up to `helpers` tasks of XLA's
+// pool. Tasks are claimed from a shared counter by the caller and the pool tasks alike, so the
+// caller never waits for a pool task that has not started (no deadlock when the pool is busy:
+// it then runs every task itself), only for tasks in progress. A pool task that starts after
+// the call returned finds nothing left to claim and touches only its own copy of the state.
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t tasks, int64_t helpers, F fn) {
+  struct State {
+    F fn;
+    int64_t tasks;
+    std::atomic<int64_t> next{0}, done{0};
+    State(F f, int64_t t) : fn(std::move(f)), tasks(t) {}
+  };
+  auto s = std::make_shared<State>(std::move(fn), tasks);
+  auto work = [s] {
+    for (int64_t i; (i = s->next.fetch_add(1)) < s->tasks;) {
+      s->fn(i);
+      s->done.fetch_add(1, std::memory_order_release);
     }
+  };
+  for (int64_t i = 0; i < helpers; ++i) {
+    auto copy = work;  // Schedule takes ownership of an rvalue
+    pool.Schedule(std::move(copy));
   }
-  // Claim and run blocks until none are left.
-  void Work() {
-    for (int64_t i; (i = next.fetch_add(1)) < blocks;) {
-      Run(i);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
+  work();
+  while (s->done.load(std::memory_order_acquire) < tasks) std::this_thread::yield();
+}
 
 }  // namespace
 
@@ -76,26 +73,30 @@ static ffi::Error SgemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::
     std::fill(c->typed_data(), c->typed_data() + m * n, 0.0f);
     return ffi::Error::Success();
   }
-  auto g = std::make_shared<Gemm>();
-  g->a = a.typed_data(), g->b = b.typed_data(), g->c = c->typed_data();
-  g->m = m, g->n = n, g->k = k, g->lda = da[1], g->ldb = db[1];
-  g->ta = trans_a != 0, g->tb = trans_b != 0;
+  const float *pa = a.typed_data(), *pb = b.typed_data();
+  float* pc = c->typed_data();
+  const int64_t lda = da[1], ldb = db[1];
+  const CBLAS_TRANSPOSE ta = trans_a ? CblasTrans : CblasNoTrans, tb = trans_b ? CblasTrans : CblasNoTrans;
   // Split the longer output side into four blocks per pool thread, each a multiple of 16 wide
   // (whole SIMD panels): a thread that starts late (busy with a concurrent op) then leaves a
   // few blocks to the others rather than half the product; one block per thread had more slow
   // steps (25m, 4 alternating runs). Small products (LoRA's rank-r factors) run in one piece.
   const int64_t workers = std::max<int64_t>(1, pool.num_threads());
-  g->split_n = n >= m;
-  const int64_t side = g->split_n ? n : m;
-  if (m * n * k < (int64_t{1} << 21) || workers == 1) {
-    g->block = side, g->blocks = 1;
-  } else {
-    g->block = ((side + 4 * workers - 1) / (4 * workers) + 15) / 16 * 16;
-    g->blocks = (side + g->block - 1) / g->block;
-  }
-  for (int64_t i = 1; i < g->blocks; ++i) pool.Schedule([g] { g->Work(); });
-  g->Work();
-  while (g->done.load(std::memory_order_acquire) < g->blocks) std::this_thread::yield();
+  const bool split_n = n >= m;
+  const int64_t side = split_n ? n : m;
+  int64_t block = side;
+  if (m * n * k >= (int64_t{1} << 21) && workers > 1)
+    block = ((side + 4 * workers - 1) / (4 * workers) + 15) / 16 * 16;
+  const int64_t blocks = (side + block - 1) / block;
+  ParallelFor(pool, blocks, blocks - 1, [=](int64_t i) {
+    const int64_t lo = i * block, hi = std::min(side, lo + block);
+    if (split_n)  // c[:, lo:hi] = op(a) @ op(b)[:, lo:hi]
+      scipy_cblas_sgemm(CblasRowMajor, ta, tb, m, hi - lo, k, 1.0f, pa, lda,
+                        trans_b ? pb + lo * ldb : pb + lo, ldb, 0.0f, pc + lo, n);
+    else          // c[lo:hi, :] = op(a)[lo:hi, :] @ op(b)
+      scipy_cblas_sgemm(CblasRowMajor, ta, tb, hi - lo, n, k, 1.0f, trans_a ? pa + lo : pa + lo * lda,
+                        lda, pb, ldb, 0.0f, pc + lo * n, n);
+  });
   return ffi::Error::Success();
 }
 
@@ -107,35 +108,6 @@ static ffi::Error SgemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::
 // are summed into it (GQA's key/value gradients: a sum over the query heads of a group).
 // The Python side (model/cpu_gemm.py) derives every stride from the einsum and checks that
 // each product stays inside its buffer before it calls this.
-struct Batched {
-  const float* a;
-  const float* b;
-  float* c;
-  int64_t m, n, k, lda, ldb, ldc, nb[3], as[3], bs[3], cs[3];
-  bool ta, tb, sum_inner;
-  int64_t tasks = 1;
-  std::atomic<int64_t> next{0}, done{0};
-
-  void Run(int64_t t) {
-    // a task is one (i0, i1) with all its i2 under sum_inner, else one (i0, i1, i2)
-    const int64_t inner = sum_inner ? nb[2] : 1;
-    int64_t i2 = sum_inner ? 0 : t % nb[2], rest = sum_inner ? t : t / nb[2];
-    const int64_t i1 = rest % nb[1], i0 = rest / nb[1];
-    for (int64_t j = 0; j < inner; ++j, ++i2) {
-      scipy_cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
-                        m, n, k, 1.0f, a + i0 * as[0] + i1 * as[1] + i2 * as[2], lda,
-                        b + i0 * bs[0] + i1 * bs[1] + i2 * bs[2], ldb, j ? 1.0f : 0.0f,
-                        c + i0 * cs[0] + i1 * cs[1] + i2 * cs[2], ldc);
-    }
-  }
-  void Work() {
-    for (int64_t t; (t = next.fetch_add(1)) < tasks;) {
-      Run(t);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
 static ffi::Error BatchedImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
                               ffi::Result<ffi::AnyBuffer> c, ffi::Span<const int64_t> dims,
                               ffi::Span<const int64_t> strides, int32_t trans_a, int32_t trans_b,
@@ -148,25 +120,30 @@ static ffi::Error BatchedImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBu
     return ffi::Error::InvalidArgument("jaxllm batched sgemm: float32 only");
   for (int64_t d : dims)
     if (d < 0 || d > INT32_MAX) return ffi::Error::InvalidArgument("jaxllm batched sgemm: bad size");
-  auto g = std::make_shared<Batched>();
-  g->a = static_cast<const float*>(a.untyped_data());
-  g->b = static_cast<const float*>(b.untyped_data());
-  g->c = static_cast<float*>(c->untyped_data());
-  g->m = dims[0], g->n = dims[1], g->k = dims[2], g->lda = dims[3], g->ldb = dims[4], g->ldc = dims[5];
-  for (int i = 0; i < 3; ++i)
-    g->nb[i] = dims[6 + i], g->as[i] = strides[i], g->bs[i] = strides[3 + i], g->cs[i] = strides[6 + i];
-  g->ta = trans_a != 0, g->tb = trans_b != 0, g->sum_inner = sum_inner != 0;
-  const int64_t total = g->nb[0] * g->nb[1] * g->nb[2];
-  if (g->m == 0 || g->n == 0 || g->nb[0] * g->nb[1] == 0) return ffi::Error::Success();
-  if (g->k == 0 || total == 0) {  // empty sums: zeros (under sum_inner, nb2 == 0 is one)
-    std::fill(g->c, g->c + c->element_count(), 0.0f);
+  const float *pa = static_cast<const float*>(a.untyped_data()), *pb = static_cast<const float*>(b.untyped_data());
+  float* pc = static_cast<float*>(c->untyped_data());
+  const int64_t m = dims[0], n = dims[1], k = dims[2], lda = dims[3], ldb = dims[4], ldc = dims[5];
+  const int64_t nb[3] = {dims[6], dims[7], dims[8]};
+  const CBLAS_TRANSPOSE ta = trans_a ? CblasTrans : CblasNoTrans, tb = trans_b ? CblasTrans : CblasNoTrans;
+  if (m == 0 || n == 0 || nb[0] * nb[1] == 0) return ffi::Error::Success();
+  if (k == 0 || nb[2] == 0) {  // empty sums: zeros (under sum_inner, nb2 == 0 is one)
+    std::fill(pc, pc + c->element_count(), 0.0f);
     return ffi::Error::Success();
   }
-  g->tasks = g->sum_inner ? g->nb[0] * g->nb[1] : total;
-  const int64_t helpers = std::min<int64_t>(g->tasks, std::max<int64_t>(1, pool.num_threads())) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([g] { g->Work(); });
-  g->Work();
-  while (g->done.load(std::memory_order_acquire) < g->tasks) std::this_thread::yield();
+  // a task is one (i0, i1) with all its i2 under sum_inner, else one (i0, i1, i2)
+  const int64_t tasks = sum_inner ? nb[0] * nb[1] : nb[0] * nb[1] * nb[2];
+  const int64_t inner = sum_inner ? nb[2] : 1;
+  int64_t s[9];  // a_s0..2, b_s0..2, c_s0..2
+  for (int i = 0; i < 9; ++i) s[i] = strides[i];
+  const int64_t helpers = std::min<int64_t>(tasks, std::max<int64_t>(1, pool.num_threads())) - 1;
+  ParallelFor(pool, tasks, helpers, [=](int64_t t) {
+    int64_t i2 = sum_inner ? 0 : t % nb[2];
+    const int64_t rest = sum_inner ? t : t / nb[2], i1 = rest % nb[1], i0 = rest / nb[1];
+    for (int64_t j = 0; j < inner; ++j, ++i2)
+      scipy_cblas_sgemm(CblasRowMajor, ta, tb, m, n, k, 1.0f, pa + i0 * s[0] + i1 * s[1] + i2 * s[2], lda,
+                        pb + i0 * s[3] + i1 * s[4] + i2 * s[5], ldb, j ? 1.0f : 0.0f,
+                        pc + i0 * s[6] + i1 * s[7] + i2 * s[8], ldc);
+  });
   return ffi::Error::Success();
 }
 
