@@ -44,9 +44,10 @@ class ModelConfig:
     # only the latter reaches oneDNN's AMX kernels; the launcher then sets the XLA flags for
     # them (jaxllm/xla_flags.py). Measured in benchmarks/bench_vs_torch.py.
     dot_output: Literal["float32", "compute"] = "float32"
-    # Which GEMM runs the projections, the LM head and (attention=xla) attention's einsums:
-    # xla (XLA's own), or blas: OpenBLAS's sgemm through a custom call (model/cpu_gemm.py),
-    # faster than XLA's fp32 GEMM on CPUs without bf16 hardware; CPU, fp32, one device only.
+    # Which GEMM runs the projections and the LM head: xla (XLA's own), or blas: OpenBLAS's
+    # sgemm through a custom call (model/cpu_gemm.py), with attention (xla or blockwise) one
+    # fused CPU kernel around sgemms; faster than XLA's fp32 GEMM on CPUs without bf16
+    # hardware; CPU, fp32, one device only.
     matmul: Literal["xla", "blas"] = "xla"
     remat: RematPolicy = "none"
     # Layers run under lax.scan (compile time flat in depth) or unrolled (each layer its own

@@ -80,28 +80,58 @@ def test_blas_matmul_equals_xla_value_and_gradients(n_in, shapes):
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("t,s,segments", [(9, 9, False), (9, 9, True), (3, 11, False)])
-def test_blas_attention_equals_xla_attention_value_and_gradients(t, s, segments):
-    """GQA (12 query heads over 3 kv heads), causal, packed segments, and fewer queries than
-    keys (a decode step over a cache): the strided batched GEMMs read q/k/v in place. Batch,
-    kv heads, group and head sizes all differ, so a stride taken from the wrong one fails."""
+def _masks(case: str, b: int, t: int, s: int) -> dict:
+    if case == "plain":
+        return {}
+    if case == "packed":        # documents crossing the kernel's 64-query/64-key blocks, then padding
+        seg = np.zeros((b, t), np.int32)
+        seg[0, :70], seg[0, 70:130] = 1, 2
+        seg[1, :] = 3
+        return dict(q_segment_ids=jnp.asarray(seg), kv_segment_ids=jnp.asarray(seg))
+    if case == "unseen":        # queries 60.. of row 0 are of a segment no key has: they see nothing
+        q_seg, kv_seg = np.ones((b, t), np.int32), np.ones((b, s), np.int32)
+        q_seg[0, 60:], kv_seg[0, 60:] = 5, 3
+        return dict(q_segment_ids=jnp.asarray(q_seg), kv_segment_ids=jnp.asarray(kv_seg))
+    if case == "cache":         # t new queries at slots 100.. of an s-slot cache; slots after them empty
+        q_pos = jnp.broadcast_to(100 + jnp.arange(t, dtype=jnp.int32), (b, t))
+        kv_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        kv_seg = jnp.broadcast_to((jnp.arange(s) < 100 + t).astype(jnp.int32), (b, s))
+        return dict(q_positions=q_pos, kv_positions=kv_pos, q_segment_ids=jnp.ones((b, t), jnp.int32),
+                    kv_segment_ids=kv_seg)
+    raise ValueError(case)
+
+
+@pytest.mark.parametrize("t,s,case,causal", [(9, 9, "plain", True), (3, 11, "plain", True),
+                                             (150, 150, "plain", True), (150, 150, "plain", False),
+                                             (129, 129, "plain", True),   # query 128 alone sees key block [128, 129)
+                                             (150, 150, "packed", True), (150, 150, "unseen", False),
+                                             (150, 150, "unseen", True), (3, 200, "cache", True)])
+@pytest.mark.parametrize("implementation", ["xla", "blockwise"])
+def test_blas_attention_equals_xla_attention_value_and_gradients(t, s, case, causal, implementation):
+    """The fused CPU kernel (kernels/cpu_attention.cc) against XLA's reference attention, value
+    and dq/dk/dv: GQA (12 query heads over 3 kv heads), causal and not, packed documents whose
+    edges fall inside the kernel's blocks (whole key blocks skipped), queries that see no key
+    (the reference gives them the mean of v; they pass no gradient to q or k), fewer queries
+    than keys, and a decode step over a half-empty cache. Batch, kv heads, group and head sizes
+    all differ, so a stride taken from the wrong one fails."""
     b, n, kv, h = 2, 12, 3, 8
     ks = jax.random.split(jax.random.key(3), 4)
     q = jax.random.normal(ks[0], (b, t, n, h))
     k = jax.random.normal(ks[1], (b, s, kv, h))
     v = jax.random.normal(ks[2], (b, s, kv, h))
     g = jax.random.normal(ks[3], (b, t, n, h))
-    kw = {}
-    if segments:
-        seg = jnp.array([[1] * 4 + [2] * 5, [1] * 9], jnp.int32)
-        kw = dict(q_segment_ids=seg, kv_segment_ids=seg)
+    kw = dict(_masks(case, b, t, s), causal=causal)
     outs = {}
-    for kernel in ("xla", "blas"):
-        f = jax.jit(lambda q, k, v, kernel=kernel: attention(q, k, v, matmul=kernel, **kw))
+    for kernel, impl in (("xla", "xla"), ("blas", implementation)):
+        f = jax.jit(lambda q, k, v, kernel=kernel, impl=impl: attention(
+            q, k, v, matmul=kernel, implementation=impl, block=32, **kw))
         y, vjp = jax.vjp(f, q, k, v)
         outs[kernel] = (y, *vjp(g))
     for ref, got in zip(outs["xla"], outs["blas"]):
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=2e-5)
+    if case == "unseen":        # the case is what it says: those queries get the mean of v
+        np.testing.assert_allclose(outs["blas"][0][0, 60:, :kv * (n // kv):n // kv],
+                                   np.broadcast_to(v[0].mean(0), (t - 60, kv, h)), rtol=1e-5, atol=1e-6)
 
 
 # batch 4, 2 kv heads, groups of 3, head_dim 8: distinct sizes, so a stride mix-up shows
@@ -179,14 +209,14 @@ def test_a_missing_or_failing_compiler_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(cpu_gemm.BlasUnavailable, match="found no C.. compiler .*no-such-compiler"):
         cpu_gemm._build()
     monkeypatch.setenv("CXX", "false")          # a "compiler" that fails
-    with pytest.raises(cpu_gemm.BlasUnavailable, match="compiling cpu_sgemm.cc failed"):
+    with pytest.raises(cpu_gemm.BlasUnavailable, match="compiling cpu_sgemm.cc, cpu_attention.cc failed"):
         cpu_gemm._build()
     assert not any(tmp_path.rglob("*.so"))      # nothing half-written is left for a later run
 
 
 def test_every_matmul_of_the_step_is_a_blas_call():
     """The option reaches the gradient's jitted program as custom calls, for the projections,
-    the LM head and attention's two einsums."""
+    the LM head and attention."""
     cfg = jaxllm.load_config(None, [*TINY, "model.matmul=blas"]).model
     params = jaxllm.init_params(cfg, jax.random.key(0))
     batch = _batch(cfg, 2, 8)
@@ -195,8 +225,9 @@ def test_every_matmul_of_the_step_is_a_blas_call():
         hlo = jax.jit(jax.grad(lambda p: loss_fn(p, batch, None)[0])).lower(params).as_text()
     # per layer q, k, v, o, gate, up, down; plus the LM head: forward + 2 backward GEMMs each
     assert hlo.count(f"@{cpu_gemm.TARGET}(") == 3 * (7 * cfg.n_layers + 1)
-    # attention: scores and values forward, two GEMMs each backward
-    assert hlo.count(f"@{cpu_gemm.TARGET_BATCHED}(") == 6 * cfg.n_layers
+    # attention: one fused call forward and one backward per layer
+    assert hlo.count(f"@{cpu_gemm.TARGET_ATTENTION_FWD}(") == cfg.n_layers
+    assert hlo.count(f"@{cpu_gemm.TARGET_ATTENTION_BWD}(") == cfg.n_layers
     assert "dot_general" not in hlo
 
 
@@ -220,25 +251,30 @@ def test_a_blas_run_loads_with_xla_matmuls_off_cpu(monkeypatch, capsys):
     assert "trained with model.matmul=blas" in capsys.readouterr().err
 
 
-def test_remat_dots_keeps_the_blas_attention_dots():
-    """model.remat=dots saves every matmul output; under blas attention's dots are custom VJPs
-    that checkpoint_dots cannot see, so they are named. Saved, the backward does not recompute
-    them: 6 batched calls per layer (2 forward, 4 backward); remat=full recomputes the 2."""
-    def batched_calls(remat):
+def test_remat_dots_keeps_the_blas_attention_output():
+    """model.remat=dots saves every matmul output; the fused attention's output and log-sum-exp
+    (what its backward needs) are named for it, so the backward does not rerun the forward
+    kernel: one forward call per layer; remat=full reruns it (two)."""
+    def forward_calls(remat):
         cfg = jaxllm.load_config(None, [*TINY, "model.matmul=blas", f"model.remat={remat}"]).model
         params = jaxllm.init_params(cfg, jax.random.key(0))
         batch = _batch(cfg, 2, 8)
         loss_fn = make_clm_loss(cfg)
         hlo = jax.jit(jax.grad(lambda p: loss_fn(p, batch, None)[0])).lower(params).as_text()
-        return hlo.count(f"@{cpu_gemm.TARGET_BATCHED}("), cfg.n_layers
-    dots, layers = batched_calls("dots")
-    full, _ = batched_calls("full")
-    assert (dots, full) == (6 * layers, 8 * layers)
+        assert hlo.count(f"@{cpu_gemm.TARGET_ATTENTION_BWD}(") == cfg.n_layers
+        return hlo.count(f"@{cpu_gemm.TARGET_ATTENTION_FWD}("), cfg.n_layers
+    dots, layers = forward_calls("dots")
+    full, _ = forward_calls("full")
+    assert (dots, full) == (layers, 2 * layers)
 
 
 def test_mismatched_attention_operands_are_refused_not_read_out_of_bounds():
     q = jnp.ones((2, 5, 3, 2, 8))
-    with pytest.raises(ValueError, match="k has shape"):
-        cpu_gemm.attention_scores(q, jnp.ones((2, 5, 2, 8)))      # 2 kv heads, q has 3
-    with pytest.raises(ValueError, match="v has shape"):
-        cpu_gemm.attention_values(jnp.ones((2, 3, 2, 5, 5)), jnp.ones((2, 5, 2, 4)))  # 2 kv heads, p has 3
+    k = v = jnp.ones((2, 5, 3, 8))
+    pos, seg = jnp.zeros((2, 5), jnp.int32), jnp.zeros((2, 5), jnp.int32)
+    with pytest.raises(ValueError, match="k has shape"):        # 2 kv heads, q has 3
+        cpu_gemm.fused_attention(q, jnp.ones((2, 5, 2, 8)), v, (pos, pos, seg, seg), True)
+    with pytest.raises(ValueError, match="v has shape"):        # head size 4, q has 8
+        cpu_gemm.fused_attention(q, k, jnp.ones((2, 5, 3, 4)), (pos, pos, seg, seg), True)
+    with pytest.raises(ValueError, match="kv_segment_ids has shape"):
+        cpu_gemm.fused_attention(q, k, v, (pos, pos, seg, jnp.zeros((2, 4), jnp.int32)), True)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 
 from jaxllm.model import cpu_gemm
 from jaxllm.model.blockwise import blockwise_attention
@@ -48,8 +47,8 @@ def attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, *,
     keys at a time) keeps memory linear in the sequence length on every backend.
     Softmax runs in fp32 whatever the compute dtype. `dot_dtype` is what the two matmuls
     write (model.dot_output): fp32, or the compute dtype (bf16 scores, upcast for the softmax).
-    `matmul` "blas" (model.matmul, fp32 on CPU) runs the reference path's two einsums as
-    OpenBLAS GEMMs over strided views (model/cpu_gemm.py); blockwise keeps XLA's dots.
+    `matmul` "blas" (model.matmul, fp32 on CPU) runs either implementation as one fused CPU
+    kernel, forward and backward (model/cpu_gemm.py: flash attention around OpenBLAS sgemms).
     """
     b, t, n, h = q_btnh.shape
     s, k = k_bskh.shape[1], k_bskh.shape[2]
@@ -67,23 +66,21 @@ def attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, *,
     # Group query heads per kv head, (B, T, K, G, H), so GQA needs no repeat of k/v in memory.
     g = n // k
     qg = q_btnh.reshape(b, t, k, g, h)
+    if matmul == "blas":   # xla and blockwise alike: one fused CPU kernel (kernels/cpu_attention.cc)
+        if q_segment_ids is None:
+            q_segment_ids, kv_segment_ids = jnp.zeros((b, t), jnp.int32), jnp.zeros((b, s), jnp.int32)
+        out = cpu_gemm.fused_attention(qg, k_bskh, v_bskh, (q_positions, kv_positions, q_segment_ids,
+                                                            kv_segment_ids), causal)
+        return out.reshape(b, t, n, h).astype(q_btnh.dtype)
     if implementation == "blockwise":
         out = blockwise_attention(qg, k_bskh, v_bskh, q_positions, kv_positions, q_segment_ids,
                                   kv_segment_ids, causal, block, block, dot_dtype)
         return out.reshape(b, t, n, h).astype(q_btnh.dtype)
     mask = attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids, causal)
-    blas = matmul == "blas"
-    if blas:
-        # named: the custom VJP hides these dots from checkpoint_dots (model.remat=dots)
-        scores = checkpoint_name(cpu_gemm.attention_scores(qg, k_bskh), "attention_dot") * (h ** -0.5)
-    else:
-        scores = jnp.einsum("btkgh,bskh->bkgts", qg, k_bskh,
-                            preferred_element_type=dot_dtype).astype(jnp.float32) * (h ** -0.5)
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k_bskh,
+                        preferred_element_type=dot_dtype).astype(jnp.float32) * (h ** -0.5)
     if mask is not None:
         scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype)
-    if blas:
-        out = checkpoint_name(cpu_gemm.attention_values(probs, v_bskh), "attention_dot")
-    else:
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh, preferred_element_type=dot_dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh, preferred_element_type=dot_dtype)
     return out.reshape(b, t, n, h).astype(q_btnh.dtype)

@@ -7,11 +7,14 @@ figures). No XLA flag changes which kernel XLA picks, so the dot leaves XLA: an 
 call (kernels/cpu_sgemm.cc) calls `cblas_sgemm` of the scipy-openblas32 wheel (the `cpublas`
 extra), with transpose flags, so the backward's x^T g and g w^T read the operands in place.
 Two kinds of call: `sgemm` for the projections and the LM head (model/matmul.py routes them),
-and a strided batched sgemm for attention's two einsums and their gradients, which reads q, k,
-v and the scores in their natural layouts (`attention_scores`, `attention_values`).
+and fused attention (`fused_attention`, kernels/cpu_attention.cc), forward and backward: its
+GEMMs are sgemms over q/k/v in place, the mask and softmax run beside them block by block,
+key blocks no query of a block may see are skipped, and the backward recomputes the
+probabilities from the saved log-sum-exp (flash attention's recipe on CPU).
 
-The kernel is compiled on first use with the C++ compiler (g++, or $CXX) against jaxlib's FFI
-headers, into ~/.cache/jaxllm (or $JAXLLM_CACHE), keyed by the source, jaxlib and OpenBLAS; a
+The kernels are compiled on first use with the C++ compiler (g++, or $CXX) against jaxlib's
+FFI headers, into ~/.cache/jaxllm (or $JAXLLM_CACHE), keyed by the sources, jaxlib, OpenBLAS and
+the CPU's features (they are built with -march=native); a
 missing compiler or wheel is one line of error (BlasUnavailable, a UserError). Limits, each
 refused in one line rather than run slowly: CPU backend only, fp32 operands only, one device
 (XLA's partitioner cannot split a custom call, it would gather every operand onto each device).
@@ -23,6 +26,7 @@ import functools
 import hashlib
 import os
 import pathlib
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -30,12 +34,15 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxllm.errors import UserError
 
 TARGET = "jaxllm_cpu_sgemm"
-TARGET_BATCHED = "jaxllm_cpu_batched_sgemm"
-_SOURCE = pathlib.Path(__file__).parent / "kernels" / "cpu_sgemm.cc"
+TARGET_ATTENTION_FWD = "jaxllm_cpu_attention_fwd"
+TARGET_ATTENTION_BWD = "jaxllm_cpu_attention_bwd"
+_KERNELS = pathlib.Path(__file__).parent / "kernels"
+_SOURCES = ("cpu_sgemm.cc", "cpu_attention.cc")    # one library; parallel_for.h is shared
 
 
 class BlasUnavailable(UserError):
@@ -56,13 +63,25 @@ def _cache_dir() -> pathlib.Path:
     return pathlib.Path(root) / "cpu_gemm"
 
 
+def _cpu_id() -> bytes:
+    """The CPU's feature flags (the kernel is built with -march=native)."""
+    try:
+        with open("/proc/cpuinfo", "rb") as f:
+            for line in f:
+                if line.startswith((b"flags", b"Features")):
+                    return line
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}".encode()
+
+
 def _build() -> pathlib.Path:
     """Compile the kernel once per (source, jaxlib, OpenBLAS); later calls reuse the file."""
     ob = _openblas()
     inc_jax, inc_ob, lib_ob = jax.ffi.include_dir(), ob.get_include_dir(), ob.get_lib_dir()
-    src = _SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([src, jax.lib.__version__.encode(), lib_ob.encode(),
-                                     ob.__version__.encode()])).hexdigest()[:16]
+    files = [_KERNELS / f for f in (*_SOURCES, "parallel_for.h")]
+    key = hashlib.sha256(b"\0".join([*(f.read_bytes() for f in files), jax.lib.__version__.encode(),
+                                     lib_ob.encode(), ob.__version__.encode(), _cpu_id()])).hexdigest()[:16]
     out = _cache_dir() / f"libjaxllm_sgemm-{key}.so"
     if out.exists():
         return out
@@ -79,12 +98,15 @@ def _build() -> pathlib.Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
-        cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{inc_jax}", f"-I{inc_ob}",
-               str(_SOURCE), "-o", tmp, f"-L{lib_ob}", f"-l{ob.get_library()}", f"-Wl,-rpath,{lib_ob}"]
+        # -march=native: the attention kernel's exp and mask loops vectorise for this CPU (the
+        # cache key holds the CPU's feature flags, so a shared home never loads it elsewhere)
+        cmd = [cxx, "-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-w",
+               f"-I{inc_jax}", f"-I{inc_ob}", f"-I{_KERNELS}", *(str(_KERNELS / f) for f in _SOURCES),
+               "-o", tmp, f"-L{lib_ob}", f"-l{ob.get_library()}", f"-Wl,-rpath,{lib_ob}"]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode:
             errors = [ln for ln in res.stderr.splitlines() if "error" in ln] or [f"exit {res.returncode}"]
-            raise BlasUnavailable(f"model.matmul=blas: compiling {_SOURCE.name} failed ({cxx}): "
+            raise BlasUnavailable(f"model.matmul=blas: compiling {', '.join(_SOURCES)} failed ({cxx}): "
                                   f"{errors[0].strip()}")
         os.replace(tmp, out)
         tmp = None
@@ -102,7 +124,8 @@ def _register() -> None:
     check_mesh(None)
     lib = ctypes.cdll.LoadLibrary(str(_build()))
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxllmSgemm), platform="cpu")
-    jax.ffi.register_ffi_target(TARGET_BATCHED, jax.ffi.pycapsule(lib.JaxllmBatchedSgemm), platform="cpu")
+    jax.ffi.register_ffi_target(TARGET_ATTENTION_FWD, jax.ffi.pycapsule(lib.JaxllmAttentionFwd), platform="cpu")
+    jax.ffi.register_ffi_target(TARGET_ATTENTION_BWD, jax.ffi.pycapsule(lib.JaxllmAttentionBwd), platform="cpu")
 
 
 def check_mesh(mesh) -> None:
@@ -154,100 +177,61 @@ def blas_matmul_bwd(x, w, n_in: int, g):
     return dx, dw
 
 
-# --- attention's two einsums, in their natural layouts -------------------------------------
-# q (B, T, K, G, H) grouped per kv head, k/v (B, S, K, H), scores/probs (B, K, G, T, S),
-# out (B, T, K, G, H). Each einsum is a batch of (B, K, G) small GEMMs whose operands are
-# strided views of those arrays (a row of q[b, :, kv, g, :] is K*G*H floats from the next), so
-# nothing is transposed or copied: the leading dimensions carry the layout.
-
-def _last(rows: int, cols: int, ld: int, strides, nb) -> int:
-    """Index of the last element a strided batch of (rows, cols) matrices touches."""
-    return sum((n - 1) * s for n, s in zip(nb, strides)) + (rows - 1) * ld + cols - 1
-
-
-def _batched(a, b, out_shape, m, n, k, lda, ldb, ldc, nb, a_s, b_s, c_s, ta=False, tb=False,
-             sum_inner=False):
-    """C[i] (+)= op(A[i]) @ op(B[i]) over the batch index i = (i0, i1, i2) (kernels/cpu_sgemm.cc)."""
-    _register()
-    _check_one_device()
-    # The kernel trusts these strides: check every product stays inside its buffer (raised,
-    # not asserted, so python -O keeps the check).
-    for name, x, (rows, cols), ld, st in (("a", a, (k, m) if ta else (m, k), lda, a_s),
-                                          ("b", b, (n, k) if tb else (k, n), ldb, b_s),
-                                          ("out", jax.ShapeDtypeStruct(out_shape, jnp.float32), (m, n), ldc, c_s)):
-        if x.dtype != jnp.float32 or _last(rows, cols, ld, st, nb) >= int(np.prod(x.shape)):
-            raise ValueError(f"batched sgemm: {name} {x.dtype}{x.shape} cannot hold {nb} strided "
-                             f"({rows}, {cols}) float32 matrices (ld {ld}, strides {st})")
-    call = jax.ffi.ffi_call(TARGET_BATCHED, jax.ShapeDtypeStruct(out_shape, jnp.float32), vmap_method="sequential")
-    return call(a, b, dims=np.array([m, n, k, lda, ldb, ldc, *nb], np.int64),
-                strides=np.array([*a_s, *b_s, *c_s], np.int64), trans_a=np.int32(ta),
-                trans_b=np.int32(tb), sum_inner=np.int32(sum_inner))
-
-
 def _same(what: str, got: tuple, want: tuple) -> None:
     if tuple(got) != tuple(want):
         raise ValueError(f"blas attention: {what} has shape {tuple(got)}, expected {tuple(want)}")
 
 
-def _qk(q, k):
-    """scores (B, K, G, T, S) = einsum('btkgh,bskh->bkgts', q, k)."""
+
+# --- fused attention (kernels/cpu_attention.cc) ----------------------------------------------
+
+def _attention_operands(q, k, v, masks):
     B, T, K, G, H = q.shape
     S = k.shape[1]
     _same("k", k.shape, (B, S, K, H))
-    return _batched(q, k, (B, K, G, T, S), T, S, H, K * G * H, K * H, S, (B, K, G),
-                    (T * K * G * H, G * H, H), (S * K * H, H, 0), (K * G * T * S, G * T * S, T * S), tb=True)
-
-
-def _pv(p, v):
-    """out (B, T, K, G, H) = einsum('bkgts,bskh->btkgh', p, v)."""
-    B, K, G, T, S = p.shape
-    H = v.shape[-1]
     _same("v", v.shape, (B, S, K, H))
-    return _batched(p, v, (B, T, K, G, H), T, H, S, S, K * H, K * G * H, (B, K, G),
-                    (K * G * T * S, G * T * S, T * S), (S * K * H, H, 0), (T * K * G * H, G * H, H))
+    for what, x, n in zip(("q_positions", "kv_positions", "q_segment_ids", "kv_segment_ids"), masks, (T, S, T, S)):
+        _same(what, x.shape, (B, n))
+    if any(x.dtype != jnp.float32 for x in (q, k, v)):
+        raise BlasUnavailable(f"model.matmul=blas attention runs float32, got {q.dtype}/{k.dtype}/{v.dtype}")
+    _register()
+    _check_one_device()
+    return [x.astype(jnp.int32) for x in masks]
 
 
-def _pt_x(p, x):
-    """(B, S, K, H) = einsum('bkgts,btkgh->bskh', p, x): the sum over the G heads of a group."""
-    B, K, G, T, S = p.shape
-    H = x.shape[-1]
-    _same("x", x.shape, (B, T, K, G, H))
-    return _batched(p, x, (B, S, K, H), S, H, T, S, K * G * H, K * H, (B, K, G),
-                    (K * G * T * S, G * T * S, T * S), (T * K * G * H, G * H, H), (S * K * H, H, 0),
-                    ta=True, sum_inner=True)
+def _fused_fwd_call(q, k, v, masks, causal: bool):
+    B, T, K, G, H = q.shape
+    masks = _attention_operands(q, k, v, masks)
+    call = jax.ffi.ffi_call(TARGET_ATTENTION_FWD, (jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                                                   jax.ShapeDtypeStruct((B, K, G, T), jnp.float32)),
+                            vmap_method="sequential")
+    return call(q, k, v, *masks, causal=np.int32(causal), scale=np.float32(H ** -0.5))
 
 
-@jax.custom_vjp
-def attention_scores(q, k):
-    """einsum('btkgh,bskh->bkgts', q, k) in fp32 through OpenBLAS (model.matmul=blas)."""
-    return _qk(q, k)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def fused_attention(q, k, v, masks, causal: bool):
+    """softmax(q k^T / sqrt(H) + mask) v for q (B, T, K, G, H), k/v (B, S, K, H) in fp32, one
+    custom call each way (kernels/cpu_attention.cc). masks = (q_positions (B, T), kv_positions
+    (B, S), q_segment_ids (B, T), kv_segment_ids (B, S)), int32: a query sees a key of its own
+    segment at a position <= its own (any position when not causal)."""
+    return _fused_fwd_call(q, k, v, masks, causal)[0]
 
 
-def _scores_fwd(q, k):
-    return _qk(q, k), (q, k)
+def _fused_fwd(q, k, v, masks, causal):
+    out, lse = _fused_fwd_call(q, k, v, masks, causal)
+    # named for remat=dots: the backward needs out and lse, and recomputing them is the call
+    out, lse = checkpoint_name(out, "attention_dot"), checkpoint_name(lse, "attention_dot")
+    return out, (q, k, v, masks, out, lse)
 
 
-def _scores_bwd(res, ds):
-    q, k = res
-    return _pv(ds, k), _pt_x(ds, q)          # dq = dS k, dk = sum_g dS^T q
+def _fused_bwd(causal, res, dout):
+    q, k, v, masks, out, lse = res
+    masks = _attention_operands(q, k, v, masks)
+    call = jax.ffi.ffi_call(TARGET_ATTENTION_BWD, tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)),
+                            vmap_method="sequential")
+    dq, dk, dv = call(q, k, v, out, lse, dout.astype(jnp.float32), *masks, causal=np.int32(causal),
+                      scale=np.float32(q.shape[-1] ** -0.5))
+    return dq, dk, dv, None
 
 
-attention_scores.defvjp(_scores_fwd, _scores_bwd)
-
-
-@jax.custom_vjp
-def attention_values(p, v):
-    """einsum('bkgts,bskh->btkgh', p, v) in fp32 through OpenBLAS (model.matmul=blas)."""
-    return _pv(p, v)
-
-
-def _values_fwd(p, v):
-    return _pv(p, v), (p, v)
-
-
-def _values_bwd(res, dout):
-    p, v = res
-    return _qk(dout, v), _pt_x(p, dout)      # dp = dout v^T, dv = sum_g p^T dout
-
-
-attention_values.defvjp(_values_fwd, _values_bwd)
+fused_attention.defvjp(_fused_fwd, _fused_bwd)

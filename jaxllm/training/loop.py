@@ -45,9 +45,6 @@ def fit(run, state, step_fn, batches: Iterator[dict], *, shardings, meta: dict,
         # of temporaries, unrolled 149 -> 143: XLA CPU schedules the recomputation early
         run.log(f"note: model.remat={cfg.model.remat} with model.scan_layers=false saves almost no memory on "
                 "CPU (XLA schedules the recomputation early); model.scan_layers=true makes remat effective")
-    if cfg.model.matmul == "blas" and cfg.model.attention != "xla":
-        run.log(f"note: model.matmul=blas covers the projections and the LM head; attention's dots stay "
-                f"in XLA under model.attention={cfg.model.attention} (attention=xla runs them in BLAS too)")
     progress = None
     if t.progress and run.is_main:
         from tqdm import tqdm

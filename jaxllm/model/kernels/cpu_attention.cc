@@ -1,0 +1,351 @@
+// Fused scaled-dot-product attention on CPU (model.matmul=blas): forward and backward as two
+// XLA FFI custom calls, with OpenBLAS sgemms for the products and the mask, softmax and their
+// gradients done here, block by block, on XLA's intra-op pool.
+//
+// Why fused: as einsums through XLA, attention's softmax, mask and their gradients are a dozen
+// single-threaded XLA fusions over (B, heads, T, S) fp32 arrays, the upper causal triangle is
+// computed and thrown away, and the probabilities are kept for the backward. Here a task is a
+// block of QB queries of one head: its scores exist only for that block (QB x S, in cache), key
+// blocks that no query of the block may see are skipped (causal: every key after the block's
+// last position; packed rows: every key of another document), and the backward recomputes the
+// probabilities from the saved log-sum-exp (flash attention's recipe), so nothing of size
+// (T, S) outlives a task.
+//
+// Layouts (row-major): q, out, dq (B, T, K, G, H) (G query heads per kv head), k, v, dk, dv
+// (B, S, K, H), lse (B, K, G, T), positions and segment ids (B, T) / (B, S) int32.
+// Visible(t, s) = (!causal || kv_pos[s] <= q_pos[t]) && kv_seg[s] == q_seg[t]. A query that sees
+// no key gets what the XLA reference gives it (every score at the fp32 minimum: a uniform
+// average of all S values, and no gradient into q or k); its lse is stored as +inf.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "cblas.h"
+#include "parallel_for.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kQueryBlock = 64;  // queries per task: a (64, S) score block stays in cache
+constexpr int64_t kKeyBlock = 64;    // granularity of skipping keys nobody in the block sees
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// exp(x) for x <= 0 (scores minus their row max, or minus the log-sum-exp), written so the
+// compiler vectorises the loops that call it (libm's expf is a call per element): Cephes'
+// polynomial on r = x - n ln2, scaled by 2^n through the exponent bits. Below -87.3 (where
+// expf underflows) it is exactly 0, as for the masked scores it is given as -inf.
+inline float ExpNonPositive(float x) {
+  const float xc = std::max(x, -87.0f);
+  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return x < -87.0f ? 0.0f : p * scale;
+}
+
+struct Shape {
+  int64_t B, T, S, K, G, H;
+  int64_t ldq() const { return K * G * H; }  // between consecutive query rows of one head
+  int64_t ldk() const { return K * H; }      // between consecutive key rows of one kv head
+};
+
+struct Masking {
+  const int32_t *q_pos, *kv_pos, *q_seg, *kv_seg;
+  bool causal;
+};
+
+// Runs [lo, hi) of consecutive key blocks that some query of rows [t0, t1) of batch row b may
+// see; keys outside every run are masked for all of these queries.
+void ActiveKeys(const Shape& d, const Masking& m, int64_t b, int64_t t0, int64_t t1,
+                std::vector<std::pair<int64_t, int64_t>>& runs) {
+  runs.clear();
+  const int32_t *qp = m.q_pos + b * d.T, *qs = m.q_seg + b * d.T;
+  const int32_t *kp = m.kv_pos + b * d.S, *ks = m.kv_seg + b * d.S;
+  int32_t q_max = std::numeric_limits<int32_t>::min(), qs_min = std::numeric_limits<int32_t>::max(),
+          qs_max = std::numeric_limits<int32_t>::min();
+  for (int64_t t = t0; t < t1; ++t) {
+    q_max = std::max(q_max, qp[t]);
+    qs_min = std::min(qs_min, qs[t]);
+    qs_max = std::max(qs_max, qs[t]);
+  }
+  for (int64_t lo = 0; lo < d.S; lo += kKeyBlock) {
+    const int64_t hi = std::min(d.S, lo + kKeyBlock);
+    int32_t k_min = std::numeric_limits<int32_t>::max(), ks_min = k_min,
+            ks_max = std::numeric_limits<int32_t>::min();
+    for (int64_t s = lo; s < hi; ++s) {
+      k_min = std::min(k_min, kp[s]);
+      ks_min = std::min(ks_min, ks[s]);
+      ks_max = std::max(ks_max, ks[s]);
+    }
+    const bool seen = (!m.causal || k_min <= q_max) && ks_max >= qs_min && ks_min <= qs_max;
+    if (!seen) continue;
+    if (!runs.empty() && runs.back().second == lo)
+      runs.back().second = hi;
+    else
+      runs.emplace_back(lo, hi);
+  }
+}
+
+// Row t of the score block: masked entries -> -inf; returns the row max (-inf: nothing seen).
+float MaskRow(const Masking& m, const int32_t* kp, const int32_t* ks, int32_t qp, int32_t qs,
+              float* row, const std::vector<std::pair<int64_t, int64_t>>& runs) {
+  float mx = -kInf;
+  for (auto [lo, hi] : runs) {
+#pragma omp simd reduction(max : mx)
+    for (int64_t s = lo; s < hi; ++s) {
+      const bool vis = (!m.causal || kp[s] <= qp) && ks[s] == qs;
+      const float x = vis ? row[s] : -kInf;
+      row[s] = x;
+      mx = std::max(mx, x);
+    }
+  }
+  return mx;
+}
+
+thread_local std::vector<float> tl_buf;  // per-thread score / probability blocks
+
+float* Scratch(int64_t n) {
+  if (static_cast<int64_t>(tl_buf.size()) < n) tl_buf.resize(n);
+  return tl_buf.data();
+}
+
+// Row r of kv head (b, kk): mean of v over all S keys (what a query that sees no key gets).
+void MeanValue(const Shape& d, const float* v, int64_t b, int64_t kk, float* out) {
+  std::fill(out, out + d.H, 0.0f);
+  for (int64_t s = 0; s < d.S; ++s) {
+    const float* vs = v + ((b * d.S + s) * d.K + kk) * d.H;
+    for (int64_t h = 0; h < d.H; ++h) out[h] += vs[h];
+  }
+  for (int64_t h = 0; h < d.H; ++h) out[h] /= static_cast<float>(d.S);
+}
+
+ffi::Error CheckShapes(const Shape& d) {
+  for (int64_t x : {d.B, d.T, d.S, d.K, d.G, d.H})
+    if (x < 0 || x > (int64_t{1} << 30)) return ffi::Error::InvalidArgument("jaxllm attention: bad size");
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+static ffi::Error AttentionFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                                   ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> q_pos,
+                                   ffi::Buffer<ffi::S32> kv_pos, ffi::Buffer<ffi::S32> q_seg,
+                                   ffi::Buffer<ffi::S32> kv_seg, ffi::ResultBuffer<ffi::F32> out,
+                                   ffi::ResultBuffer<ffi::F32> lse, int32_t causal, float scale) {
+  jaxllm::OneBlasThread();
+  auto dq = q.dimensions(), dk = k.dimensions();
+  if (dq.size() != 5 || dk.size() != 4) return ffi::Error::InvalidArgument("jaxllm attention: q 5-D, k 4-D");
+  const Shape d{dq[0], dq[1], dk[1], dq[2], dq[3], dq[4]};
+  if (auto e = CheckShapes(d); e.failure()) return e;
+  const Masking m{q_pos.typed_data(), kv_pos.typed_data(), q_seg.typed_data(), kv_seg.typed_data(), causal != 0};
+  const float *pq = q.typed_data(), *pk = k.typed_data(), *pv = v.typed_data();
+  float *po = out->typed_data(), *pl = lse->typed_data();
+  const int64_t nq = (d.T + kQueryBlock - 1) / kQueryBlock;
+  const int64_t tasks = d.B * d.K * d.G * nq;
+  if (tasks == 0) return ffi::Error::Success();
+  const int64_t helpers = std::min<int64_t>(tasks, std::max<int64_t>(1, pool.num_threads())) - 1;
+  jaxllm::ParallelFor(pool, tasks, helpers, [=](int64_t task) {
+    // the latest query blocks (most keys under causality) first: the tail is short tasks
+    const int64_t qi = nq - 1 - task % nq, head = task / nq;
+    const int64_t g = head % d.G, kk = (head / d.G) % d.K, b = head / (d.G * d.K);
+    const int64_t t0 = qi * kQueryBlock, t1 = std::min(d.T, t0 + kQueryBlock), rows = t1 - t0;
+    std::vector<std::pair<int64_t, int64_t>> runs;
+    ActiveKeys(d, m, b, t0, t1, runs);
+    const float* q0 = pq + (((b * d.T + t0) * d.K + kk) * d.G + g) * d.H;
+    float* o0 = po + (((b * d.T + t0) * d.K + kk) * d.G + g) * d.H;
+    float* l0 = pl + ((b * d.K + kk) * d.G + g) * d.T + t0;
+    const float* kb = pk + (b * d.S * d.K + kk) * d.H;  // key row s at kb + s * ldk
+    const float* vb = pv + (b * d.S * d.K + kk) * d.H;
+    float* p = Scratch(rows * d.S);                      // (rows, S), row stride S
+    for (auto [lo, hi] : runs)
+      scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, hi - lo, d.H, scale, q0, d.ldq(),
+                        kb + lo * d.ldk(), d.ldk(), 0.0f, p + lo, d.S);
+    const int32_t *kp = m.kv_pos + b * d.S, *ks = m.kv_seg + b * d.S;
+    std::vector<int64_t> unseen;
+    for (int64_t r = 0; r < rows; ++r) {
+      float* row = p + r * d.S;
+      const float mx = MaskRow(m, kp, ks, m.q_pos[b * d.T + t0 + r], m.q_seg[b * d.T + t0 + r], row, runs);
+      if (mx == -kInf) {  // sees nothing: zero row here, the mean of v below
+        for (auto [lo, hi] : runs) std::fill(row + lo, row + hi, 0.0f);
+        unseen.push_back(r);
+        l0[r] = kInf;
+        continue;
+      }
+      float sum = 0.0f;
+      for (auto [lo, hi] : runs) {
+#pragma omp simd reduction(+ : sum)
+        for (int64_t s = lo; s < hi; ++s) {
+          const float e = ExpNonPositive(row[s] - mx);
+          row[s] = e;
+          sum += e;
+        }
+      }
+      const float inv = 1.0f / sum;
+      for (auto [lo, hi] : runs) {
+#pragma omp simd
+        for (int64_t s = lo; s < hi; ++s) row[s] *= inv;
+      }
+      l0[r] = mx + std::log(sum);
+    }
+    if (runs.empty())
+      for (int64_t r = 0; r < rows; ++r) std::fill(o0 + r * d.ldq(), o0 + r * d.ldq() + d.H, 0.0f);
+    for (size_t i = 0; i < runs.size(); ++i) {
+      auto [lo, hi] = runs[i];
+      scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, d.H, hi - lo, 1.0f, p + lo, d.S,
+                        vb + lo * d.ldk(), d.ldk(), i ? 1.0f : 0.0f, o0, d.ldq());
+    }
+    for (int64_t r : unseen) MeanValue(d, pv, b, kk, o0 + r * d.ldq());
+  });
+  return ffi::Error::Success();
+}
+
+static ffi::Error AttentionBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                                   ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> out,
+                                   ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
+                                   ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> kv_pos,
+                                   ffi::Buffer<ffi::S32> q_seg, ffi::Buffer<ffi::S32> kv_seg,
+                                   ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                                   ffi::ResultBuffer<ffi::F32> dv, int32_t causal, float scale) {
+  jaxllm::OneBlasThread();
+  auto dims_q = q.dimensions(), dims_k = k.dimensions();
+  if (dims_q.size() != 5 || dims_k.size() != 4)
+    return ffi::Error::InvalidArgument("jaxllm attention: q 5-D, k 4-D");
+  const Shape d{dims_q[0], dims_q[1], dims_k[1], dims_q[2], dims_q[3], dims_q[4]};
+  if (auto e = CheckShapes(d); e.failure()) return e;
+  const Masking m{q_pos.typed_data(), kv_pos.typed_data(), q_seg.typed_data(), kv_seg.typed_data(), causal != 0};
+  const float *pq = q.typed_data(), *pk = k.typed_data(), *pv = v.typed_data(), *po = out.typed_data(),
+              *pl = lse.typed_data(), *pdo = dout.typed_data();
+  float *pdq = dq->typed_data(), *pdk = dk->typed_data(), *pdv = dv->typed_data();
+  const int64_t nq = (d.T + kQueryBlock - 1) / kQueryBlock;
+  // A task owns one kv head of one batch row: it sums dk and dv over that head's G query heads
+  // and every query block without sharing them with another task.
+  const int64_t tasks = d.B * d.K;
+  if (tasks == 0) return ffi::Error::Success();
+  const int64_t helpers = std::min<int64_t>(tasks, std::max<int64_t>(1, pool.num_threads())) - 1;
+  jaxllm::ParallelFor(pool, tasks, helpers, [=](int64_t task) {
+    const int64_t kk = task % d.K, b = task / d.K;
+    const float* kb = pk + (b * d.S * d.K + kk) * d.H;
+    const float* vb = pv + (b * d.S * d.K + kk) * d.H;
+    float* dkb = pdk + (b * d.S * d.K + kk) * d.H;
+    float* dvb = pdv + (b * d.S * d.K + kk) * d.H;
+    for (int64_t s = 0; s < d.S; ++s) {
+      std::fill(dkb + s * d.ldk(), dkb + s * d.ldk() + d.H, 0.0f);
+      std::fill(dvb + s * d.ldk(), dvb + s * d.ldk() + d.H, 0.0f);
+    }
+    const int32_t *kp = m.kv_pos + b * d.S, *ks = m.kv_seg + b * d.S;
+    std::vector<std::pair<int64_t, int64_t>> runs;
+    std::vector<float> delta(kQueryBlock);
+    float* p = Scratch(2 * kQueryBlock * d.S);
+    float* ds = p + kQueryBlock * d.S;
+    for (int64_t g = 0; g < d.G; ++g) {
+      for (int64_t qi = 0; qi < nq; ++qi) {
+        const int64_t t0 = qi * kQueryBlock, t1 = std::min(d.T, t0 + kQueryBlock), rows = t1 - t0;
+        const int64_t off = (((b * d.T + t0) * d.K + kk) * d.G + g) * d.H;
+        const float *q0 = pq + off, *o0 = po + off, *do0 = pdo + off;
+        float* dq0 = pdq + off;
+        const float* l0 = pl + ((b * d.K + kk) * d.G + g) * d.T + t0;
+        ActiveKeys(d, m, b, t0, t1, runs);
+        for (int64_t r = 0; r < rows; ++r) {  // delta = rowsum(dO * O) (softmax's backward)
+          float acc = 0.0f;
+          for (int64_t h = 0; h < d.H; ++h) acc += do0[r * d.ldq() + h] * o0[r * d.ldq() + h];
+          delta[r] = acc;
+        }
+        for (auto [lo, hi] : runs)
+          scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, hi - lo, d.H, scale, q0, d.ldq(),
+                            kb + lo * d.ldk(), d.ldk(), 0.0f, p + lo, d.S);
+        for (int64_t r = 0; r < rows; ++r) {  // P = exp(scores - lse), 0 where masked
+          float* row = p + r * d.S;
+          const float l = l0[r];
+          const int32_t qp = m.q_pos[b * d.T + t0 + r], qs = m.q_seg[b * d.T + t0 + r];
+          for (auto [lo, hi] : runs) {
+#pragma omp simd
+            for (int64_t s = lo; s < hi; ++s) {
+              const bool vis = (!m.causal || kp[s] <= qp) && ks[s] == qs && l != kInf;
+              row[s] = vis ? ExpNonPositive(row[s] - l) : 0.0f;
+            }
+          }
+        }
+        for (auto [lo, hi] : runs) {
+          // dV[run] += P^T dO ;  dP = dO V[run]^T
+          scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, hi - lo, d.H, rows, 1.0f, p + lo, d.S,
+                            do0, d.ldq(), 1.0f, dvb + lo * d.ldk(), d.ldk());
+          scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, hi - lo, d.H, 1.0f, do0, d.ldq(),
+                            vb + lo * d.ldk(), d.ldk(), 0.0f, ds + lo, d.S);
+        }
+        for (int64_t r = 0; r < rows; ++r) {  // dS = scale * P * (dP - delta)
+          const float* prow = p + r * d.S;
+          float* drow = ds + r * d.S;
+          const float dl = delta[r];
+          for (auto [lo, hi] : runs) {
+#pragma omp simd
+            for (int64_t s = lo; s < hi; ++s) drow[s] = scale * prow[s] * (drow[s] - dl);
+          }
+        }
+        if (runs.empty())
+          for (int64_t r = 0; r < rows; ++r) std::fill(dq0 + r * d.ldq(), dq0 + r * d.ldq() + d.H, 0.0f);
+        for (size_t i = 0; i < runs.size(); ++i) {
+          auto [lo, hi] = runs[i];
+          // dQ += dS K[run] ;  dK[run] += dS^T Q
+          scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, d.H, hi - lo, 1.0f, ds + lo, d.S,
+                            kb + lo * d.ldk(), d.ldk(), i ? 1.0f : 0.0f, dq0, d.ldq());
+          scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, hi - lo, d.H, rows, 1.0f, ds + lo, d.S,
+                            q0, d.ldq(), 1.0f, dkb + lo * d.ldk(), d.ldk());
+        }
+        for (int64_t r = 0; r < rows; ++r) {  // a query that saw nothing: out = mean(v), so dv += dO / S
+          if (l0[r] != kInf) continue;
+          const float* dor = do0 + r * d.ldq();
+          for (int64_t s = 0; s < d.S; ++s)
+            for (int64_t h = 0; h < d.H; ++h) dvb[s * d.ldk() + h] += dor[h] / static_cast<float>(d.S);
+        }
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmAttentionFwd, AttentionFwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // q positions
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // kv positions
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // q segment ids
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // kv segment ids
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // lse
+                                  .Attr<int32_t>("causal")
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmAttentionBwd, AttentionBwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // out
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // lse
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dout
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // q positions
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // kv positions
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // q segment ids
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // kv segment ids
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dq
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dk
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dv
+                                  .Attr<int32_t>("causal")
+                                  .Attr<float>("scale"));
