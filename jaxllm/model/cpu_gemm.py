@@ -99,9 +99,10 @@ def _build() -> pathlib.Path:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
         # -march=native: the attention kernel's exp and mask loops vectorise for this CPU (the
-        # cache key holds the CPU's feature flags, so a shared home never loads it elsewhere)
-        cmd = [cxx, "-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-w",
-               f"-I{inc_jax}", f"-I{inc_ob}", f"-I{_KERNELS}", *(str(_KERNELS / f) for f in _SOURCES),
+        # cache key holds the CPU's feature flags, so a shared home never loads it elsewhere);
+        # -fno-trapping-math lets them (selects on float compares), results are unchanged
+        cmd = [cxx, "-O3", "-march=native", "-fno-trapping-math", "-fopenmp-simd", "-std=c++17", "-shared",
+               "-fPIC", "-w", f"-I{inc_jax}", f"-I{inc_ob}", f"-I{_KERNELS}", *(str(_KERNELS / f) for f in _SOURCES),
                "-o", tmp, f"-L{lib_ob}", f"-l{ob.get_library()}", f"-Wl,-rpath,{lib_ob}"]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode:

@@ -19,7 +19,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -37,11 +36,16 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // exp(x) for x <= 0 (scores minus their row max, or minus the log-sum-exp), written so the
 // compiler vectorises the loops that call it (libm's expf is a call per element): Cephes'
-// polynomial on r = x - n ln2, scaled by 2^n through the exponent bits. Below -87.3 (where
-// expf underflows) it is exactly 0, as for the masked scores it is given as -inf.
+// polynomial on r = x - n ln2, scaled by 2^n through the exponent bits. Below about -87.7 the
+// exponent field is 0, so the result is exactly 0, as for the masked scores (given as -inf).
+// One value select and an integer floor: std::max (it returns a reference), std::floor and a
+// second select kept GCC 12 from vectorising (with -fno-trapping-math; cpu_gemm.py builds it).
 inline float ExpNonPositive(float x) {
-  const float xc = std::max(x, -87.0f);
-  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  const float xc = x < -88.0f ? -88.0f : x;
+  const float t = xc * 1.44269504088896341f + 0.5f;
+  int32_t ni = static_cast<int32_t>(t);  // truncates toward zero; floor below
+  ni -= static_cast<float>(ni) > t;      // n = round(x / ln 2) >= -127
+  const float n = static_cast<float>(ni);
   const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -50,10 +54,7 @@ inline float ExpNonPositive(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return x < -87.0f ? 0.0f : p * scale;
+  return p * __builtin_bit_cast(float, (ni + 127) << 23);  // * 2^n; n = -127 gives 0
 }
 
 struct Shape {
@@ -102,14 +103,15 @@ void ActiveKeys(const Shape& d, const Masking& m, int64_t b, int64_t t0, int64_t
 // Row t of the score block: masked entries -> -inf; returns the row max (-inf: nothing seen).
 float MaskRow(const Masking& m, const int32_t* kp, const int32_t* ks, int32_t qp, int32_t qs,
               float* row, const std::vector<std::pair<int64_t, int64_t>>& runs) {
+  const int32_t last = m.causal ? qp : std::numeric_limits<int32_t>::max();  // latest key position seen
   float mx = -kInf;
   for (auto [lo, hi] : runs) {
 #pragma omp simd reduction(max : mx)
     for (int64_t s = lo; s < hi; ++s) {
-      const bool vis = (!m.causal || kp[s] <= qp) && ks[s] == qs;
-      const float x = vis ? row[s] : -kInf;
+      const float score = row[s];  // loaded unconditionally: a conditional load does not vectorise
+      const float x = (kp[s] <= last) & (ks[s] == qs) ? score : -kInf;
       row[s] = x;
-      mx = std::max(mx, x);
+      mx = x > mx ? x : mx;
     }
   }
   return mx;
@@ -269,12 +271,13 @@ static ffi::Error AttentionBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q
         for (int64_t r = 0; r < rows; ++r) {  // P = exp(scores - lse), 0 where masked
           float* row = p + r * d.S;
           const float l = l0[r];
-          const int32_t qp = m.q_pos[b * d.T + t0 + r], qs = m.q_seg[b * d.T + t0 + r];
+          const int32_t qs = m.q_seg[b * d.T + t0 + r];
+          const int32_t last = m.causal ? m.q_pos[b * d.T + t0 + r] : std::numeric_limits<int32_t>::max();
           for (auto [lo, hi] : runs) {
 #pragma omp simd
-            for (int64_t s = lo; s < hi; ++s) {
-              const bool vis = (!m.causal || kp[s] <= qp) && ks[s] == qs && l != kInf;
-              row[s] = vis ? ExpNonPositive(row[s] - l) : 0.0f;
+            for (int64_t s = lo; s < hi; ++s) {  // mask by a product (a second select does not
+              const float e = ExpNonPositive(row[s] - l);  // vectorise); l = +inf gives 0
+              row[s] = e * static_cast<float>((kp[s] <= last) & (ks[s] == qs));
             }
           }
         }
