@@ -79,9 +79,11 @@ def forward_logprobs(params, cfg, prompt, completion, temperature):
 
 
 # ------------------------------------------------------------------ the cache is the model
-@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
-def test_cached_greedy_equals_full_forward_greedy_for_ragged_prompts(compute_dtype):
-    cfg = small_cfg(compute_dtype=compute_dtype)
+@pytest.mark.parametrize("compute_dtype,matmul", [("float32", "xla"), ("bfloat16", "xla"), ("float32", "blas")])
+def test_cached_greedy_equals_full_forward_greedy_for_ragged_prompts(compute_dtype, matmul):
+    """matmul=blas: the prefill and every decode step (queries over a left-padded, half-filled
+    cache) run the fused CPU attention kernel, the forward reference too."""
+    cfg = small_cfg(compute_dtype=compute_dtype, matmul=matmul)
     params = with_biases(jaxllm.init_params(cfg, jax.random.key(0)), jax.random.key(1))
     n = 12
     out = generate(params, PROMPTS, cfg, max_new_tokens=n, key=jax.random.key(0), eos_id=None, pad_id=0)
