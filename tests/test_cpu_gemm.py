@@ -92,6 +92,12 @@ def _masks(case: str, b: int, t: int, s: int) -> dict:
         q_seg, kv_seg = np.ones((b, t), np.int32), np.ones((b, s), np.int32)
         q_seg[0, 60:], kv_seg[0, 60:] = 5, 3
         return dict(q_segment_ids=jnp.asarray(q_seg), kv_segment_ids=jnp.asarray(kv_seg))
+    if case == "random":        # segments and positions in no order (interleaved documents)
+        rng = np.random.default_rng(t)
+        seg = rng.integers(0, 3, (b, t)).astype(np.int32)
+        pos = np.stack([rng.permutation(t) for _ in range(b)]).astype(np.int32)
+        return dict(q_segment_ids=jnp.asarray(seg), kv_segment_ids=jnp.asarray(seg),
+                    q_positions=jnp.asarray(pos), kv_positions=jnp.asarray(pos))
     if case == "cache":         # t new queries at slots 100.. of an s-slot cache; slots after them empty
         q_pos = jnp.broadcast_to(100 + jnp.arange(t, dtype=jnp.int32), (b, t))
         kv_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
@@ -101,20 +107,26 @@ def _masks(case: str, b: int, t: int, s: int) -> dict:
     raise ValueError(case)
 
 
-@pytest.mark.parametrize("t,s,case,causal", [(9, 9, "plain", True), (3, 11, "plain", True),
-                                             (150, 150, "plain", True), (150, 150, "plain", False),
-                                             (129, 129, "plain", True),   # query 128 alone sees key block [128, 129)
-                                             (150, 150, "packed", True), (150, 150, "unseen", False),
-                                             (150, 150, "unseen", True), (3, 200, "cache", True)])
+@pytest.mark.parametrize("t,s,case,causal,heads", [
+    (9, 9, "plain", True, (12, 3, 8)), (3, 11, "plain", True, (12, 3, 8)),
+    (20, 9, "plain", True, (12, 3, 8)),      # T > S: the first 11 queries see no key
+    (150, 150, "plain", True, (12, 3, 8)), (150, 150, "plain", False, (12, 3, 8)),
+    (129, 129, "plain", True, (12, 3, 8)),   # query 128 alone sees key block [128, 129)
+    (150, 150, "packed", True, (12, 3, 8)), (150, 150, "unseen", False, (12, 3, 8)),
+    (150, 150, "unseen", True, (12, 3, 8)), (3, 200, "cache", True, (12, 3, 8)),
+    (90, 90, "random", True, (12, 3, 8)), (90, 90, "random", False, (12, 3, 8)),
+    (100, 100, "packed", True, (4, 4, 64)),  # no grouping (G = 1), a real head size
+    (100, 100, "plain", True, (4, 1, 64))])  # one kv head (K = 1)
 @pytest.mark.parametrize("implementation", ["xla", "blockwise"])
-def test_blas_attention_equals_xla_attention_value_and_gradients(t, s, case, causal, implementation):
+def test_blas_attention_equals_xla_attention_value_and_gradients(t, s, case, causal, heads, implementation):
     """The fused CPU kernel (kernels/cpu_attention.cc) against XLA's reference attention, value
     and dq/dk/dv: GQA (12 query heads over 3 kv heads), causal and not, packed documents whose
     edges fall inside the kernel's blocks (whole key blocks skipped), queries that see no key
     (the reference gives them the mean of v; they pass no gradient to q or k), fewer queries
-    than keys, and a decode step over a half-empty cache. Batch, kv heads, group and head sizes
-    all differ, so a stride taken from the wrong one fails."""
-    b, n, kv, h = 2, 12, 3, 8
+    than keys and more, a decode step over a half-empty cache, segments and positions in no
+    order. Batch, kv heads, group and head sizes differ, so a stride taken from the wrong one
+    fails."""
+    b, (n, kv, h) = 2, heads
     ks = jax.random.split(jax.random.key(3), 4)
     q = jax.random.normal(ks[0], (b, t, n, h))
     k = jax.random.normal(ks[1], (b, s, kv, h))
@@ -268,6 +280,26 @@ def test_remat_dots_keeps_the_blas_attention_output():
     assert (dots, full) == (layers, 2 * layers)
 
 
+@pytest.mark.parametrize("segments", [False, True])
+def test_a_masked_key_with_a_huge_score_passes_no_gradient(segments):
+    """A key a query may not see can score far above the ones it does (a future token, another
+    document): the backward's recomputed probabilities must still be exactly 0 there, not
+    exp(score - lse) overflowing to inf (inf * 0 = NaN). Found in review: score - lse = 88.7."""
+    q = jnp.ones((1, 2, 1, 1))
+    k = jnp.array([0.0, 88.7]).reshape(1, 2, 1, 1)
+    v = jnp.array([1.0, 2.0]).reshape(1, 2, 1, 1)
+    kw = (dict(causal=False, q_segment_ids=jnp.array([[1, 2]]), kv_segment_ids=jnp.array([[1, 2]]))
+          if segments else dict(causal=True))
+    grads = {}
+    for kernel in ("xla", "blas"):
+        def f(q, k, v, kernel=kernel):
+            return attention(q, k, v, matmul=kernel, **kw).sum()
+        grads[kernel] = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, k, v)
+    for ref, got in zip(grads["xla"], grads["blas"]):
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+
+
 def test_mismatched_attention_operands_are_refused_not_read_out_of_bounds():
     q = jnp.ones((2, 5, 3, 2, 8))
     k = v = jnp.ones((2, 5, 3, 8))
@@ -278,3 +310,8 @@ def test_mismatched_attention_operands_are_refused_not_read_out_of_bounds():
         cpu_gemm.fused_attention(q, k, jnp.ones((2, 5, 3, 4)), (pos, pos, seg, seg), True)
     with pytest.raises(ValueError, match="kv_segment_ids has shape"):
         cpu_gemm.fused_attention(q, k, v, (pos, pos, seg, jnp.zeros((2, 4), jnp.int32)), True)
+    with pytest.raises(ValueError, match="q_positions must be integers"):
+        cpu_gemm.fused_attention(q, k, v, (pos.astype(jnp.float32), pos, seg, seg), True)
+    with pytest.raises(ValueError, match="no keys"):
+        empty = jnp.ones((2, 0, 3, 8))
+        cpu_gemm.fused_attention(q, empty, empty, (pos, pos[:, :0], seg, seg[:, :0]), True)

@@ -193,6 +193,10 @@ def _attention_operands(q, k, v, masks):
     _same("v", v.shape, (B, S, K, H))
     for what, x, n in zip(("q_positions", "kv_positions", "q_segment_ids", "kv_segment_ids"), masks, (T, S, T, S)):
         _same(what, x.shape, (B, n))
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            raise ValueError(f"blas attention: {what} must be integers, got {x.dtype}")
+    if S == 0:
+        raise ValueError("blas attention: no keys to attend to (S = 0)")
     if any(x.dtype != jnp.float32 for x in (q, k, v)):
         raise BlasUnavailable(f"model.matmul=blas attention runs float32, got {q.dtype}/{k.dtype}/{v.dtype}")
     _register()

@@ -17,6 +17,10 @@
 // no key gets what the XLA reference gives it (every score at the fp32 minimum: a uniform
 // average of all S values, and no gradient into q or k); its lse is stored as +inf.
 #include <algorithm>
+#include <atomic>
+#include <climits>
+#include <initializer_list>
+#include <new>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -117,10 +121,16 @@ float MaskRow(const Masking& m, const int32_t* kp, const int32_t* ks, int32_t qp
   return mx;
 }
 
-thread_local std::vector<float> tl_buf;  // per-thread score / probability blocks
+thread_local std::vector<float> tl_buf;  // per-thread score / probability blocks (64 x S or 2x that)
 
+// nullptr when the block does not fit in memory: the task then sets the handler's error flag
+// (an exception escaping a pool task would terminate the process).
 float* Scratch(int64_t n) {
-  if (static_cast<int64_t>(tl_buf.size()) < n) tl_buf.resize(n);
+  try {
+    if (static_cast<int64_t>(tl_buf.size()) < n) tl_buf.resize(n);
+  } catch (const std::bad_alloc&) {
+    return nullptr;
+  }
   return tl_buf.data();
 }
 
@@ -134,9 +144,30 @@ void MeanValue(const Shape& d, const float* v, int64_t b, int64_t kk, float* out
   for (int64_t h = 0; h < d.H; ++h) out[h] /= static_cast<float>(d.S);
 }
 
-ffi::Error CheckShapes(const Shape& d) {
-  for (int64_t x : {d.B, d.T, d.S, d.K, d.G, d.H})
-    if (x < 0 || x > (int64_t{1} << 30)) return ffi::Error::InvalidArgument("jaxllm attention: bad size");
+bool Dims(ffi::Span<const int64_t> got, std::initializer_list<int64_t> want) {
+  if (got.size() != want.size()) return false;
+  size_t i = 0;
+  for (int64_t w : want)
+    if (got[i++] != w) return false;
+  return true;
+}
+
+// The shape every operand must have, from q (B, T, K, G, H) and k (B, S, K, H): the kernel
+// indexes all of them with these sizes. OpenBLAS takes 32-bit sizes and leading dimensions.
+ffi::Error CheckShapes(const Shape& d, ffi::Span<const int64_t> v, ffi::Span<const int64_t> q_pos,
+                       ffi::Span<const int64_t> kv_pos, ffi::Span<const int64_t> q_seg,
+                       ffi::Span<const int64_t> kv_seg) {
+  if (!Dims(v, {d.B, d.S, d.K, d.H}) || !Dims(q_pos, {d.B, d.T}) || !Dims(q_seg, {d.B, d.T}) ||
+      !Dims(kv_pos, {d.B, d.S}) || !Dims(kv_seg, {d.B, d.S}))
+    return ffi::Error::InvalidArgument("jaxllm attention: v, positions or segment ids do not match q and k");
+  if (d.S == 0) return ffi::Error::InvalidArgument("jaxllm attention: no keys (S = 0)");
+  if (d.ldq() > INT32_MAX || d.S > INT32_MAX)
+    return ffi::Error::InvalidArgument("jaxllm attention: a size exceeds OpenBLAS's 32-bit range");
+  return ffi::Error::Success();
+}
+
+ffi::Error OutOfMemory(const std::atomic<bool>& failed) {
+  if (failed.load()) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "jaxllm attention: no memory for a score block");
   return ffi::Error::Success();
 }
 
@@ -151,16 +182,22 @@ static ffi::Error AttentionFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q
   auto dq = q.dimensions(), dk = k.dimensions();
   if (dq.size() != 5 || dk.size() != 4) return ffi::Error::InvalidArgument("jaxllm attention: q 5-D, k 4-D");
   const Shape d{dq[0], dq[1], dk[1], dq[2], dq[3], dq[4]};
-  if (auto e = CheckShapes(d); e.failure()) return e;
+  if (!Dims(dk, {d.B, d.S, d.K, d.H})) return ffi::Error::InvalidArgument("jaxllm attention: k does not match q");
+  if (auto e = CheckShapes(d, v.dimensions(), q_pos.dimensions(), kv_pos.dimensions(), q_seg.dimensions(),
+                           kv_seg.dimensions());
+      e.failure())
+    return e;
   const Masking m{q_pos.typed_data(), kv_pos.typed_data(), q_seg.typed_data(), kv_seg.typed_data(), causal != 0};
   const float *pq = q.typed_data(), *pk = k.typed_data(), *pv = v.typed_data();
   float *po = out->typed_data(), *pl = lse->typed_data();
+  std::atomic<bool> no_memory{false};
+  std::atomic<bool>* oom = &no_memory;  // ParallelFor returns only after every task has run
   const int64_t nq = (d.T + kQueryBlock - 1) / kQueryBlock;
   const int64_t tasks = d.B * d.K * d.G * nq;
   if (tasks == 0) return ffi::Error::Success();
   const int64_t helpers = std::min<int64_t>(tasks, std::max<int64_t>(1, pool.num_threads())) - 1;
   jaxllm::ParallelFor(pool, tasks, helpers, [=](int64_t task) {
-    // the latest query blocks (most keys under causality) first: the tail is short tasks
+    // within a head, the latest query blocks (most keys under causality) first
     const int64_t qi = nq - 1 - task % nq, head = task / nq;
     const int64_t g = head % d.G, kk = (head / d.G) % d.K, b = head / (d.G * d.K);
     const int64_t t0 = qi * kQueryBlock, t1 = std::min(d.T, t0 + kQueryBlock), rows = t1 - t0;
@@ -172,6 +209,7 @@ static ffi::Error AttentionFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q
     const float* kb = pk + (b * d.S * d.K + kk) * d.H;  // key row s at kb + s * ldk
     const float* vb = pv + (b * d.S * d.K + kk) * d.H;
     float* p = Scratch(rows * d.S);                      // (rows, S), row stride S
+    if (p == nullptr) return oom->store(true);
     for (auto [lo, hi] : runs)
       scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, hi - lo, d.H, scale, q0, d.ldq(),
                         kb + lo * d.ldk(), d.ldk(), 0.0f, p + lo, d.S);
@@ -211,7 +249,7 @@ static ffi::Error AttentionFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q
     }
     for (int64_t r : unseen) MeanValue(d, pv, b, kk, o0 + r * d.ldq());
   });
-  return ffi::Error::Success();
+  return OutOfMemory(no_memory);
 }
 
 static ffi::Error AttentionBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
@@ -226,7 +264,15 @@ static ffi::Error AttentionBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q
   if (dims_q.size() != 5 || dims_k.size() != 4)
     return ffi::Error::InvalidArgument("jaxllm attention: q 5-D, k 4-D");
   const Shape d{dims_q[0], dims_q[1], dims_k[1], dims_q[2], dims_q[3], dims_q[4]};
-  if (auto e = CheckShapes(d); e.failure()) return e;
+  if (!Dims(dims_k, {d.B, d.S, d.K, d.H}) || !Dims(out.dimensions(), {d.B, d.T, d.K, d.G, d.H}) ||
+      !Dims(dout.dimensions(), {d.B, d.T, d.K, d.G, d.H}) || !Dims(lse.dimensions(), {d.B, d.K, d.G, d.T}))
+    return ffi::Error::InvalidArgument("jaxllm attention backward: k, out, dout or lse does not match q");
+  if (auto e = CheckShapes(d, v.dimensions(), q_pos.dimensions(), kv_pos.dimensions(), q_seg.dimensions(),
+                           kv_seg.dimensions());
+      e.failure())
+    return e;
+  std::atomic<bool> no_memory{false};
+  std::atomic<bool>* oom = &no_memory;
   const Masking m{q_pos.typed_data(), kv_pos.typed_data(), q_seg.typed_data(), kv_seg.typed_data(), causal != 0};
   const float *pq = q.typed_data(), *pk = k.typed_data(), *pv = v.typed_data(), *po = out.typed_data(),
               *pl = lse.typed_data(), *pdo = dout.typed_data();
@@ -251,6 +297,7 @@ static ffi::Error AttentionBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q
     std::vector<std::pair<int64_t, int64_t>> runs;
     std::vector<float> delta(kQueryBlock);
     float* p = Scratch(2 * kQueryBlock * d.S);
+    if (p == nullptr) return oom->store(true);
     float* ds = p + kQueryBlock * d.S;
     for (int64_t g = 0; g < d.G; ++g) {
       for (int64_t qi = 0; qi < nq; ++qi) {
@@ -275,9 +322,9 @@ static ffi::Error AttentionBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q
           const int32_t last = m.causal ? m.q_pos[b * d.T + t0 + r] : std::numeric_limits<int32_t>::max();
           for (auto [lo, hi] : runs) {
 #pragma omp simd
-            for (int64_t s = lo; s < hi; ++s) {  // mask by a product (a second select does not
-              const float e = ExpNonPositive(row[s] - l);  // vectorise); l = +inf gives 0
-              row[s] = e * static_cast<float>((kp[s] <= last) & (ks[s] == qs));
+            for (int64_t s = lo; s < hi; ++s) {  // masked -> -inf before the exp: a masked key's
+              const float x = row[s] - l;          // score may exceed lse by any amount; l = +inf gives 0
+              row[s] = ExpNonPositive((kp[s] <= last) & (ks[s] == qs) ? x : -kInf);
             }
           }
         }
@@ -316,7 +363,7 @@ static ffi::Error AttentionBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q
       }
     }
   });
-  return ffi::Error::Success();
+  return OutOfMemory(no_memory);
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmAttentionFwd, AttentionFwdImpl,
