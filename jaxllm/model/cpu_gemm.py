@@ -76,7 +76,7 @@ def _cpu_id() -> bytes:
 
 
 def _build() -> pathlib.Path:
-    """Compile the kernel once per (source, jaxlib, OpenBLAS); later calls reuse the file."""
+    """Compile the kernels once per (sources, jaxlib, OpenBLAS, CPU); later calls reuse the file."""
     ob = _openblas()
     inc_jax, inc_ob, lib_ob = jax.ffi.include_dir(), ob.get_include_dir(), ob.get_lib_dir()
     files = [_KERNELS / f for f in (*_SOURCES, "parallel_for.h")]
@@ -181,7 +181,6 @@ def blas_matmul_bwd(x, w, n_in: int, g):
 def _same(what: str, got: tuple, want: tuple) -> None:
     if tuple(got) != tuple(want):
         raise ValueError(f"blas attention: {what} has shape {tuple(got)}, expected {tuple(want)}")
-
 
 
 # --- fused attention (kernels/cpu_attention.cc) ----------------------------------------------

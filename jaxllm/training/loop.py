@@ -45,6 +45,9 @@ def fit(run, state, step_fn, batches: Iterator[dict], *, shardings, meta: dict,
         # of temporaries, unrolled 149 -> 143: XLA CPU schedules the recomputation early
         run.log(f"note: model.remat={cfg.model.remat} with model.scan_layers=false saves almost no memory on "
                 "CPU (XLA schedules the recomputation early); model.scan_layers=true makes remat effective")
+    if cfg.model.matmul == "blas" and cfg.model.attention == "blockwise":
+        run.log("note: model.matmul=blas runs attention as its fused CPU kernel (64-query blocks); "
+                "model.attention_block applies to XLA's blockwise path only")
     progress = None
     if t.progress and run.is_main:
         from tqdm import tqdm
