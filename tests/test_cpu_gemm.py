@@ -146,6 +146,34 @@ def test_blas_attention_equals_xla_attention_value_and_gradients(t, s, case, cau
                                    np.broadcast_to(v[0].mean(0), (t - 60, kv, h)), rtol=1e-5, atol=1e-6)
 
 
+
+@pytest.mark.parametrize("t,s,case,batch,heads,splits", [
+    (150, 150, "plain", 1, (6, 1, 8), 3),      # one kv head: units dealt over 3 parts
+    (150, 150, "packed", 2, (12, 3, 8), 2),
+    (150, 150, "unseen", 1, (4, 2, 8), 8),     # more parts than some heads have units
+    (20, 9, "plain", 1, (2, 1, 8), 5),         # 2 units (G 2 x 1 block): capped at 2 parts
+    (100, 100, "plain", 1, (4, 1, 64), 0)])    # the kernel's own choice from the pool's size
+def test_blas_attention_backward_split_over_parts_sums_like_one(t, s, case, batch, heads, splits, monkeypatch):
+    """The backward splits a kv head's (query head, query block) units over several tasks when
+    batch x kv heads would leave threads idle, each summing its own dk/dv partials, added up
+    after. Forced part counts (this machine's pool decides the automatic one) must give XLA's
+    gradients: a partial dropped, added twice or written at the wrong stride fails."""
+    n, kv, h = heads
+    monkeypatch.setattr(cpu_gemm, "BACKWARD_SPLITS", splits)
+    ks = jax.random.split(jax.random.key(5), 4)
+    q = jax.random.normal(ks[0], (batch, t, n, h))
+    k = jax.random.normal(ks[1], (batch, s, kv, h))
+    v = jax.random.normal(ks[2], (batch, s, kv, h))
+    g = jax.random.normal(ks[3], (batch, t, n, h))
+    kw = dict(_masks(case, batch, t, s), causal=case != "unseen")
+    outs = {}
+    for kernel in ("xla", "blas"):
+        f = jax.jit(lambda q, k, v, kernel=kernel: attention(q, k, v, matmul=kernel, **kw))
+        y, vjp = jax.vjp(f, q, k, v)
+        outs[kernel] = (y, *vjp(g))
+    for ref, got in zip(outs["xla"], outs["blas"]):
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=2e-5)
+
 # batch 4, 2 kv heads, groups of 3, head_dim 8: distinct sizes, so a stride mix-up shows
 TINY = ["model=tiny", "model.vocab_size=97", "model.d_model=48", "model.n_layers=2", "model.n_heads=6",
         "model.n_kv_heads=2", "model.d_ff=64", "model.scan_layers=false", "model.attention=xla"]

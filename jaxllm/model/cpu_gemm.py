@@ -185,6 +185,11 @@ def _same(what: str, got: tuple, want: tuple) -> None:
 
 # --- fused attention (kernels/cpu_attention.cc) ----------------------------------------------
 
+# Parts the backward splits each kv head's work into (summed afterwards): 0 lets the kernel
+# pick from XLA's pool size (more parts only when batch x kv heads leave threads idle). Tests
+# set it to check the split sums on a machine of any size.
+BACKWARD_SPLITS = 0
+
 def _attention_operands(q, k, v, masks):
     B, T, K, G, H = q.shape
     S = k.shape[1]
@@ -234,7 +239,7 @@ def _fused_bwd(causal, res, dout):
     call = jax.ffi.ffi_call(TARGET_ATTENTION_BWD, tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)),
                             vmap_method="sequential")
     dq, dk, dv = call(q, k, v, out, lse, dout.astype(jnp.float32), *masks, causal=np.int32(causal),
-                      scale=np.float32(q.shape[-1] ** -0.5))
+                      scale=np.float32(q.shape[-1] ** -0.5), splits=np.int32(BACKWARD_SPLITS))
     return dq, dk, dv, None
 
 

@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "cblas.h"
@@ -36,6 +37,8 @@ namespace {
 
 constexpr int64_t kQueryBlock = 64;  // queries per task: a (64, S) score block stays in cache
 constexpr int64_t kKeyBlock = 64;    // granularity of skipping keys nobody in the block sees
+constexpr int64_t kMaxSplits = 8;    // backward: most parts one kv head's work is split into
+constexpr int64_t kReduceRows = 256; // backward: key rows per task when summing the parts
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // exp(x) for x <= 0 (scores minus their row max, or minus the log-sum-exp), written so the
@@ -258,7 +261,8 @@ static ffi::Error AttentionBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q
                                    ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> kv_pos,
                                    ffi::Buffer<ffi::S32> q_seg, ffi::Buffer<ffi::S32> kv_seg,
                                    ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
-                                   ffi::ResultBuffer<ffi::F32> dv, int32_t causal, float scale) {
+                                   ffi::ResultBuffer<ffi::F32> dv, int32_t causal, float scale,
+                                   int32_t splits_attr) {
   jaxllm::OneBlasThread();
   auto dims_q = q.dimensions(), dims_k = k.dimensions();
   if (dims_q.size() != 5 || dims_k.size() != 4)
@@ -278,20 +282,39 @@ static ffi::Error AttentionBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q
               *pl = lse.typed_data(), *pdo = dout.typed_data();
   float *pdq = dq->typed_data(), *pdk = dk->typed_data(), *pdv = dv->typed_data();
   const int64_t nq = (d.T + kQueryBlock - 1) / kQueryBlock;
-  // A task owns one kv head of one batch row: it sums dk and dv over that head's G query heads
-  // and every query block without sharing them with another task.
-  const int64_t tasks = d.B * d.K;
-  if (tasks == 0) return ffi::Error::Success();
-  const int64_t helpers = std::min<int64_t>(tasks, std::max<int64_t>(1, pool.num_threads())) - 1;
+  // dk and dv sum over a kv head's G query heads and every query block. A task owns one part
+  // of one kv head's (query head, query block) units: part 0 sums into dk/dv, part j > 0 into
+  // its own (S, H) partials, added in afterwards. One part per kv head when the B*K heads
+  // keep the pool busy; more when they do not (small batches, few kv heads), up to kMaxSplits.
+  const int64_t heads = d.B * d.K, units = d.G * nq;
+  if (heads == 0 || units == 0) {  // no queries: dk = dv = 0
+    std::fill(pdk, pdk + heads * d.S * d.H, 0.0f);
+    std::fill(pdv, pdv + heads * d.S * d.H, 0.0f);
+    return ffi::Error::Success();
+  }
+  const int64_t workers = std::max<int64_t>(1, pool.num_threads());
+  int64_t splits = splits_attr > 0 ? splits_attr : (workers + heads - 1) / heads;
+  splits = std::max<int64_t>(1, std::min({splits, units, kMaxSplits}));
+  std::unique_ptr<float[]> partial;  // (splits - 1, heads, 2, S, H): dk then dv of each part
+  if (splits > 1) {
+    partial.reset(new (std::nothrow) float[(splits - 1) * heads * 2 * d.S * d.H]);
+    if (!partial) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "jaxllm attention: no memory for dk/dv partials");
+  }
+  float* pp = partial.get();
+  const int64_t tasks = heads * splits;
+  const int64_t helpers = std::min<int64_t>(tasks, workers) - 1;
   jaxllm::ParallelFor(pool, tasks, helpers, [=](int64_t task) {
-    const int64_t kk = task % d.K, b = task / d.K;
+    const int64_t part = task % splits, head = task / splits;
+    const int64_t kk = head % d.K, b = head / d.K;
     const float* kb = pk + (b * d.S * d.K + kk) * d.H;
     const float* vb = pv + (b * d.S * d.K + kk) * d.H;
-    float* dkb = pdk + (b * d.S * d.K + kk) * d.H;
-    float* dvb = pdv + (b * d.S * d.K + kk) * d.H;
+    // this part's dk/dv rows: in place (row stride K*H), or its partials (row stride H)
+    const int64_t ldd = part == 0 ? d.ldk() : d.H;
+    float* dkb = part == 0 ? pdk + (b * d.S * d.K + kk) * d.H : pp + ((part - 1) * heads + head) * 2 * d.S * d.H;
+    float* dvb = part == 0 ? pdv + (b * d.S * d.K + kk) * d.H : dkb + d.S * d.H;
     for (int64_t s = 0; s < d.S; ++s) {
-      std::fill(dkb + s * d.ldk(), dkb + s * d.ldk() + d.H, 0.0f);
-      std::fill(dvb + s * d.ldk(), dvb + s * d.ldk() + d.H, 0.0f);
+      std::fill(dkb + s * ldd, dkb + s * ldd + d.H, 0.0f);
+      std::fill(dvb + s * ldd, dvb + s * ldd + d.H, 0.0f);
     }
     const int32_t *kp = m.kv_pos + b * d.S, *ks = m.kv_seg + b * d.S;
     std::vector<std::pair<int64_t, int64_t>> runs;
@@ -299,70 +322,90 @@ static ffi::Error AttentionBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q
     float* p = Scratch(2 * kQueryBlock * d.S);
     if (p == nullptr) return oom->store(true);
     float* ds = p + kQueryBlock * d.S;
-    for (int64_t g = 0; g < d.G; ++g) {
-      for (int64_t qi = 0; qi < nq; ++qi) {
-        const int64_t t0 = qi * kQueryBlock, t1 = std::min(d.T, t0 + kQueryBlock), rows = t1 - t0;
-        const int64_t off = (((b * d.T + t0) * d.K + kk) * d.G + g) * d.H;
-        const float *q0 = pq + off, *o0 = po + off, *do0 = pdo + off;
-        float* dq0 = pdq + off;
-        const float* l0 = pl + ((b * d.K + kk) * d.G + g) * d.T + t0;
-        ActiveKeys(d, m, b, t0, t1, runs);
-        for (int64_t r = 0; r < rows; ++r) {  // delta = rowsum(dO * O) (softmax's backward)
-          float acc = 0.0f;
-          for (int64_t h = 0; h < d.H; ++h) acc += do0[r * d.ldq() + h] * o0[r * d.ldq() + h];
-          delta[r] = acc;
-        }
-        for (auto [lo, hi] : runs)
-          scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, hi - lo, d.H, scale, q0, d.ldq(),
-                            kb + lo * d.ldk(), d.ldk(), 0.0f, p + lo, d.S);
-        for (int64_t r = 0; r < rows; ++r) {  // P = exp(scores - lse), 0 where masked
-          float* row = p + r * d.S;
-          const float l = l0[r];
-          const int32_t qs = m.q_seg[b * d.T + t0 + r];
-          const int32_t last = m.causal ? m.q_pos[b * d.T + t0 + r] : std::numeric_limits<int32_t>::max();
-          for (auto [lo, hi] : runs) {
-#pragma omp simd
-            for (int64_t s = lo; s < hi; ++s) {  // masked -> -inf before the exp: a masked key's
-              const float x = row[s] - l;          // score may exceed lse by any amount; l = +inf gives 0
-              row[s] = ExpNonPositive((kp[s] <= last) & (ks[s] == qs) ? x : -kInf);
-            }
-          }
-        }
+    // units g * nq + qi, dealt round-robin: under causality later query blocks cost more, and
+    // consecutive blocks go to different parts
+    for (int64_t u = part; u < units; u += splits) {
+      const int64_t g = u / nq, qi = u % nq;
+      const int64_t t0 = qi * kQueryBlock, t1 = std::min(d.T, t0 + kQueryBlock), rows = t1 - t0;
+      const int64_t off = (((b * d.T + t0) * d.K + kk) * d.G + g) * d.H;
+      const float *q0 = pq + off, *o0 = po + off, *do0 = pdo + off;
+      float* dq0 = pdq + off;
+      const float* l0 = pl + ((b * d.K + kk) * d.G + g) * d.T + t0;
+      ActiveKeys(d, m, b, t0, t1, runs);
+      for (int64_t r = 0; r < rows; ++r) {  // delta = rowsum(dO * O) (softmax's backward)
+        float acc = 0.0f;
+        for (int64_t h = 0; h < d.H; ++h) acc += do0[r * d.ldq() + h] * o0[r * d.ldq() + h];
+        delta[r] = acc;
+      }
+      for (auto [lo, hi] : runs)
+        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, hi - lo, d.H, scale, q0, d.ldq(),
+                          kb + lo * d.ldk(), d.ldk(), 0.0f, p + lo, d.S);
+      for (int64_t r = 0; r < rows; ++r) {  // P = exp(scores - lse), 0 where masked
+        float* row = p + r * d.S;
+        const float l = l0[r];
+        const int32_t qs = m.q_seg[b * d.T + t0 + r];
+        const int32_t last = m.causal ? m.q_pos[b * d.T + t0 + r] : std::numeric_limits<int32_t>::max();
         for (auto [lo, hi] : runs) {
-          // dV[run] += P^T dO ;  dP = dO V[run]^T
-          scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, hi - lo, d.H, rows, 1.0f, p + lo, d.S,
-                            do0, d.ldq(), 1.0f, dvb + lo * d.ldk(), d.ldk());
-          scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, hi - lo, d.H, 1.0f, do0, d.ldq(),
-                            vb + lo * d.ldk(), d.ldk(), 0.0f, ds + lo, d.S);
-        }
-        for (int64_t r = 0; r < rows; ++r) {  // dS = scale * P * (dP - delta)
-          const float* prow = p + r * d.S;
-          float* drow = ds + r * d.S;
-          const float dl = delta[r];
-          for (auto [lo, hi] : runs) {
 #pragma omp simd
-            for (int64_t s = lo; s < hi; ++s) drow[s] = scale * prow[s] * (drow[s] - dl);
+          for (int64_t s = lo; s < hi; ++s) {  // masked -> -inf before the exp: a masked key's
+            const float x = row[s] - l;          // score may exceed lse by any amount; l = +inf gives 0
+            row[s] = ExpNonPositive((kp[s] <= last) & (ks[s] == qs) ? x : -kInf);
           }
         }
-        if (runs.empty())
-          for (int64_t r = 0; r < rows; ++r) std::fill(dq0 + r * d.ldq(), dq0 + r * d.ldq() + d.H, 0.0f);
-        for (size_t i = 0; i < runs.size(); ++i) {
-          auto [lo, hi] = runs[i];
-          // dQ += dS K[run] ;  dK[run] += dS^T Q
-          scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, d.H, hi - lo, 1.0f, ds + lo, d.S,
-                            kb + lo * d.ldk(), d.ldk(), i ? 1.0f : 0.0f, dq0, d.ldq());
-          scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, hi - lo, d.H, rows, 1.0f, ds + lo, d.S,
-                            q0, d.ldq(), 1.0f, dkb + lo * d.ldk(), d.ldk());
+      }
+      for (auto [lo, hi] : runs) {
+        // dV[run] += P^T dO ;  dP = dO V[run]^T
+        scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, hi - lo, d.H, rows, 1.0f, p + lo, d.S,
+                          do0, d.ldq(), 1.0f, dvb + lo * ldd, ldd);
+        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, hi - lo, d.H, 1.0f, do0, d.ldq(),
+                          vb + lo * d.ldk(), d.ldk(), 0.0f, ds + lo, d.S);
+      }
+      for (int64_t r = 0; r < rows; ++r) {  // dS = scale * P * (dP - delta)
+        const float* prow = p + r * d.S;
+        float* drow = ds + r * d.S;
+        const float dl = delta[r];
+        for (auto [lo, hi] : runs) {
+#pragma omp simd
+          for (int64_t s = lo; s < hi; ++s) drow[s] = scale * prow[s] * (drow[s] - dl);
         }
-        for (int64_t r = 0; r < rows; ++r) {  // a query that saw nothing: out = mean(v), so dv += dO / S
-          if (l0[r] != kInf) continue;
-          const float* dor = do0 + r * d.ldq();
-          for (int64_t s = 0; s < d.S; ++s)
-            for (int64_t h = 0; h < d.H; ++h) dvb[s * d.ldk() + h] += dor[h] / static_cast<float>(d.S);
-        }
+      }
+      if (runs.empty())
+        for (int64_t r = 0; r < rows; ++r) std::fill(dq0 + r * d.ldq(), dq0 + r * d.ldq() + d.H, 0.0f);
+      for (size_t i = 0; i < runs.size(); ++i) {
+        auto [lo, hi] = runs[i];
+        // dQ += dS K[run] ;  dK[run] += dS^T Q
+        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, d.H, hi - lo, 1.0f, ds + lo, d.S,
+                          kb + lo * d.ldk(), d.ldk(), i ? 1.0f : 0.0f, dq0, d.ldq());
+        scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, hi - lo, d.H, rows, 1.0f, ds + lo, d.S,
+                          q0, d.ldq(), 1.0f, dkb + lo * ldd, ldd);
+      }
+      for (int64_t r = 0; r < rows; ++r) {  // a query that saw nothing: out = mean(v), so dv += dO / S
+        if (l0[r] != kInf) continue;
+        const float* dor = do0 + r * d.ldq();
+        for (int64_t s = 0; s < d.S; ++s)
+          for (int64_t h = 0; h < d.H; ++h) dvb[s * ldd + h] += dor[h] / static_cast<float>(d.S);
       }
     }
   });
+  if (splits > 1 && !no_memory.load()) {
+    // dk/dv += the partials: a task per (kv head, block of kReduceRows key rows)
+    const int64_t row_blocks = (d.S + kReduceRows - 1) / kReduceRows, reduce_tasks = heads * row_blocks;
+    jaxllm::ParallelFor(pool, reduce_tasks, std::min<int64_t>(reduce_tasks, workers) - 1, [=](int64_t task) {
+      const int64_t head = task / row_blocks, s0 = (task % row_blocks) * kReduceRows;
+      const int64_t s1 = std::min(d.S, s0 + kReduceRows), kk = head % d.K, b = head / d.K;
+      for (int64_t part = 1; part < splits; ++part) {
+        const float* src = pp + ((part - 1) * heads + head) * 2 * d.S * d.H;
+        for (int64_t which = 0; which < 2; ++which) {  // dk, then dv
+          float* dst = (which ? pdv : pdk) + (b * d.S * d.K + kk) * d.H;
+          const float* from = src + which * d.S * d.H;
+          for (int64_t s = s0; s < s1; ++s) {
+#pragma omp simd
+            for (int64_t h = 0; h < d.H; ++h) dst[s * d.ldk() + h] += from[s * d.H + h];
+          }
+        }
+      }
+    });
+  }
   return OutOfMemory(no_memory);
 }
 
@@ -398,4 +441,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmAttentionBwd, AttentionBwdImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dk
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dv
                                   .Attr<int32_t>("causal")
-                                  .Attr<float>("scale"));
+                                  .Attr<float>("scale")
+                                  .Attr<int32_t>("splits"));  // parts per kv head; 0: from the pool's size
