@@ -492,6 +492,16 @@ class Config:
         if self.train.sample_prompts and not self.train.eval_every:
             raise ConfigError("train.sample_prompts are written at each evaluation, and train.eval_every=0 "
                               "turns evaluation off: set train.eval_every > 0 or drop them")
+        t = self.train
+        if t.objective not in ("ppo", "grpo") and t.seq_len > self.model.max_seq_len:
+            raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={self.model.max_seq_len} (the "
+                              f"window generation, evaluation and the HF export take from the model): "
+                              f"raise model.max_seq_len or lower train.seq_len")
+        # options of another objective would be ignored without a word
+        for name, objectives in (("sft_normalize", ("sft",)), ("mlm_prob", ("mlm",)), ("mlm_mask_id", ("mlm",))):
+            if getattr(t, name) != getattr(TrainConfig, name) and t.objective not in objectives:
+                raise ConfigError(f"train.{name} applies to train.objective={'/'.join(objectives)}, and this run "
+                                  f"trains {t.objective}: drop it")
         if self.lora.dropout and self.train.objective in ("reward", "dpo", "ppo", "grpo"):
             raise ConfigError(f"lora.dropout={self.lora.dropout}: the {self.train.objective} objective "
                               f"runs the policy without dropout (clm, mlm and sft apply it); drop it")

@@ -321,7 +321,17 @@ def test_convert_to_hf_without_a_tokenizer_says_so_and_leaves_no_stale_one(tmp_p
     from jaxllm.interop.cli import convert
     dst = tmp_path / "hf"
     convert(str(text_run[0]), str(dst), "hf")
-    msg = convert(str(reference), str(dst), "hf", overwrite=True)   # synthetic tokens: no tokenizer
+    before = {p.name: p.read_bytes() for p in dst.iterdir()}
+    # synthetic tokens: no tokenizer to replace the one in dst, which jaxllm will not delete
+    with pytest.raises(jaxllm.UserError, match="holds tokenizer.model, tokenizer_config.json, and .* names no "
+                                               "tokenizer to replace them: pass --tokenizer, or remove them"):
+        convert(str(reference), str(dst), "hf", overwrite=True)
+    assert {p.name: p.read_bytes() for p in dst.iterdir()} == before   # nothing written or deleted
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        (dst / name).unlink()
+    (dst / "model_fp16_backup.safetensors").write_text("the user's")    # not a name an export writes
+    msg = convert(str(reference), str(dst), "hf", overwrite=True)
+    assert (dst / "model_fp16_backup.safetensors").read_text() == "the user's"
     assert msg == (f"wrote HF checkpoint to {dst}; no tokenizer written (the source names none): pass "
                    f"--tokenizer to generate, and set bos/eos ids for transformers")
     assert not any((dst / n).exists() for n in ("tokenizer.model", "tokenizer_config.json"))
@@ -333,6 +343,27 @@ def test_convert_to_hf_without_a_tokenizer_says_so_and_leaves_no_stale_one(tmp_p
     with pytest.raises(FileNotFoundError, match="tokenizer not found"):
         convert(str(reference), str(tmp_path / "x"), "hf", tokenizer=str(tmp_path / "nope"))
     assert not (tmp_path / "x").exists()
+    for to in ("orbax", "peft"):   # they write no tokenizer: --tokenizer would be ignored, so it is refused
+        with pytest.raises(jaxllm.UserError, match=f"--tokenizer goes with --to hf.*--to {to} writes none"):
+            convert(str(reference), str(tmp_path / "y"), to, tokenizer=str(text_run[1]))
+    assert not (tmp_path / "y").exists()
+
+
+def test_an_exported_sentencepiece_tokenizer_keeps_its_own_chat_template(tmp_path, text_run):
+    """A tokenizer.model whose dir carries a template (an HF Llama-2-style dir, a jaxllm export)
+    is exported with it: a run that trained with the tokenizer's own template exports that one."""
+    import shutil
+
+    from jaxllm.data.tokenizer import load_tokenizer
+    from jaxllm.interop.hf import save_tokenizer
+    src = tmp_path / "tok"
+    src.mkdir()
+    shutil.copyfile(text_run[1] / "tokenizer.model", src / "tokenizer.model")
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% endfor %}"
+    (src / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    save_tokenizer(tmp_path / "out", src)
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["chat_template"] == template
+    assert load_tokenizer(tmp_path / "out").chat_template == template
 
 
 def test_convert_exports_the_chat_template_a_chat_run_trained_with(tmp_path, text_run):

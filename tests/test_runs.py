@@ -188,6 +188,9 @@ def test_rerunning_a_finished_run_says_so(tmp_path):
     ("mesh.devices=-1", "mesh.devices must be >= 0"),
     ("train.run_dir=", "train.run_dir is empty"),
     ("checkpoint.keep=0", "checkpoint.keep must be >= 1"),
+    ("train.seq_len=1024", "train.seq_len=1024 exceeds model.max_seq_len=512"),
+    ("train.sft_normalize=sequence", "train.sft_normalize applies to train.objective=sft, and this run trains clm"),
+    ("train.mlm_prob=0.3", "train.mlm_prob applies to train.objective=mlm"),
 ])
 def test_bad_values_are_refused_in_one_line(override, message):
     with pytest.raises(jaxllm.ConfigError) as e:
@@ -245,6 +248,40 @@ def test_samples_of_fixed_prompts_are_logged_at_each_evaluation(tmp_path, text_d
     assert [(r["step"], r["prompt"]) for r in rows] == [(2, "Once upon a time"), (2, "7 + 5 ="),
                                                         (4, "Once upon a time"), (4, "7 + 5 =")]
     assert all(isinstance(r["completion"], str) and r["completion"] for r in rows)
+
+
+def test_sample_prompts_that_do_not_fit_are_refused_before_any_step(tmp_path, text_data):
+    _, data = text_data
+    with pytest.raises(jaxllm.ConfigError, match=r"train.sample_prompts: 'Once upon a time' is \d+ tokens, and "
+                                                 r"with train.sample_tokens=510 that exceeds model.max_seq_len=512"):
+        run(tmp_path, *data, "train.steps=2", "train.eval_every=1", "train.sample_prompts=[Once upon a time]",
+            "train.sample_tokens=510")
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_changed_tokenizer_is_refused_on_resume_and_said_on_init_from(tmp_path, text_data, capsys):
+    """The tokenizer's contents, not only its path: a file replaced in place changes what every
+    token id means. Resuming refuses it (as a config change); a new run from a base trained with
+    another tokenizer says so in one line."""
+    import shutil
+
+    from jaxllm.data.sources import iter_texts
+    from jaxllm.data.tokenizer import train_tokenizer
+    d, data = text_data
+    tok = tmp_path / "tok"
+    shutil.copytree(d / "tok", tok)
+    data = [*data[:1], f"data.tokenizer={tok}", *data[2:]]
+    run(tmp_path / "a", *data, "train.steps=1")
+    capsys.readouterr()
+    run(tmp_path / "b", *data, "train.steps=1", f"checkpoint.init_from={tmp_path / 'a'}")   # the same one
+    assert "another tokenizer" not in capsys.readouterr().err
+    train_tokenizer(iter_texts([str(d / "d/pretrain/eval-*.jsonl")]), str(tmp_path / "other"), 450)
+    shutil.copyfile(tmp_path / "other" / "tokenizer.model", tok / "tokenizer.model")   # replaced in place
+    with pytest.raises(jaxllm.ConfigError, match=r"data.tokenizer contents: 'sha1 \w+' -> 'sha1 \w+'"):
+        run(tmp_path / "a", *data, "train.steps=2")
+    run(tmp_path / "c", *data, "train.steps=1", f"checkpoint.init_from={tmp_path / 'a'}")
+    assert f"warning: {tmp_path / 'a'} was trained with another tokenizer than data.tokenizer={tok}" \
+        in capsys.readouterr().err
 
 
 def test_a_config_key_added_since_the_checkpoint_is_no_change_at_its_default():

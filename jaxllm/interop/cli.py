@@ -2,8 +2,9 @@
 adapter in PEFT's format.
 
 The destination must not exist or be empty, unless --overwrite: then jaxllm replaces only what
-it writes there (an HF export's config.json, model*.safetensors and tokenizer files; an orbax
-export's step 0).
+it writes there (an HF export's config.json, model.safetensors or its shards and index, and the
+tokenizer files it writes; an orbax export's step 0). Tokenizer files left in DST when SRC names
+no tokenizer are refused, not deleted.
 An HF export carries the run's tokenizer (data.tokenizer of its config.yaml, or --tokenizer):
 its files, its bos/eos/pad ids in config.json and, for a chat run, the template it trained with.
 """
@@ -89,8 +90,16 @@ def convert(src: str, dst: str, to: str, overwrite: bool = False, tokenizer: str
     out = pathlib.Path(dst)
     if to not in ("hf", "orbax", "peft"):
         raise UserError(f"unknown target format '{to}'; valid: hf, orbax, peft")
+    if tokenizer and to != "hf":
+        raise UserError(f"--tokenizer goes with --to hf (an HF export carries a tokenizer); --to {to} "
+                        f"writes none: drop it")
     _check_destination(out, overwrite, src)
     tok_path = _source_tokenizer(src, tokenizer) if to == "hf" else None   # before the params: fail fast
+    if to == "hf" and tok_path is None and out.is_dir():
+        stale = [name for name in TOKENIZER_FILES if (out / name).exists()]
+        if stale:   # they would not describe this model, and jaxllm may not have written them
+            raise UserError(f"{out} holds {', '.join(stale)}, and {src} names no tokenizer to replace them: "
+                            f"pass --tokenizer, or remove them (jaxllm does not delete files it may not have written)")
     if to in ("hf", "peft"):
         params, model, delta = load_policy(src)
         if "reward_head" in params:   # a reward model: *ForSequenceClassification, with pad/eos ids
@@ -135,9 +144,6 @@ def convert(src: str, dst: str, to: str, overwrite: bool = False, tokenizer: str
         save_hf(out, cfg, params, **ids)
         if tok_path is not None:
             save_tokenizer(out, tok_path, _trained_chat_template(src, tok))
-        else:   # an --overwrite: a previous export's tokenizer must not stay beside this model
-            for name in TOKENIZER_FILES:
-                (out / name).unlink(missing_ok=True)
         return (f"wrote HF checkpoint to {out}" + (" (LoRA merged into the base" if delta else "")
                 + (f", the {quantized} base dequantized to its float dtype)" if quantized != "none"
                    else ")" if delta else "")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import warnings
 
 import jax
@@ -278,6 +279,9 @@ def _check_head(params, head: str, pad_token_id, eos_token_id) -> None:
                              f"transformers would read the score before each row's eos, not at it")
 
 
+_EXPORT_FILE = re.compile(r"model(-\d{5}-of-\d{5}|-\d{5}\.partial)?\.safetensors|model\.safetensors\.index\.json")
+
+
 def save_hf(directory: str | pathlib.Path, cfg: ModelConfig, params, max_shard_bytes: int = 2 << 30, *,
             head: str = "lm", pad_token_id: int | None = None, eos_token_id: int | None = None,
             bos_token_id: int | None = None):
@@ -292,9 +296,12 @@ def save_hf(directory: str | pathlib.Path, cfg: ModelConfig, params, max_shard_b
     _check_head(params, head, pad_token_id, eos_token_id)
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    # A previous export's index or shards would shadow (or mix with) this one on load.
-    for old in list(directory.glob("model*.safetensors")) + [directory / "model.safetensors.index.json"]:
-        old.unlink(missing_ok=True)
+    # A previous export's index or shards would shadow (or mix with) this one on load. Only the
+    # names an export writes go: model.safetensors, model-00001-of-00003.safetensors, the index,
+    # and a killed export's model-00001.partial.safetensors; any other file stays.
+    for old in directory.glob("model*.safetensors*"):
+        if _EXPORT_FILE.fullmatch(old.name):
+            old.unlink(missing_ok=True)
 
     def tensors():
         for path, name, _, to_torch in _top_map(cfg, head):
@@ -380,6 +387,8 @@ def save_tokenizer(directory: str | pathlib.Path, tokenizer: str | pathlib.Path,
     if hasattr(tok, "sp"):   # SentencePiece: tokenizer.model (all load_tokenizer needs)
         shutil.copyfile(tok.path, directory / "tokenizer.model")
         config = {"tokenizer_class": "LlamaTokenizer", **special_tokens(tok)}
+        if tok.chat_template is not None:   # its dir's own template (tokenizer_config.json or .jinja)
+            config["chat_template"] = tok.chat_template
     else:                    # HF: tokenizer.json and the files beside it that define it
         source = pathlib.Path(tok.path)
         shutil.copyfile(source, directory / "tokenizer.json")

@@ -277,6 +277,28 @@ def source_model_config(path: str | pathlib.Path) -> dict | None:
         ck.close()
 
 
+def source_tokenizer(path: str | pathlib.Path, step: int | None = None) -> str | None:
+    """The fingerprint (data/tokenizer.py) of the tokenizer a run dir / checkpoint was trained
+    with, as its checkpoint records it, or of the tokenizer an HF directory ships; None when
+    the source names none (synthetic tokens, a checkpoint from before the record, an HF dir
+    without tokenizer files)."""
+    path = pathlib.Path(path)
+    if is_hf_dir(path):
+        if not any((path / n).exists() for n in ("tokenizer.model", "tokenizer.json")):
+            return None
+        from jaxllm.data.tokenizer import fingerprint, load_tokenizer
+        try:
+            return fingerprint(load_tokenizer(path))
+        except (OSError, ValueError, ImportError, UserError):
+            return None
+    ck = Checkpointer(_checkpoint_root(path), CheckpointConfig(), read_only=True)
+    try:
+        step = ck.latest_step() if step is None else step
+        return None if step is None else (ck.read_meta(step).get("data_files") or {}).get("tokenizer")
+    finally:
+        ck.close()
+
+
 def source_step(path: str | pathlib.Path) -> int | None:
     """The step load_params reads by default: a checkpoint's newest; None for an HF dir."""
     path = pathlib.Path(path)

@@ -55,6 +55,9 @@ def data_iterators(cfg: Config):
                                            seed=cfg.data.seed, tokenizer=tok,
                                            num_batches=t.eval_batches or None)
     if not t.eval_every:
+        if cfg.data.eval_sources:
+            print("note: train.eval_every=0, so data.eval_sources are not read (no held-out evaluation)",
+                  file=sys.stderr)
         return train_it, None, tok
     if not cfg.data.eval_sources:
         print("note: data.eval_sources is empty, so there is no held-out evaluation "
@@ -174,6 +177,13 @@ def train(cfg: Config, batches: Iterator[dict] | None = None) -> dict:
         run.check_layout()
         train_it, make_eval, tokenizer = data_iterators(cfg)
         delta = _delta(cfg, tokenizer)
+        chat_template = None    # SFT on chat data: sample prompts are user turns in its template
+        if t.sample_prompts and tokenizer is not None:
+            from jaxllm.evaluation.samples import check_sample_prompts
+            if cfg.data.kind == "chat":
+                from jaxllm.data.chat import load_template
+                chat_template = load_template(cfg.data.chat_template, tokenizer)
+            check_sample_prompts(cfg.model, tokenizer, t.sample_prompts, t.sample_tokens, chat_template)
         if batches is not None:
             run.log("training on the batches passed to train(); cfg.data's iterator position is "
                     "not checkpointed")
@@ -201,10 +211,6 @@ def train(cfg: Config, batches: Iterator[dict] | None = None) -> dict:
                                   **merge_kw, **run.step_options())
         eval_step = make_eval_step(loss_fn, shardings=shardings, **merge_kw)
 
-        chat_template = None    # SFT on chat data: sample prompts are user turns in its template
-        if t.sample_prompts and tokenizer is not None and cfg.data.kind == "chat":
-            from jaxllm.data.chat import load_template
-            chat_template = load_template(cfg.data.chat_template, tokenizer)
 
         def evaluate_and_sample(s):
             out = {} if make_eval is None else evaluate(eval_step, s.params, make_eval, shardings.batch, base)

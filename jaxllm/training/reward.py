@@ -108,6 +108,8 @@ def data_iterators(cfg: Config, log):
     train_it = preference.make_train_iterator(cfg.data, **kw)
     if t.eval_every and not cfg.data.eval_sources:
         log("note: data.eval_sources is empty, so there is no held-out evaluation (train.eval_every is ignored)")
+    if cfg.data.eval_sources and not t.eval_every:
+        log("note: train.eval_every=0, so data.eval_sources are not read (no held-out evaluation)")
     if not (t.eval_every and cfg.data.eval_sources):
         return train_it, None, tok
     # train.eval_batches=0: data.eval_batches decides (0 = every held-out ranking)

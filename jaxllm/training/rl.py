@@ -219,6 +219,9 @@ def train(cfg: Config) -> dict:
                                   optimizer_metrics=skip_metrics(
                                       lr_schedule(cfg.optim, horizon(meta["schedule_steps"]))), **run.step_options())
         eval_prompts = None
+        if bool(t.eval_every) != bool(cfg.data.eval_sources):
+            run.log("note: train.eval_every=0, so data.eval_sources are not read" if cfg.data.eval_sources else
+                    "note: data.eval_sources is empty, so there are no held-out answers (train.eval_every is ignored)")
         if t.eval_every and cfg.data.eval_sources:
             it = R.prompt_iterator(cfg.data.eval_sources, tok, template=cfg.data.chat_template,
                                    max_tokens=rl.max_prompt_tokens, global_batch=t.batch_size, seed=t.seed,

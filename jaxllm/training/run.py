@@ -34,7 +34,7 @@ from jaxllm.parallel import distributed
 from jaxllm.parallel import mesh as mesh_lib
 from jaxllm.parallel import rules as rules_lib
 from jaxllm.training import metrics as metrics_lib
-from jaxllm.training.checkpoint import Checkpointer, load_params, source_model_config
+from jaxllm.training.checkpoint import Checkpointer, load_params, source_model_config, source_tokenizer
 from jaxllm.training.preemption import PreemptionGuard
 from jaxllm.training.setup import make_state, plan_state
 
@@ -58,6 +58,29 @@ def _flat(d: dict, prefix: str = "") -> dict:
             out.update(_flat(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = json.loads(json.dumps(v))   # tuples -> lists, as saved
+    return out
+
+
+def data_fingerprints(data_cfg) -> dict:
+    """What the token ids a run trains on depend on beyond its config: the contents of its
+    tokenizer and of the chat template it renders with (a file replaced at the same path is no
+    config change). {} when there is no tokenizer, or it cannot be loaded (the recipe then says why)."""
+    import hashlib
+
+    from jaxllm.data.tokenizer import fingerprint, load_tokenizer
+    if not data_cfg.tokenizer:
+        return {}
+    try:
+        tok = load_tokenizer(data_cfg.tokenizer)
+    except (OSError, ValueError):
+        return {}
+    out = {"tokenizer": fingerprint(tok)}
+    if data_cfg.kind == "chat" or data_cfg.chat_template:
+        from jaxllm.data.chat import load_template
+        try:
+            out["chat_template"] = hashlib.sha1(load_template(data_cfg.chat_template, tok).source.encode()).hexdigest()
+        except (OSError, ValueError):
+            pass
     return out
 
 
@@ -273,11 +296,12 @@ class Run:
         meta["model"] = dataclasses.asdict(cfg.model)
         meta["config"] = configlib.to_dict(cfg)
         horizon = cfg.optim.decay_steps or cfg.train.steps
+        files = data_fingerprints(cfg.data)
         if latest is not None:
             saved = self.checkpointer.read_meta(latest)
-            horizon = self._check_resume(saved, horizon)
+            horizon = self._check_resume(saved, horizon, files)
             meta.update({k: v for k, v in saved.items() if k not in ("model", "config")})
-        meta["schedule_steps"] = horizon
+        meta["schedule_steps"], meta["data_files"] = horizon, files
         if cfg.model.param_dtype != "float32":
             self.log(f"note: model.param_dtype={cfg.model.param_dtype}: parameters and Adam moments "
                      f"are kept in {cfg.model.param_dtype}, so updates below its resolution round "
@@ -341,12 +365,18 @@ class Run:
         gc = self.cfg.optim.grad_compression
         return {} if gc == "none" else {"grad_compression": gc, "mesh": self.mesh}
 
-    def _check_resume(self, saved: dict, horizon: int) -> int:
-        """Refuse trajectory-changing config changes; keep the lr schedule's horizon."""
+    def _check_resume(self, saved: dict, horizon: int, files: dict) -> int:
+        """Refuse trajectory-changing config changes, and a tokenizer or chat template whose
+        contents changed at the same path; keep the lr schedule's horizon."""
         now = configlib.to_dict(self.cfg)
         if "config" in saved:
             changes = [c for c in config_changes(saved["config"], now, configlib.to_dict(Config()))
                        if c[0] != "train.steps" and not c[0].startswith(RESUMABLE_CHANGES)]
+            was = saved.get("data_files") or {}   # absent: a checkpoint from before this record
+            key = {"tokenizer": "data.tokenizer", "chat_template": "data.chat_template"}
+            changes += [(f"{key[k]} contents", f"sha1 {was[k][:10]}", f"sha1 {files[k][:10]}" if k in files else "none")
+                        for k in was if was[k] != files.get(k)
+                        and not any(c[0] == key[k] for c in changes)]   # a new path is named already
             if changes:
                 listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes)
                 if not self.cfg.checkpoint.allow_config_change:
@@ -363,6 +393,21 @@ class Run:
                      f"its minimum); set optim.decay_steps to re-plan it")
             return int(saved_horizon)
         return horizon
+
+    def _compare_tokenizer(self, src: str, step: int | None) -> None:
+        """A base trained with another tokenizer reads every token id as another piece: said in
+        one line (not refused: a deliberately extended vocabulary is a real use)."""
+        ours = data_fingerprints(self.cfg.data).get("tokenizer")
+        if ours is None:
+            return
+        theirs = source_tokenizer(src, step)
+        if theirs is None:
+            self.log(f"note: {src} records no tokenizer, so this run's data.tokenizer is not compared with "
+                     f"the one it was trained with")
+        elif theirs != ours:
+            self.log(f"warning: {src} was trained with another tokenizer than data.tokenizer="
+                     f"{self.cfg.data.tokenizer} (sha1 {theirs[:10]} vs {ours[:10]}): every token id "
+                     f"means another piece to it; use the base's tokenizer unless the change is deliberate")
 
     def load_init_from(self, abstract_params, path: str | None = None, step: int | None = None):
         """Params of another run / checkpoint / HF model (checkpoint.init_from, or `path` at
@@ -381,6 +426,7 @@ class Run:
             if diffs:
                 raise ConfigError(f"checkpoint.init_from={src} has another model: "
                                   + "; ".join(diffs) + " (set model.* to match)")
+        self._compare_tokenizer(src, step)
         # master weights keep this run's param dtype (an HF bf16 file must not make bf16 masters)
         params, _ = load_params(src, abstract_params, step=step)
         params = jax.tree.map(lambda p, ref: p.astype(ref.dtype), params, abstract_params)
