@@ -10,6 +10,7 @@ dir or an HF directory (see evaluation/source.py for how SRC and its tokenizer a
 from __future__ import annotations
 
 import json
+import pathlib
 import sys
 
 from jaxllm.errors import UserError
@@ -49,8 +50,13 @@ def _generate(args) -> None:
 
 def _chat(args) -> None:
     from jaxllm.evaluation.chat import chat_loop
+    from jaxllm.data.chat import CHATML
     from jaxllm.evaluation.source import load_model, template_for
-    template = template_for(args.src, args.chat_template, lambda m: print(m, file=sys.stderr))
+    given = args.chat_template
+    if given and given != CHATML and not pathlib.Path(given).exists():   # named as the flag, not the config key
+        raise UserError(f"chat: --chat-template {given} does not exist; give 'chatml', '' (the tokenizer's own), "
+                        f"a Jinja template file or a tokenizer_config.json holding chat_template")
+    template = template_for(args.src, given, lambda m: print(m, file=sys.stderr))
     model = load_model(args.src, args.tokenizer)
     n = min(256, model.cfg.max_seq_len // 2) if args.max_new_tokens is None else args.max_new_tokens
     chat_loop(model, template=template, system=args.system, max_new_tokens=n,

@@ -78,7 +78,8 @@ def data_fingerprints(data_cfg) -> dict:
     if data_cfg.kind == "chat" or data_cfg.chat_template:
         from jaxllm.data.chat import load_template
         try:
-            out["chat_template"] = hashlib.sha1(load_template(data_cfg.chat_template, tok).source.encode()).hexdigest()
+            source = load_template(data_cfg.chat_template, tok).source   # None: the built-in ChatML
+            out["chat_template"] = hashlib.sha1(("built-in ChatML" if source is None else source).encode()).hexdigest()
         except (OSError, ValueError):
             pass
     return out
