@@ -441,6 +441,19 @@ class DistributedConfig:
                 raise ConfigError(f"distributed.{name} must be >= 1 second, got {getattr(self, name)}")
 
 
+_RL = ("ppo", "grpo")
+# Options read by some objectives only (a non-default value under another is refused). The rl.*
+# keys PPO alone reads are listed as PPO/GRPO here: training/rl.py refuses them under GRPO
+# with the reason.
+OBJECTIVE_OPTIONS = {
+    "train.sft_normalize": ("sft",), "train.mlm_prob": ("mlm",), "train.mlm_mask_id": ("mlm",),
+    "train.seq_len": ("clm", "mlm", "sft", "reward", "dpo"),   # RL: rl.max_prompt_tokens + rl.max_new_tokens
+    "reward.margin": ("reward",), "reward.center_coef": ("reward",), "reward.k_max": ("reward", "dpo"),
+    "rl.dpo_beta": ("dpo",), "rl.dpo_rpo_alpha": ("dpo",),
+    **{f"rl.{f.name}": _RL for f in dataclasses.fields(RLConfig) if not f.name.startswith("dpo_")},
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = ModelConfig()
@@ -497,11 +510,18 @@ class Config:
             raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={self.model.max_seq_len} (the "
                               f"window generation, evaluation and the HF export take from the model): "
                               f"raise model.max_seq_len or lower train.seq_len")
+        rl = self.rl
+        if t.objective in ("ppo", "grpo") and rl.max_prompt_tokens + rl.max_new_tokens > self.model.max_seq_len:
+            raise ConfigError(f"rl.max_prompt_tokens={rl.max_prompt_tokens} + rl.max_new_tokens={rl.max_new_tokens} "
+                              f"exceeds model.max_seq_len={self.model.max_seq_len}: a rollout would not fit the "
+                              f"model's window; lower one of them")
         # options of another objective would be ignored without a word
-        for name, objectives in (("sft_normalize", ("sft",)), ("mlm_prob", ("mlm",)), ("mlm_mask_id", ("mlm",))):
-            if getattr(t, name) != getattr(TrainConfig, name) and t.objective not in objectives:
-                raise ConfigError(f"train.{name} applies to train.objective={'/'.join(objectives)}, and this run "
-                                  f"trains {t.objective}: drop it")
+        for key, objectives in OBJECTIVE_OPTIONS.items():
+            section, name = key.split(".")
+            cfg = getattr(self, section)
+            if getattr(cfg, name) != getattr(type(cfg), name) and t.objective not in objectives:
+                raise ConfigError(f"{key} applies to train.objective={'/'.join(objectives)}, and this run "
+                                  f"trains {t.objective}, which does not read it: drop it")
         if self.lora.dropout and self.train.objective in ("reward", "dpo", "ppo", "grpo"):
             raise ConfigError(f"lora.dropout={self.lora.dropout}: the {self.train.objective} objective "
                               f"runs the policy without dropout (clm, mlm and sft apply it); drop it")

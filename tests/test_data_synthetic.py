@@ -170,3 +170,12 @@ def test_data_rank_checks_its_output_path_before_loading_the_model(tmp_path, cap
         assert main(["data", "rank", "--model", "m", "--prompts", "p.jsonl", "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err and ".tmp" not in err, err
+    # an existing file is not replaced without --overwrite, and never when it is a prompts file
+    (tmp_path / "p.jsonl").write_text('{"prompt": "hi", "task": {}}\n')
+    for out, extra, message in ((tmp_path / "a_file", [], "exists; pass --overwrite to replace it"),
+                                (tmp_path / "p.jsonl", ["--overwrite"], "is one of the --prompts files")):
+        argv = ["data", "rank", "--model", "m", "--prompts", str(tmp_path / "p*.jsonl"), "--out", str(out), *extra]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    assert (tmp_path / "p.jsonl").read_text() == '{"prompt": "hi", "task": {}}\n'

@@ -341,6 +341,13 @@ BAD = [
     ({"prompt": "Q?", "chosen": "A.", "rejected": None}, "'rejected' must be a string, got NoneType"),
     ({"prompt": "Q?", "responses": ["A.", "A."]}, "responses 0 and 1 are the same text"),
     ({"prompt": "Q?", "responses": ["A", "B", "C", "D", "E"]}, "5 responses, more than reward.k_max=4"),
+    ({"prompt": "Q?", "responses": ["A.", "B.", "C."], "scores": [1, 1, 1]},
+     r"scores 1 and 1 of responses 0 and 1 tie \(a tie ranks nothing\)"),
+    ({"prompt": "Q?", "responses": ["Go away.", "Hi there."], "scores": [-1, 1]},
+     "scores -1 and 1 of responses 0 and 1 rise: responses go best first"),
+    ({"prompt": "Q?", "responses": ["A.", "B."], "scores": [1.0]}, "'scores' must be 2 finite numbers"),
+    ({"prompt": "Q?", "responses": ["A.", "B."], "chosen": "B.", "rejected": "A."},
+     "the record has both 'responses' and 'chosen'/'rejected'"),
     ({"text": "no ranking here"}, r"a ranking record needs 'prompt' and 'responses' \(best first\), or "
                                    r"'prompt', 'chosen' and 'rejected' \(fields present: \['text'\]\)"),
 ]

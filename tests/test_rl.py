@@ -162,6 +162,46 @@ def test_ppo_against_a_reward_model_with_its_head_as_the_critics_start(policy, t
 
 
 @pytest.mark.slow
+def test_a_resumed_ppo_run_scores_with_the_reward_model_it_started_with(policy, tmp_path, capsys):
+    """The reward model is part of a PPO run's trajectory, as its frozen base: after the reward
+    run trains on, a resume scores with the recorded step; a model whose params changed at that
+    step is refused; a reward model in orbax form (converted from HF) is still one."""
+    import shutil
+
+    from jaxllm.interop.cli import convert
+    from jaxllm.training.checkpoint import CheckpointError
+    d, args = policy
+    base = [a for a in args if a.split("=")[0] in ("model", "model.vocab_size", "train.progress",
+                                                    "checkpoint.async_save", "data.tokenizer")]
+
+    def reward_run(run_dir, *extra):
+        return jaxllm.train(jaxllm.load_config(None, base + [
+            "train.objective=reward", "data.kind=chat", f"data.sources=[{{path: '{d}/synth/reward/train.jsonl'}}]",
+            f"checkpoint.init_from={d / 'pre'}", "train.batch_size=4", "train.seq_len=96", "train.eval_every=0",
+            "optim.lr=1e-2", "mesh.devices=1", f"train.run_dir={run_dir}", *extra]))
+    reward_run(tmp_path / "rm", "train.steps=2")
+    rm = [f"rl.reward_model={tmp_path / 'rm'}", "mesh.devices=1"]
+    rl_run(args, tmp_path / "ppo", "train.steps=1", *rm)
+    reward_run(tmp_path / "rm", "train.steps=3")                    # the reward run trains on
+    capsys.readouterr()
+    s = rl_run(args, tmp_path / "ppo", "train.steps=2", *rm)
+    assert s["resumed_from"] == 1 and "has trained on since; scoring with step 2" in capsys.readouterr().err
+    reward_run(tmp_path / "other", "train.steps=2", "optim.lr=3e-2")   # another model, at step 2 too
+    shutil.rmtree(tmp_path / "rm" / "checkpoints")
+    shutil.copytree(tmp_path / "other" / "checkpoints", tmp_path / "rm" / "checkpoints")
+    with pytest.raises(CheckpointError, match="its reward model .* step 2 is not the model it was trained with"):
+        rl_run(args, tmp_path / "ppo", "train.steps=3", *rm)
+    convert(str(tmp_path / "other"), str(tmp_path / "rm-hf"), "hf")
+    convert(str(tmp_path / "rm-hf"), str(tmp_path / "rm-orbax"), "orbax")
+    s = rl_run(args, tmp_path / "ppo2", "train.steps=1", "mesh.devices=1", f"rl.reward_model={tmp_path / 'rm-orbax'}")
+    assert np.isfinite(s["history"][0]["score"])
+    # a reward model is no policy: one line naming what it lacks, not a traceback
+    with pytest.raises(CheckpointError, match="has no params at \\['lm_head'\\].*a reward model"):
+        rl_run([a for a in args if not a.startswith("checkpoint.init_from")], tmp_path / "ppo3", "train.steps=1",
+               "mesh.devices=1", f"checkpoint.init_from={tmp_path / 'rm'}")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("quantize", ["none", "nf4"])
 def test_dpo_recipe_starts_at_log2_and_trains_a_lora_delta(policy, tmp_path, quantize):
     """The DPO recipe (configs/dpo/) end to end, plain LoRA and over an NF4 base (QLoRA): with
@@ -238,6 +278,22 @@ def test_bad_prompt_records_are_counted_at_start_up_with_file_line_or_refused_wh
     assert "-> 2 prompts (0 cut" in said[0] and "1 dropped as longer" in said[0], said
     with pytest.raises(DataError, match=f"{f}:2: message 0 has unknown role 'robot'.*data.strict=true"):
         R.prompt_iterator([SourceConfig(path=str(f))], tok, strict=True, **kw)
+    # without a reward model each prompt's 'task' is its reward: one it cannot grade is found now,
+    # not when its batch is drawn; with a reward model a task of another schema is not graded
+    from jaxllm.training.rl import Scorer
+    g = tmp_path / "tasks.jsonl"
+    tasks = [{"kind": "add", "a": 2, "b": 3}, None, {"category": "qa"}, {"kind": "capital", "kingdom": "Nowhere"}]
+    g.write_text("".join(json.dumps({"prompt": f"Q{i}?", **({"task": t} if t else {})}) + "\n"
+                         for i, t in enumerate(tasks)))
+    said.clear()
+    R.prompt_iterator([SourceConfig(path=str(g))], tok, log=said.append, need_task=True, **kw)
+    assert "-> 1 prompts" in said[0] and "3 bad records skipped" in said[0], said
+    assert f"{g}:2: no 'task': rl.reward_model is empty" in said[0], said
+    assert f"{g}:3: task kind None is not one of the synthetic tasks" in said[0], said
+    assert f"{g}:4: the 'capital' task's kingdom 'Nowhere' is not in the synthetic world" in said[0], said
+    recs = [{"task": tasks[0]}, {"task": tasks[2]}]
+    assert Scorer.true_rewards(recs, ["2 + 3 = 5.", "yes"]) is None
+    assert Scorer.true_rewards(recs[:1], ["2 + 3 = 5."]).tolist() == [1.0]
 
 
 def test_rankings_of_own_samples_are_best_first_distinct_and_finished(policy, monkeypatch):

@@ -230,7 +230,7 @@ def test_bad_rl_reward_and_sampling_values_are_refused_naming_the_key(override, 
     import jaxllm
     with pytest.raises(ConfigError, match=match):
         jaxllm.load_config(None, [override])
-    jaxllm.load_config(None, ["rl.kl_target=0.1", "rl.kl_horizon=500", "rl.lam=1", "rl.gamma=0",
+    jaxllm.load_config(None, ["train.objective=ppo", "rl.kl_target=0.1", "rl.kl_horizon=500", "rl.lam=1", "rl.gamma=0",
                               "rl.missing_eos_penalty=1", "rl.top_p=1"])     # the edges are valid
 
 
@@ -277,10 +277,10 @@ def test_rl_rollouts_never_sample_ids_beyond_the_tokenizer():
     import types
 
     import jaxllm
-    from jaxllm.config import Config, RLConfig
+    from jaxllm.config import Config, RLConfig, TrainConfig
     from jaxllm.training.rl import _Loop
     mc = jaxllm.ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32)
-    cfg = Config(model=mc, rl=RLConfig(max_new_tokens=8, max_prompt_tokens=4))
+    cfg = Config(model=mc, rl=RLConfig(max_new_tokens=8, max_prompt_tokens=4), train=TrainConfig(objective="ppo"))
     tok = types.SimpleNamespace(vocab_size=40, eos_id=1, pad_id=0)
     loop = _Loop(cfg, None, tok, (1,), None, lambda p, f: p, None, types.SimpleNamespace(batch=None), False)
     params = jaxllm.init_params(mc, jax.random.key(0))

@@ -59,14 +59,15 @@ def _data_synth(args) -> None:
 def _data_rank(args) -> None:
     from jaxllm.evaluation.source import load_model, template_for
     from jaxllm.rl.labels import check_output_path, label_file
-    check_output_path(args.out)   # before the model loads and samples
+    check_output_path(args.out, args.prompts, args.overwrite)   # before the model loads and samples
     if args.k < 2 or args.num < 0 or args.top_k < 0:
         raise UserError(f"data rank: --k must be >= 2 (a ranking needs 2 answers), --num and --top-k >= 0, "
                         f"got --k {args.k} --num {args.num} --top-k {args.top_k}")
     template = template_for(args.model, args.chat_template, lambda m: print(m, file=sys.stderr))
     model = load_model(args.model, args.tokenizer)
     print(label_file(model, args.prompts, args.out, num=args.num, k=args.k, temperature=args.temperature,
-                     top_k=args.top_k, max_new_tokens=args.max_new_tokens, seed=args.seed, template=template))
+                     top_k=args.top_k, max_new_tokens=args.max_new_tokens, seed=args.seed, template=template,
+                     overwrite=args.overwrite))
 
 
 def register(subparsers) -> None:
@@ -105,6 +106,7 @@ def register(subparsers) -> None:
     rk.add_argument("--tokenizer", default=None, help="tokenizer file or dir, instead of the model's own")
     rk.add_argument("--prompts", required=True, help="prompt records with a 'task' (data/synth/ppo/*.jsonl)")
     rk.add_argument("--out", required=True, help="JSONL of {prompt, responses (best first), scores}")
+    rk.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     rk.add_argument("--num", type=int, default=0, help="use the first N prompts (0: all)")
     rk.add_argument("--k", type=int, default=4, help="answers sampled per prompt")
     rk.add_argument("--temperature", type=float, default=1.0)

@@ -71,6 +71,8 @@ def check_ranking(obj: dict, where: str, k_max: int) -> tuple[str, list[str]]:
     if "prompt" not in obj or not ("responses" in obj or all(k in obj for k in _PAIR_KEYS)):
         raise DataError(f"{where}: a ranking record needs 'prompt' and 'responses' (best first), or "
                         f"'prompt', 'chosen' and 'rejected' (fields present: {sorted(obj)[:10]})")
+    if "responses" in obj and any(k in obj for k in _PAIR_KEYS):
+        raise DataError(f"{where}: the record has both 'responses' and 'chosen'/'rejected': give one form")
     prompt = _text(obj["prompt"], "'prompt'", where)
     if not prompt.strip():
         raise DataError(f"{where}: 'prompt' is empty")
@@ -98,6 +100,17 @@ def check_ranking(obj: dict, where: str, k_max: int) -> tuple[str, list[str]]:
             raise DataError(f"{where}: responses {seen[body]} and {i} are the same text (a tie "
                             f"ranks nothing)")
         seen[body] = i
+    if "scores" in obj:   # optional; when given, they must agree with the order (best first)
+        scores = obj["scores"]
+        numbers = isinstance(scores, list) and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in scores)
+        if not numbers or len(scores) != len(responses):
+            raise DataError(f"{where}: 'scores' must be {len(responses)} finite numbers, one per response")
+        for i in range(len(scores) - 1):
+            if not scores[i] > scores[i + 1]:
+                raise DataError(f"{where}: scores {scores[i]} and {scores[i + 1]} of responses {i} and {i + 1} "
+                                f"{'tie (a tie ranks nothing)' if scores[i] == scores[i + 1] else 'rise'}: "
+                                f"responses go best first, with strictly falling scores")
     return prompt, responses
 
 

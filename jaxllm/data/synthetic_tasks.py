@@ -29,6 +29,30 @@ NEGATIVE_DEMO_RATE = 0.5
 SYSTEM_PROMPT = "You are a helpful assistant."
 
 
+_TASK_FIELDS = {"add": {"a": int, "b": int}, "capital": {"kingdom": str}, "color": {"name": str},
+                "count": {"start": int, "end": int}, "story": {"name": str}}
+
+
+def task_problem(task, world: World | None = None) -> str | None:
+    """Why `task` is not a synthetic task that score_response grades (None: it is one)."""
+    if not isinstance(task, dict):
+        return f"'task' must be an object, got {type(task).__name__}"
+    kind = task.get("kind")
+    if kind not in _TASK_FIELDS:
+        return f"task kind {kind!r} is not one of the synthetic tasks {list(TASK_KINDS)}"
+    for key, typ in _TASK_FIELDS[kind].items():
+        if not isinstance(task.get(key), typ) or isinstance(task.get(key), bool):
+            return f"a {kind!r} task needs {key!r} ({typ.__name__})"
+    world = world or World()
+    known = {"capital": ("kingdom", world.capital), "color": ("name", world.favorite_color),
+             "story": ("name", world.pet)}.get(kind)
+    if known and task[known[0]] not in known[1]:
+        return f"the {kind!r} task's {known[0]} {task[known[0]]!r} is not in the synthetic world"
+    if kind == "count" and task["end"] < task["start"]:
+        return "a 'count' task needs end >= start"
+    return None
+
+
 def sample_task(rng: random.Random, world: World) -> dict:
     kind = rng.choice(TASK_KINDS)
     if kind == "add":

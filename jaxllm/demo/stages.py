@@ -258,7 +258,8 @@ def _label_run(ctx: Context) -> str:
     from jaxllm.evaluation.source import load_model
     from jaxllm.rl.labels import label_file
     model = load_model("runs/sft", "tokenizer")
-    return "; ".join(label_file(model, **_label_settings(ctx, split)) for split in LABELS)
+    # the demo's own files (a split written before a kill is sampled again)
+    return "; ".join(label_file(model, **_label_settings(ctx, split), overwrite=True) for split in LABELS)
 
 
 # ---------------------------------------------------------------------------- comparison, report

@@ -49,8 +49,8 @@ def _generate(args) -> None:
 
 
 def _chat(args) -> None:
-    from jaxllm.evaluation.chat import chat_loop
     from jaxllm.data.chat import CHATML
+    from jaxllm.evaluation.chat import chat_loop
     from jaxllm.evaluation.source import load_model, template_for
     given = args.chat_template
     if given and given != CHATML and not pathlib.Path(given).exists():   # named as the flag, not the config key

@@ -62,10 +62,22 @@ def rank_samples(params, model_cfg, tokenizer, records: Sequence[dict], *, k: in
     return out, skipped
 
 
-def check_output_path(path: str) -> None:
-    """Before sampling: `path` can become a file (not a directory, not below a file)."""
+def check_output_path(path: str, prompts: str | None = None, overwrite: bool = False) -> None:
+    """Before sampling: `path` can become a file (not a directory, not below a file), is not one
+    of the prompt files, and replaces no file unless `overwrite`."""
     if os.path.isdir(path):
         raise UserError(f"data rank --out {path} is a directory; give a file name (e.g. {path}/train.jsonl)")
+    if prompts is not None and os.path.exists(path):
+        from jaxllm.data.sources import expand_paths
+        try:
+            inputs = expand_paths(prompts)
+        except (OSError, ValueError):
+            inputs = []   # read_prompt_records names the problem
+        if any(os.path.samefile(path, p) for p in inputs):
+            raise UserError(f"data rank --out {path} is one of the --prompts files: it would be replaced by the "
+                            f"rankings; write them to another file")
+    if os.path.exists(path) and not overwrite:
+        raise UserError(f"data rank --out {path} exists; pass --overwrite to replace it, or choose another file")
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):   # the nearest existing folder above it
         parent = os.path.dirname(parent)
@@ -83,17 +95,20 @@ def write_rankings(path: str, rankings: list[dict]) -> None:
 
 
 def label_file(model, prompts: str, out: str, *, num: int, k: int, temperature: float, top_k: int,
-               max_new_tokens: int, seed: int, template: str = "") -> str:
+               max_new_tokens: int, seed: int, template: str = "", overwrite: bool = False) -> str:
     """`jaxllm data rank` (and the demo's label stage): rank a loaded model's own answers to the
     first `num` prompt records of `prompts` into `out` -> one line on what was made and what was
     left out."""
-    check_output_path(out)
+    check_output_path(out, prompts, overwrite)
     records, unusable = read_prompt_records(prompts, num)
     rankings, skipped = rank_samples(model.params, model.cfg, model.tokenizer, records, k=k,
                                      temperature=temperature, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed,
                                      template=load_template(template, model.tokenizer))
-    write_rankings(out, rankings)
     left = f"; {unusable} records without a 'task' and a 'prompt' left out" if unusable else ""
+    if not rankings:
+        raise UserError(f"data rank: no rankings to write to {out}: all {len(records)} prompts had fewer than 2 "
+                        f"finished answers with distinct scores{left} (raise --k or --max-new-tokens)")
+    write_rankings(out, rankings)
     return (f"{out}: {len(rankings)} rankings of {model.src}'s answers ({skipped} of {len(records)} prompts "
             f"skipped: fewer than 2 finished answers with distinct scores){left}")
 

@@ -49,12 +49,18 @@ def prompt_messages(obj: dict, where: str) -> list[dict]:
 class _Render:
     """Record -> {"ids": prompt ids (last max_tokens), "record": the JSON object, "cut": bool}."""
 
-    def __init__(self, tokenizer, template, max_tokens: int):
-        self.tok, self.template, self.max_tokens = tokenizer, template, max_tokens
+    def __init__(self, tokenizer, template, max_tokens: int, need_task: bool = False):
+        self.tok, self.template, self.max_tokens, self.need_task = tokenizer, template, max_tokens, need_task
 
     def ids(self, rec) -> list[int]:
-        """The whole prompt's ids; a DataError naming the record's file:line when it is bad."""
+        """The whole prompt's ids; a DataError naming the record's file:line when it is bad
+        (need_task: also when its 'task' is not one the programmatic reward grades)."""
         try:
+            if self.need_task:
+                from jaxllm.data.synthetic_tasks import task_problem
+                problem = task_problem(rec.obj.get("task")) if "task" in rec.obj else "no 'task'"
+                if problem:
+                    raise DataError(f"{problem}: rl.reward_model is empty, so each prompt's 'task' gives its reward")
             return chat_prompt(prompt_messages(rec.obj, rec.where), self.tok, self.template)
         except DataError as e:
             msg = str(e)
@@ -119,7 +125,7 @@ def scan_prompts(records: _Records, render: _Render, *, strict: bool, drop_long:
 def prompt_iterator(source_cfgs: Sequence, tokenizer, *, template: str = "", max_tokens: int,
                     global_batch: int, seed: int, shuffle: bool = True, repeat: bool = True,
                     strict: bool = False, drop_long: bool = False, label: str = "train",
-                    log: Callable[[str], None] | None = None):
+                    log: Callable[[str], None] | None = None, need_task: bool = False):
     """grain iterator of lists (one per global batch) of this process's rendered prompts, over
     the records `scan_prompts` kept; `log` gets its one line of counts (default: stderr on
     process 0)."""
@@ -130,7 +136,7 @@ def prompt_iterator(source_cfgs: Sequence, tokenizer, *, template: str = "", max
     paths = [c.path for c in source_cfgs]
     if len(records) == 0:
         raise DataError(f"no RL prompts in {paths}")
-    render = _Render(tokenizer, resolve_template(tokenizer, template or None), max_tokens)
+    render = _Render(tokenizer, resolve_template(tokenizer, template or None), max_tokens, need_task)
     keep, c = scan_prompts(records, render, strict=strict, drop_long=drop_long)
     line = (f"RL {label} prompts: {c['records']} records in {paths} -> {c['prompts']} prompts "
             f"({c['cut']} cut to their last rl.max_prompt_tokens={max_tokens} tokens), {c['dropped']} dropped "

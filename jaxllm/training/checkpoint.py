@@ -375,7 +375,16 @@ def load_params(path: str | pathlib.Path, abstract_params: Any | None = None, st
                 partial_restore=True)))
         except Exception as e:  # noqa: BLE001 - orbax raises many types; name the checkpoint
             raise CheckpointError(f"cannot read params from {ck.directory}/{step}: {_one_line(e)}") from e
-        return out["state"]["params"], meta.get("model")
+        params = out["state"]["params"]
+        # partial_restore leaves what the checkpoint lacks as the abstract leaf it was asked for
+        missing = sorted({jax.tree_util.keystr(p[:1]) for p, x in jax.tree_util.tree_leaves_with_path(params)
+                          if isinstance(x, jax.ShapeDtypeStruct)})
+        if missing:
+            saved = set(ck.saved_params_metadata(step))
+            raise CheckpointError(f"{ck.directory}/{step} has no params at {', '.join(missing)} (it has "
+                                  f"{sorted(saved)})" + (": a reward model, whose trunk ends in a scalar "
+                                  "reward_head, not a language model" if "reward_head" in saved else ""))
+        return params, meta.get("model")
     finally:
         ck.close()
 

@@ -63,10 +63,9 @@ def source_has_reward_head(path: str | pathlib.Path) -> bool:
     if not root.is_dir():
         return False   # load_params names the problem
     ck = Checkpointer(root, CheckpointConfig(), read_only=True)
-    try:
+    try:   # what the params hold, not the objective: an HF reward model converted to orbax has none
         step = ck.latest_step()
-        saved = {} if step is None else ck.read_meta(step).get("config", {})
-        return saved.get("train", {}).get("objective") == "reward"
+        return step is not None and "reward_head" in ck.saved_params_metadata(step)
     finally:
         ck.close()
 

@@ -86,18 +86,19 @@ def _check(cfg: Config):
         raise ConfigError("RL starts from a policy: set checkpoint.init_from to an SFT run (or an HF dir)")
 
 
-def load_reward_model(path: str, cfg: Config, tokenizer, run: Run):
-    """A frozen reward model (a reward run dir or an HF *ForSequenceClassification dir) placed
-    on the run's mesh -> (a jitted (batch) -> (B,) scores at each row's last real token, its
-    scalar head {"kernel": (d,)}). Its vocabulary must be the policy's: it reads the policy's
-    token ids."""
+def load_reward_model(path: str, cfg: Config, tokenizer, run: Run, step: int | None = None):
+    """A frozen reward model (a reward run dir or an HF *ForSequenceClassification dir; its
+    newest checkpoint, or `step`) placed on the run's mesh -> (a jitted (batch) -> (B,) scores
+    at each row's last real token, its scalar head {"kernel": (d,)}, its identity {path, step,
+    checksum} for the run's checkpoints). Its vocabulary must be the policy's: it reads the
+    policy's token ids."""
     import pathlib
 
     from jaxllm.data.tokenizer import fingerprint, load_tokenizer
     from jaxllm.evaluation.source import model_config, tokenizer_path
     from jaxllm.objectives.reward import score
     from jaxllm.parallel import rules as rules_lib
-    from jaxllm.training.checkpoint import load_params, source_model_config
+    from jaxllm.training.checkpoint import load_params, params_checksum, source_model_config, source_step
     from jaxllm.training.reward import init_reward_params, reward_param_specs, source_has_reward_head
     if not source_has_reward_head(path):
         raise ConfigError(f"rl.reward_model={path} is not a reward model (train one with "
@@ -108,19 +109,24 @@ def load_reward_model(path: str, cfg: Config, tokenizer, run: Run):
                           f"policy has {cfg.model.vocab_size}: the reward model must read the policy's tokens")
     try:
         rm_tok = load_tokenizer(tokenizer_path(pathlib.Path(path)))
-    except Exception:  # noqa: BLE001 - an RM without a findable tokenizer: the sizes matched
+    except Exception as e:  # noqa: BLE001 - an RM without a findable tokenizer: the sizes matched
         rm_tok = None
+        run.log(f"note: rl.reward_model={path}: its tokenizer cannot be read ({str(e).splitlines()[0][:160]}), so "
+                f"only its vocabulary size is checked against the policy's")
     if rm_tok is not None and fingerprint(rm_tok) != fingerprint(tokenizer):
         raise ConfigError(f"rl.reward_model={path} was trained with another tokenizer ({rm_tok.path}) "
                           f"than the policy's ({tokenizer.path}): its scores would read other words")
     specs = reward_param_specs(rm_cfg)
     shapes = jax.eval_shape(lambda: init_reward_params(rm_cfg, jax.random.key(0)))
     sh = rules_lib.param_shardings(specs, shapes, run.rules, run.mesh)
+    step = source_step(path) if step is None else step
     params, _ = load_params(path, jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, sh))
-    run.log(f"reward model: {path} ({sum(x.size for x in jax.tree.leaves(params)):,} parameters, frozen)")
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, sh), step=step)
+    run.log(f"reward model: {path}" + (f" step {step}" if step is not None else "")
+            + f" ({sum(x.size for x in jax.tree.leaves(params)):,} parameters, frozen)")
     fn = jax.jit(lambda p, b: score(p, b["tokens"], b["segment_ids"], rm_cfg, positions_nt=b["positions"]))
-    return (lambda batch: jax.device_get(fn(params, batch))), params["reward_head"]
+    ident = {"path": str(pathlib.Path(path).absolute()), "step": step, "checksum": params_checksum(params)}
+    return (lambda batch: jax.device_get(fn(params, batch))), params["reward_head"], ident
 
 
 class Scorer:
@@ -129,15 +135,42 @@ class Scorer:
 
     def __init__(self, cfg: Config, tokenizer, run: Run):
         self.tok, self.cfg = tokenizer, cfg
-        self.rm = self.rm_head = None
+        self.rm = self.rm_head = self.ident = None
+        self.run = run
         if cfg.rl.reward_model:
-            self.rm, self.rm_head = load_reward_model(cfg.rl.reward_model, cfg, tokenizer, run)
+            self.rm, self.rm_head, self.ident = load_reward_model(cfg.rl.reward_model, cfg, tokenizer, run)
+
+    def keep_identity(self, meta: dict) -> None:
+        """The reward model a run scores with is part of its trajectory, as its frozen base: a
+        fresh run records it; a resumed one scores with the recorded checkpoint step (the reward
+        run may have trained on since) and refuses a model whose params changed."""
+        from jaxllm.training.checkpoint import CheckpointError
+        if self.rm is None:
+            return
+        was = meta.get("reward_model")
+        if was is None:
+            meta["reward_model"] = self.ident
+            return
+        if was["path"] != self.ident["path"]:   # rl.reward_model itself is a config key: refused on resume
+            return
+        if was.get("step") != self.ident["step"]:
+            self.run.log(f"reward model: {was['path']} has trained on since; scoring with step {was.get('step')}, "
+                         f"as this run did")
+            self.rm, self.rm_head, self.ident = load_reward_model(
+                self.cfg.rl.reward_model, self.cfg, self.tok, self.run, step=was.get("step"))
+        if not np.allclose(self.ident["checksum"], was["checksum"], rtol=1e-5, atol=0):
+            raise CheckpointError(f"{self.run.dir}: its reward model {was['path']}"
+                                  + (f" step {was['step']}" if was.get("step") is not None else "")
+                                  + f" is not the model it was trained with (params checksum {self.ident['checksum']} "
+                                  f"vs {was['checksum']} recorded): restore that model there, or start a new run")
 
     @staticmethod
     def true_rewards(records: list[dict], texts: list[str]) -> np.ndarray | None:
-        if not all(isinstance(r.get("task"), dict) for r in records):
+        """The synthetic tasks' programmatic scores, or None unless every record has such a
+        task (a 'task' of another schema is the user's own field, not graded here)."""
+        from jaxllm.data.synthetic_tasks import score_response, task_problem
+        if not all("task" in r and task_problem(r["task"]) is None for r in records):
             return None
-        from jaxllm.data.synthetic_tasks import score_response
         return np.asarray([score_response(r["task"], x) for r, x in zip(records, texts)], np.float32)
 
     def __call__(self, batch: dict, records: list[dict], texts: list[str]) -> np.ndarray:
@@ -165,7 +198,8 @@ def train(cfg: Config) -> dict:
         tok = load_tokenizer_for(cfg.data, cfg.model.vocab_size)
         delta = _delta(cfg, tok)
         stops = _stop_ids(tok)
-        scan_kw = dict(strict=cfg.data.strict, drop_long=cfg.data.long_examples == "drop", log=run.log)
+        scan_kw = dict(strict=cfg.data.strict, drop_long=cfg.data.long_examples == "drop", log=run.log,
+                       need_task=not rl.reward_model)   # the programmatic reward grades each record's task
         prompts = R.prompt_iterator(cfg.data.sources, tok, template=cfg.data.chat_template,
                                     max_tokens=rl.max_prompt_tokens, global_batch=t.batch_size, seed=t.seed,
                                     **scan_kw)
@@ -204,6 +238,7 @@ def train(cfg: Config) -> dict:
             meta={"rl": {"iteration": 0, "kl_coef": rl.kl_coef},
                   "delta": _delta_meta(delta, cfg.checkpoint.init_from)},
             data_iter=prompts, init_from_trainable=False, **frozen_kw)
+        scorer.keep_identity(meta)
         # the frozen tree: the reference policy (full) or the base the delta adapts (LoRA)
         frozen = load_frozen_base(run, base_specs, base_shapes, shardings.frozen, meta)
         if resumed is None and delta is None:   # the policy starts as the reference
@@ -364,7 +399,8 @@ class _Loop:
         metrics = {"score": float(np.mean(scores)), "kl": float(jnp.mean(seq_kl)), "kl_coef": beta,
                    "response_length": float(np.mean(np.asarray(gen.mask).sum(1))),
                    "ended_fraction": float(np.mean(done)),
-                   "entropy": sm.get("entropy", float("nan")), "clipfrac": sm["clipfrac"],
+                   **({"entropy": sm["entropy"]} if "entropy" in sm else {}),   # GRPO's loss has none
+                   "clipfrac": sm["clipfrac"],
                    "pg_loss": sm["pg_loss"], "loss": sm["loss"], "lr": sm.get("lr", 0.0),
                    "skipped_updates": sm.get("skipped_updates", 0.0),
                    "rollout_tokens_per_s": float(np.asarray(gen.mask).sum()) / timing["rollout_s"], **timing}
@@ -453,7 +489,9 @@ def plot_curves(run_dir) -> str:
     axes[0].legend(fontsize=8)
     for ax, key, title in ((axes[0], None, "reward"), (axes[1], "kl", "KL to the reference (per response)"),
                            (axes[2], "entropy", "policy entropy (per token)")):
-        if key:
+        if key and not any(key in r for r in rows):
+            title += ": not computed (GRPO)"
+        elif key:
             ax.plot(step, [r.get(key, float("nan")) for r in rows])
         ax.set_title(title)
         ax.set_xlabel("iteration")
