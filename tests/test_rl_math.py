@@ -288,3 +288,22 @@ def test_rl_rollouts_never_sample_ids_beyond_the_tokenizer():
     gen = loop._generate(params, prompts, key=jax.random.key(3), prompt_mask=jnp.ones_like(prompts))
     ids = np.asarray(gen.tokens)[np.asarray(gen.mask) > 0]
     assert ids.size > 8 and ids.max() < 40, ids
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["train.objective=dpo", "rl.kl_coef=0.9"], "rl.kl_coef applies to train.objective=ppo/grpo, and this run trains"),
+    (["train.objective=dpo", "rl.reward_model=/nowhere"], "rl.reward_model applies to train.objective=ppo/grpo"),
+    (["train.objective=dpo", "reward.margin=5.0"], "reward.margin applies to train.objective=reward"),
+    (["train.objective=ppo", "rl.dpo_beta=0.7"], "rl.dpo_beta applies to train.objective=dpo"),
+    (["train.objective=ppo", "reward.k_max=9"], "reward.k_max applies to train.objective=reward/dpo"),
+    (["train.objective=ppo", "train.seq_len=7"], "train.seq_len applies to train.objective=clm/mlm/sft/reward/dpo"),
+    (["train.objective=grpo", "model=tiny", "rl.max_prompt_tokens=480"],
+     r"rl.max_prompt_tokens=480 \+ rl.max_new_tokens=48 exceeds model.max_seq_len=512"),
+])
+def test_options_another_objective_reads_and_rollouts_beyond_the_window_are_refused(overrides, match):
+    """An option the chosen objective never reads would be ignored without a word; a rollout
+    longer than the model's window would fail at generation, mid-run."""
+    import jaxllm
+    with pytest.raises(ConfigError, match=match):
+        jaxllm.load_config(None, overrides)
+    jaxllm.load_config(None, [o for o in overrides if o.startswith(("train.objective", "model"))])   # without it: fine
