@@ -321,20 +321,35 @@ def test_rankings_of_own_samples_are_best_first_distinct_and_finished(policy, mo
     assert out[0]["responses"] == ["2 + 3 = 5.", "2 + 3 = 6."] and out[0]["scores"] == [1.0, -0.1]
 
 
-def test_data_rank_cli_samples_with_top_k_and_takes_a_tokenizer(policy, tmp_path, capsys):
+def test_data_rank_cli_samples_with_top_k_and_takes_a_tokenizer(policy, tmp_path, capsys, monkeypatch):
     from jaxllm.cli import main
+    from jaxllm.rl import labels
     d, _ = policy
     out = tmp_path / "ranked.jsonl"
     args = ["data", "rank", "--model", str(d / "pre"), "--tokenizer", str(d / "tok"), "--prompts",
             str(d / "synth/ppo/eval.jsonl"), "--num", "8", "--k", "4", "--top-k", "3", "--max-new-tokens", "8",
             "--out", str(out)]
+    # the 30-step pretrained model finishes no answer in 8 tokens: no rankings, said, and no file
+    # (this test once asserted over an empty file written as a success)
+    seen = {}
+    real = labels.rank_samples
+
+    def spy(*a, **kw):
+        seen.update(kw)
+        return real(*a, **kw)
+    monkeypatch.setattr(labels, "rank_samples", spy)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "no rankings to write" in err and "all 8 prompts had fewer than 2 finished answers" in err, err
+    assert not out.exists() and seen["top_k"] == 3 and seen["k"] == 4 and seen["max_new_tokens"] == 8
+    # rankings are written whole and counted in the line
+    ranked = [{"prompt": f"Q{i}?", "task": {}, "responses": ["a.", "b."], "scores": [1.0, 0.0]} for i in range(3)]
+    monkeypatch.setattr(labels, "rank_samples", lambda *a, **kw: (ranked, 5))
     assert main(args) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    n = len(out.read_text().splitlines())
-    assert line.startswith(f"{out}: {n} rankings of") and "of 8 prompts skipped" in line, line
-    for rec in map(json.loads, out.read_text().splitlines()):
-        assert rec["scores"] == sorted(rec["scores"], reverse=True) and len(set(rec["scores"])) == len(rec["scores"])
-    assert main(args[:-2] + ["--top-k", "-1", "--out", str(out)]) == 2
+    assert line.startswith(f"{out}: 3 rankings of") and "(5 of 8 prompts skipped" in line, line
+    assert [json.loads(x) for x in out.read_text().splitlines()] == ranked
+    assert main(args[:-2] + ["--top-k", "-1", "--out", str(out), "--overwrite"]) == 2
     assert "--top-k >= 0" in capsys.readouterr().err
 
 

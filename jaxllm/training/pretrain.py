@@ -230,7 +230,7 @@ def train(cfg: Config, batches: Iterator[dict] | None = None) -> dict:
         if cfg.lora.r and run.is_main:
             from jaxllm.interop.peft import save_peft
             save_peft(run.dir / "adapter", cfg.model, jax.device_get(summary["state"].params), delta[1],
-                      base_model_name_or_path=cfg.checkpoint.init_from,
+                      base_model_name_or_path=meta["base"]["path"],   # absolute: usable from any cwd
                       base=base if delta[1].trainable_tokens else None)
             run.log(f"wrote the LoRA adapter in PEFT format to {run.dir / 'adapter'}")
         summary["frozen"] = base
