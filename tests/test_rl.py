@@ -271,7 +271,10 @@ def test_bad_prompt_records_are_counted_at_start_up_with_file_line_or_refused_wh
     assert len(said) == 1 and "6 records" in said[0] and "-> 3 prompts (1 cut to their last" in said[0], said
     assert "3 bad records skipped" in said[0] and f"{f}:2: message 0 has unknown role 'robot'" in said[0], said
     assert f"{f}:4: an RL prompt ends before" in said[0] and f"{f}:6: malformed JSON" in said[0], said
-    rows = [r for batch in it for r in batch]
+    batches = list(it)   # one pass: 3 prompts in batches of 2, the last filled with a marked repeat
+    assert [len(b) for b in batches] == [2, 2] and [r["pad"] for b in batches for r in b] == [False] * 3 + [True]
+    rows = [r for b in batches for r in b if not r["pad"]]
+    assert batches[1][1]["ids"] == rows[-1]["ids"]
     assert [r["cut"] for r in rows] == [False, True, False] and [len(r["ids"]) <= 64 for r in rows] == [True] * 3
     said.clear()
     R.prompt_iterator([SourceConfig(path=str(f))], tok, log=said.append, drop_long=True, **kw)

@@ -21,7 +21,7 @@ Layout of a rollout batch (everything indexed by token, see objectives/policy.py
 from __future__ import annotations
 
 import sys
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import grain
 import jax
@@ -68,7 +68,8 @@ class _Render:
 
     def __call__(self, rec) -> dict:
         ids = self.ids(rec)
-        return {"ids": ids[-self.max_tokens:], "record": rec.obj, "cut": len(ids) > self.max_tokens}
+        return {"ids": ids[-self.max_tokens:], "record": rec.obj, "cut": len(ids) > self.max_tokens,
+                "pad": isinstance(rec, _Pad)}
 
 
 class _Records:
@@ -87,16 +88,25 @@ class _Records:
         raise IndexError(i)
 
 
-class _Kept:
-    """The records the start-up scan kept, in file order (a grain data source)."""
+class _Pad(NamedTuple):
+    """A prompt repeated to fill the last batch of a single pass: generated, never counted."""
+    obj: dict
+    where: str
 
-    def __init__(self, records: _Records, keep: list[int]):
-        self.records, self.keep = records, keep
+
+class _Kept:
+    """The records the start-up scan kept, in file order (a grain data source), then `pad`
+    repeats of the last one."""
+
+    def __init__(self, records: _Records, keep: list[int], pad: int = 0):
+        self.records, self.keep, self.pad = records, keep, pad
 
     def __len__(self):
-        return len(self.keep)
+        return len(self.keep) + self.pad
 
     def __getitem__(self, i):
+        if i >= len(self.keep):
+            return _Pad(*self.records[self.keep[-1]])
         return self.records[self.keep[i]]
 
 
@@ -149,7 +159,9 @@ def prompt_iterator(source_cfgs: Sequence, tokenizer, *, template: str = "", max
         log(line)
     elif jax.process_index() == 0:
         print(line, file=sys.stderr, flush=True)
-    ds = grain.MapDataset.source(_Kept(records, keep))
+    # one pass (held-out prompts): the last batch is filled up with rows marked "pad", so every
+    # batch has the global shape (one compiled generation; whole rows per device and process)
+    ds = grain.MapDataset.source(_Kept(records, keep, 0 if repeat else -len(keep) % global_batch))
     if shuffle:
         ds = ds.shuffle(seed=seed)
     if repeat:

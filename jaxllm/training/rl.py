@@ -322,11 +322,12 @@ class _Loop:
                                                     temperature=temperature))
                 texts = R.response_texts(self.tok, gen, self.stops)
                 batch = to_global_batch(R.rollout_batch(gen), self.sh.batch.mesh, self.sh.batch.spec)
+                real = np.asarray([not r["pad"] for r in rows])   # the last batch's filler rows: not counted
                 records = [r["record"] for r in rows]
-                scores.append(self.scorer(batch, records, texts))
+                scores.append(np.asarray(self.scorer(batch, records, texts))[real])
                 true = self.scorer.true_rewards(records, texts)
                 if true is not None:
-                    trues.append(true)
+                    trues.append(true[real])
             out[f"eval_score{tag}"] = float(np.mean(np.concatenate(scores)))
             if trues:
                 out[f"eval_true_reward{tag}"] = float(np.mean(np.concatenate(trues)))
