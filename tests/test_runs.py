@@ -279,8 +279,12 @@ def test_a_changed_tokenizer_is_refused_on_resume_and_said_on_init_from(tmp_path
     shutil.copyfile(tmp_path / "other" / "tokenizer.model", tok / "tokenizer.model")   # replaced in place
     with pytest.raises(jaxllm.ConfigError, match=r"data.tokenizer contents: 'sha1 \w+' -> 'sha1 \w+'"):
         run(tmp_path / "a", *data, "train.steps=2")
-    run(tmp_path / "c", *data, "train.steps=1", f"checkpoint.init_from={tmp_path / 'a'}")
-    assert f"warning: {tmp_path / 'a'} was trained with another tokenizer than data.tokenizer={tok}" \
+    # accepted once, the new tokenizer is what the run trains with: later resumes compare with it
+    run(tmp_path / "a", *data, "train.steps=2", "checkpoint.allow_config_change=true")
+    assert run(tmp_path / "a", *data, "train.steps=3")["resumed_from"] == 2
+    capsys.readouterr()
+    run(tmp_path / "c", *data, "train.steps=1", f"checkpoint.init_from={tmp_path / 'b'}")   # b: the old one
+    assert f"warning: {tmp_path / 'b'} was trained with another tokenizer than data.tokenizer={tok}" \
         in capsys.readouterr().err
 
 

@@ -245,8 +245,8 @@ def _label_settings(ctx: Context, split: str) -> dict:
 
 def _label_command(ctx: Context) -> str:
     return " && ".join(ctx.cli("data", "rank", "--model", "runs/sft", "--tokenizer", "tokenizer", *(
-        x for k, v in _label_settings(ctx, split).items() for x in (f"--{k.replace('_', '-')}", str(v))))
-        for split in LABELS)
+        x for k, v in _label_settings(ctx, split).items() for x in (f"--{k.replace('_', '-')}", str(v))),
+        "--overwrite") for split in LABELS)   # as the stage runs it: its own files, rewritten on a rerun
 
 
 def _label_done(ctx: Context) -> str | None:

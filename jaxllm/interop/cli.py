@@ -105,6 +105,9 @@ def convert(src: str, dst: str, to: str, overwrite: bool = False, tokenizer: str
         if "reward_head" in params:   # a reward model: *ForSequenceClassification, with pad/eos ids
             if to == "peft":
                 raise UserError(f"{src} is a reward model; --to peft exports a LoRA run's adapter")
+            if tokenizer:
+                raise UserError(f"{src} is a reward model: it is exported with its run's tokenizer (whose pad and "
+                                f"eos ids transformers scores with); drop --tokenizer")
             from jaxllm.training.reward import export_hf
             return export_hf(src, out)
         if model is None:

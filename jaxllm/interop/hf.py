@@ -374,29 +374,32 @@ def save_tokenizer(directory: str | pathlib.Path, tokenizer: str | pathlib.Path,
     with its tokenizer_config.json / chat_template.jinja) into `directory`, where load_tokenizer
     and transformers' AutoTokenizer find it. `chat_template` (Jinja source): written into
     tokenizer_config.json in place of the tokenizer's own. Returns the loaded tokenizer."""
-    import shutil
 
     from jaxllm.data.chat import special_tokens
     from jaxllm.data.tokenizer import load_tokenizer
     directory = pathlib.Path(directory)
     tok = load_tokenizer(tokenizer)
-    directory.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        (directory / name).unlink(missing_ok=True)
+    # the files to write, read before any is removed (the source may be `directory` itself)
+    files: dict[str, bytes] = {}
     config: dict = {}
     if hasattr(tok, "sp"):   # SentencePiece: tokenizer.model (all load_tokenizer needs)
-        shutil.copyfile(tok.path, directory / "tokenizer.model")
+        files["tokenizer.model"] = pathlib.Path(tok.path).read_bytes()
         config = {"tokenizer_class": "LlamaTokenizer", **special_tokens(tok)}
         if tok.chat_template is not None:   # its dir's own template (tokenizer_config.json or .jinja)
             config["chat_template"] = tok.chat_template
     else:                    # HF: tokenizer.json and the files beside it that define it
         source = pathlib.Path(tok.path)
-        shutil.copyfile(source, directory / "tokenizer.json")
+        files["tokenizer.json"] = source.read_bytes()
         for name in TOKENIZER_FILES[2:]:
             if (source.parent / name).is_file():
-                shutil.copyfile(source.parent / name, directory / name)
-        if (directory / "tokenizer_config.json").exists():
-            config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+                files[name] = (source.parent / name).read_bytes()
+        if "tokenizer_config.json" in files:
+            config = json.loads(files["tokenizer_config.json"].decode("utf-8"))
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        (directory / name).unlink(missing_ok=True)
+    for name, data in files.items():
+        (directory / name).write_bytes(data)
     if chat_template is not None:
         (directory / "chat_template.jinja").unlink(missing_ok=True)   # it would win over config's
         config["chat_template"] = chat_template

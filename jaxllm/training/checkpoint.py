@@ -294,7 +294,9 @@ def source_tokenizer(path: str | pathlib.Path, step: int | None = None) -> str |
     ck = Checkpointer(_checkpoint_root(path), CheckpointConfig(), read_only=True)
     try:
         step = ck.latest_step() if step is None else step
-        return None if step is None else (ck.read_meta(step).get("data_files") or {}).get("tokenizer")
+        if step is None or step not in ck.all_steps():
+            return None   # load_params names the problem
+        return (ck.read_meta(step).get("data_files") or {}).get("tokenizer")
     finally:
         ck.close()
 

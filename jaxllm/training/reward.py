@@ -65,7 +65,12 @@ def source_has_reward_head(path: str | pathlib.Path) -> bool:
     ck = Checkpointer(root, CheckpointConfig(), read_only=True)
     try:   # what the params hold, not the objective: an HF reward model converted to orbax has none
         step = ck.latest_step()
-        return step is not None and "reward_head" in ck.saved_params_metadata(step)
+        if step is None:
+            return False   # load_params names the problem
+        try:
+            return "reward_head" in ck.saved_params_metadata(step)
+        except Exception:  # noqa: BLE001 - metadata is best-effort: the run's objective then says
+            return ck.read_meta(step).get("config", {}).get("train", {}).get("objective") == "reward"
     finally:
         ck.close()
 

@@ -151,7 +151,17 @@ class Scorer:
         if was is None:
             meta["reward_model"] = self.ident
             return
-        if was["path"] != self.ident["path"]:   # rl.reward_model itself is a config key: refused on resume
+        if was["path"] != self.ident["path"]:
+            # the same rl.reward_model text from another directory, or a change accepted with
+            # checkpoint.allow_config_change (the config check refuses it otherwise)
+            if not self.cfg.checkpoint.allow_config_change:
+                raise CheckpointError(f"{self.run.dir} scored with the reward model {was['path']}; rl.reward_model="
+                                      f"{self.cfg.rl.reward_model} is {self.ident['path']} from here: resume from the "
+                                      f"directory it started in, give the recorded path, or set "
+                                      f"checkpoint.allow_config_change=true to score with this one")
+            self.run.log(f"reward model: now {self.ident['path']} (was {was['path']}; "
+                         f"checkpoint.allow_config_change=true)")
+            meta["reward_model"] = self.ident
             return
         if was.get("step") != self.ident["step"]:
             self.run.log(f"reward model: {was['path']} has trained on since; scoring with step {was.get('step')}, "

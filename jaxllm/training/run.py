@@ -301,7 +301,8 @@ class Run:
         if latest is not None:
             saved = self.checkpointer.read_meta(latest)
             horizon = self._check_resume(saved, horizon, files)
-            meta.update({k: v for k, v in saved.items() if k not in ("model", "config")})
+            meta.update({k: v for k, v in saved.items() if k not in ("model", "config", "data_files")})
+        # the files this run trains with from now on (an accepted change is recorded)
         meta["schedule_steps"], meta["data_files"] = horizon, files
         if cfg.model.param_dtype != "float32":
             self.log(f"note: model.param_dtype={cfg.model.param_dtype}: parameters and Adam moments "
@@ -334,7 +335,7 @@ class Run:
         if latest is not None:
             state, saved_meta, resumed_from = self.checkpointer.restore_newest_intact(
                 abstract, data_iter, fallback=cfg.checkpoint.fallback, log=self.log)
-            meta.update({k: v for k, v in saved_meta.items() if k not in ("model", "config")})
+            meta.update({k: v for k, v in saved_meta.items() if k not in ("model", "config", "data_files")})
             if cfg.optim.offload_state:   # orbax restores into device memory
                 state = jax.device_put(state, shardings.state)
             self.log(f"resumed {self.dir} at step {resumed_from}")
