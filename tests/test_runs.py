@@ -250,6 +250,13 @@ def test_samples_of_fixed_prompts_are_logged_at_each_evaluation(tmp_path, text_d
     assert all(isinstance(r["completion"], str) and r["completion"] for r in rows)
 
 
+def test_eval_sources_left_unread_by_eval_every_0_are_said(tmp_path, text_data, capsys):
+    d, data = text_data
+    run(tmp_path, *data, "train.steps=1", "train.eval_every=0",
+        f"data.eval_sources=[{{path: '{d}/d/pretrain/eval-*.jsonl'}}]")
+    assert "note: train.eval_every=0, so data.eval_sources are not read" in capsys.readouterr().err
+
+
 def test_sample_prompts_that_do_not_fit_are_refused_before_any_step(tmp_path, text_data):
     _, data = text_data
     with pytest.raises(jaxllm.ConfigError, match=r"train.sample_prompts: 'Once upon a time' is \d+ tokens, and "
