@@ -369,6 +369,8 @@ def test_bad_records_are_skipped_and_counted_with_their_location(synth, tmp_path
     it = preference.make_train_iterator(cfg, seq_len=64, global_batch_size=2, seed=0, k_max=4)
     err = capsys.readouterr().err
     assert "5 records in 1 source -> 2 rankings (2 pairs)" in err and "3 bad records skipped" in err
+    # pairs in rows of k_max=4: half of each ranking's rows would be padding, said with the fix
+    assert "reward.k_max=4 but no ranking has more than 2 responses: set reward.k_max=2 (2 of 4 rows" in err
     assert "mixed.jsonl:2: a ranking needs at least 2 responses" in err and "mixed.jsonl:3: malformed JSON" in err
     assert "mixed.jsonl:5: response 1 only repeats the prompt" in err
     assert [list(r) for r in it.scan["usable"]] == [[0, 3]]

@@ -200,7 +200,7 @@ def scan(sources: list, encoder: RankingEncode, *, label: str, strict: bool, ver
     first_time = key not in _SCANS
     if first_time:
         c = {"records": 0, "rankings": 0, "pairs": 0, "truncated": 0, "dropped_responses": 0,
-             "dropped_rankings": 0, "bad": 0}
+             "dropped_rankings": 0, "bad": 0, "most_responses": 0}
         bad, usable = BadRecords(strict, show), []
         for _, src in sources:
             good = []
@@ -216,6 +216,7 @@ def scan(sources: list, encoder: RankingEncode, *, label: str, strict: bool, ver
                     continue
                 c["rankings"] += 1
                 c["pairs"] += len(enc.ids) * (len(enc.ids) - 1) // 2
+                c["most_responses"] = max(c["most_responses"], len(enc.ids))
                 good.append(i)
             usable.append(np.asarray(good, np.int64))
         c["bad"], c["first_bad"], c["usable"] = bad.count, bad.first, usable
@@ -235,11 +236,15 @@ def scan(sources: list, encoder: RankingEncode, *, label: str, strict: bool, ver
 def summary(c: dict, label: str, n_sources: int, encoder: RankingEncode) -> str:
     """The scan's one line: what was kept, cut, dropped and skipped (first bad locations)."""
     bad = f"; first: {' | '.join(c['first_bad'])}" if c["first_bad"] else ""
+    most, k = c["most_responses"], encoder.k_max
+    # each ranking is k_max rows in the step: rows beyond the largest ranking are computed for nothing
+    waste = (f"; reward.k_max={k} but no ranking has more than {most} responses: set reward.k_max={most} "
+             f"({k - most} of {k} rows per ranking are padding)" if 0 < most < k else "")
     return (f"reward {label} data: {c['records']} records in {n_sources} source{'s' * (n_sources > 1)} -> "
             f"{c['rankings']} rankings ({c['pairs']} pairs); {c['truncated']} responses had the prompt cut "
             f"to fit seq_len={encoder.seq_len}, {c['dropped_responses']} responses dropped as too long "
             f"(data.long_examples={encoder.long_examples}), {c['dropped_rankings']} rankings left with < 2 "
-            f"responses dropped, {c['bad']} bad records skipped{bad}")
+            f"responses dropped, {c['bad']} bad records skipped{waste}{bad}")
 
 
 # --- the pipeline -----------------------------------------------------------------------------
