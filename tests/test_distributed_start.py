@@ -46,3 +46,23 @@ def test_no_cluster_no_call_and_bad_timeouts_refused(calls, monkeypatch):
     assert not distributed.initialize(DistributedConfig()) and calls == []
     with pytest.raises(ConfigError, match="heartbeat_timeout_s must be >= 1"):
         DistributedConfig(heartbeat_timeout_s=0)
+
+
+@pytest.mark.parametrize("processes, backend, cache, off", [
+    (2, "cpu", "/cache", True), (1, "cpu", "/cache", False), (2, "gpu", "/cache", False), (2, "cpu", None, False)])
+def test_a_multi_process_cpu_run_turns_the_compile_cache_off_in_one_line(calls, monkeypatch, capsys,
+                                                                         processes, backend, cache, off):
+    """Two local CPU processes loading their programs from a warm persistent cache hung in the
+    first cross-process collective (jax 0.12.1, gloo; README, Multi-host): initialize turns the
+    cache off there, and only there, and says so."""
+    updates = []
+    monkeypatch.setattr(jax.config, "update", lambda *a: updates.append(a))
+    monkeypatch.setattr(jax, "process_count", lambda: processes)
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    monkeypatch.setattr(distributed, "_compile_cache", lambda: (cache, True))
+    assert distributed.initialize(DistributedConfig(coordinator="127.0.0.1:1234", num_processes=processes,
+                                                    process_id=0))
+    assert (("jax_enable_compilation_cache", False) in updates) == off
+    err = capsys.readouterr().err
+    assert ("note: jax's compilation cache (/cache) is off for this run" in err) == off

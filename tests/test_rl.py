@@ -45,6 +45,17 @@ def rl_run(args, run_dir, *extra):
     return jaxllm.train(jaxllm.load_config(None, args + [f"train.run_dir={run_dir}", *extra]))
 
 
+def reward_model(policy, run_dir, *extra):
+    """A reward model trained 3 steps from the policy's base on the synthetic rankings."""
+    d, args = policy
+    base = [a for a in args if a.split("=")[0] in ("model", "model.vocab_size", "train.progress",
+                                                    "checkpoint.async_save", "data.tokenizer")]
+    return jaxllm.train(jaxllm.load_config(None, base + [
+        "train.objective=reward", "data.kind=chat", f"data.sources=[{{path: '{d}/synth/reward/train.jsonl'}}]",
+        f"checkpoint.init_from={d / 'pre'}", "train.steps=3", "train.batch_size=4", "train.seq_len=96",
+        "train.eval_every=0", "optim.lr=1e-2", "mesh.devices=1", f"train.run_dir={run_dir}", *extra]))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("delta", [[], ["lora.r=4"], ["lora.r=4", "lora.quantize_base=nf4"]],
                          ids=["full", "lora", "qlora"])
@@ -140,12 +151,7 @@ def test_grpo_and_ppo_follow_the_reward(policy, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_ppo_against_a_reward_model_with_its_head_as_the_critics_start(policy, tmp_path):
     d, args = policy
-    base = [a for a in args if a.split("=")[0] in ("model", "model.vocab_size", "train.progress",
-                                                    "checkpoint.async_save", "data.tokenizer")]
-    jaxllm.train(jaxllm.load_config(None, base + [
-        "train.objective=reward", "data.kind=chat", f"data.sources=[{{path: '{d}/synth/reward/train.jsonl'}}]",
-        f"checkpoint.init_from={d / 'pre'}", "train.steps=3", "train.batch_size=4", "train.seq_len=96",
-        "train.eval_every=0", "reward.k_max=4", "optim.lr=1e-2", "mesh.devices=1", f"train.run_dir={tmp_path / 'rm'}"]))
+    reward_model(policy, tmp_path / "rm", "reward.k_max=4")
     head = jax.device_get(jaxllm.training.checkpoint.load_params(tmp_path / "rm")[0]["reward_head"]["kernel"])
     assert np.abs(head).max() > 0
     # two iterations: the reward model still scores after the first update, which donates the
@@ -199,6 +205,58 @@ def test_a_resumed_ppo_run_scores_with_the_reward_model_it_started_with(policy, 
     with pytest.raises(CheckpointError, match="has no params at \\['lm_head'\\].*a reward model"):
         rl_run([a for a in args if not a.startswith("checkpoint.init_from")], tmp_path / "ppo3", "train.steps=1",
                "mesh.devices=1", f"checkpoint.init_from={tmp_path / 'rm'}")
+
+
+@pytest.mark.slow
+def test_ppo_and_grpo_on_two_processes_give_one_process_metrics(policy, tmp_path):
+    """Multi-host RL: 2 local processes (jax.distributed over gloo, 4 CPU devices each, mesh
+    data x fsdp x tensor = 2 x 2 x 2) give the metrics of 1 process with the same 8-device mesh.
+    Each process generates, scores and grades only its rows, so a mean over one process's rows,
+    a reward model's scores fetched from one process, or rows taken in another order would all
+    show. PPO: full model, the critic started from the reward model's head; GRPO: a LoRA delta
+    with held-out answers (greedy and sampled)."""
+    import os
+    import socket
+    d, args = policy
+    reward_model(policy, tmp_path / "rm")
+    common = [f"rl.reward_model={tmp_path / 'rm'}", "train.steps=2", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
+              "mesh.preset=fsdp_tp", "rl.temperature=0.8"]
+    variants = {"ppo": ["rl.value_init=reward_model"],
+                "grpo": ["train.objective=grpo", "rl.group_size=2", "lora.r=4", "train.eval_every=1",
+                         "train.eval_batches=2", f"data.eval_sources=[{{path: '{d}/synth/ppo/eval.jsonl'}}]"]}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: tiny\n")
+    for name, extra in variants.items():
+        run_args = [a for a in args if not (name == "grpo" and a.startswith(("train.objective=", "train.eval_every=")))]
+        run_args += common + extra
+        one = rl_run(run_args, tmp_path / f"{name}1")["history"]
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = dict(os.environ, N="2", DEVICES="4", PORT=str(port))
+        out = subprocess.run(["bash", str(REPO / "launch/local_multiprocess.sh"), str(recipe), *run_args,
+                              f"train.run_dir={tmp_path / (name + '2')}"], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+        rows = {}   # held-out answers are rows of their own (iteration 0's too): one dict per step
+        for r in map(json.loads, (tmp_path / f"{name}2" / "metrics.jsonl").read_text().splitlines()):
+            rows.setdefault(r["step"], {}).update(r)
+        two = [rows[h["step"]] for h in one]
+        assert [h["step"] for h in one] == [1, 2]
+        keys = [k for k in one[1] if not k.endswith("_s") and k != "rollout_tokens_per_s"]
+        assert {"score", "kl", "loss", "true_reward"} <= set(keys), keys
+        if name == "grpo":
+            assert {"eval_score", "eval_score_sampled", "eval_true_reward"} <= set(keys), keys
+        else:
+            assert abs(one[0]["value_mean"]) > 1e-4                 # the critic started from the RM's head
+        for a, b in zip(one, two):
+            for k in keys:
+                assert k in b, (name, k)
+                # atol as the sharded-mesh test above: another reduction order moves KL terms by
+                # ~5e-6; a clip fraction counts tokens at a threshold, where such a difference
+                # flips a token (1/96 of a minibatch's): two are allowed
+                atol = 2.5 / 96 if k.endswith("clipfrac") else 2e-5
+                np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=atol, err_msg=f"{name} {k}")
 
 
 @pytest.mark.slow

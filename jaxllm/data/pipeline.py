@@ -453,3 +453,31 @@ def to_global_batch(local_batch: dict[str, Any], mesh: jax.sharding.Mesh,
                 f"be split across processes in process order (mesh devices ordered by process)")
         out[key] = jax.make_array_from_process_local_data(sharding, local, global_shape)
     return out
+
+
+def local_rows(x) -> np.ndarray:
+    """The inverse of to_global_batch: this process's rows [p*b, (p+1)*b) of a global batch
+    array as numpy (one process: the whole array). A multi-host array is gathered first (every
+    process calls this in the same order): what comes back is small (tokens, scores), and the
+    gather does not depend on how XLA chose to shard an output."""
+    x = x if isinstance(x, jax.Array) else np.asarray(x)
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    n, p = jax.process_count(), jax.process_index()
+    if x.shape[0] % n:
+        raise ValueError(f"a global batch of {x.shape[0]} rows does not split over {n} processes")
+    b = x.shape[0] // n
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))[p * b:(p + 1) * b]
+
+
+def global_mean(local, keep=None) -> float:
+    """The mean over every process's rows of a per-row host value (`keep`: the rows counted;
+    None: all). Every process calls it in the same order and gets the same number."""
+    local = np.asarray(local, np.float64).reshape(-1)
+    keep = np.ones(local.shape, bool) if keep is None else np.asarray(keep, bool).reshape(-1)
+    sums = np.asarray([np.sum(local[keep]), np.sum(keep)], np.float64)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        sums = np.asarray(multihost_utils.process_allgather(sums)).reshape(-1, 2).sum(0)
+    return float(sums[0] / sums[1]) if sums[1] else float("nan")

@@ -81,14 +81,19 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 1) -
     return tokens, mask
 
 
-def _is_traced(*xs) -> bool:
-    return any(isinstance(x, jax.core.Tracer) for x in xs)
+def _values_unseen(*xs) -> bool:
+    """Traced (inside a caller's jit), or a multi-host global array, of which this process holds
+    only its rows: values are not checked on the host (a check that failed on one process only
+    would leave the others waiting in the next collective)."""
+    return any(isinstance(x, jax.core.Tracer) or (isinstance(x, jax.Array) and not x.is_fully_addressable)
+               for x in xs)
 
 
 def _check_request(tokens_bp, mask_bp, cfg: ModelConfig, max_new_tokens: int, *,
                    temperature: float, top_k: int, top_p: float, ids: dict) -> None:
     """Every argument error as one GenerationError naming the argument and what is valid. Checks
-    of values are skipped for traced prompts (inside a caller's jit); shapes are still checked."""
+    of values are skipped for traced prompts (inside a caller's jit) and multi-host global
+    arrays; shapes are still checked."""
     if int(max_new_tokens) != max_new_tokens or max_new_tokens <= 0:
         raise GenerationError(f"generate: max_new_tokens must be a positive integer, got {max_new_tokens}")
     if not temperature >= 0:
@@ -106,7 +111,7 @@ def _check_request(tokens_bp, mask_bp, cfg: ModelConfig, max_new_tokens: int, *,
         raise GenerationError(f"generate: prompts must be (batch, length) with a mask of the same "
                               f"shape, got {tokens_bp.shape} and {mask_bp.shape}")
     p = tokens_bp.shape[1]
-    if _is_traced(tokens_bp, mask_bp):
+    if _values_unseen(tokens_bp, mask_bp):
         longest, where = p, f"the padded prompt width {p}"
     else:
         tokens, mask = np.asarray(tokens_bp), np.asarray(mask_bp) != 0
@@ -254,7 +259,7 @@ def _prompt_arrays(prompts, prompt_mask, pad_id: int):
             raise GenerationError("generate: prompt_mask applies to a (batch, length) array of prompts, "
                                   "not to a list of token lists (which is left-padded here)")
         return left_pad(prompts, pad_id)
-    tokens_bp = prompts if _is_traced(prompts) else np.asarray(prompts, np.int32)
+    tokens_bp = prompts if _values_unseen(prompts) else np.asarray(prompts, np.int32)
     if prompt_mask is None:
         prompt_mask = jnp.ones(tokens_bp.shape, jnp.int32)
     return tokens_bp, prompt_mask

@@ -26,7 +26,7 @@ import numpy as np
 
 from jaxllm.config import Config, RLConfig
 from jaxllm.configlib import ConfigError
-from jaxllm.data.pipeline import load_tokenizer_for, to_global_batch
+from jaxllm.data.pipeline import global_mean, load_tokenizer_for, local_rows, to_global_batch
 from jaxllm.model.api import init_params, param_logical_axes, param_shapes
 from jaxllm.model.generate import generate
 from jaxllm.objectives.grpo import make_grpo_loss
@@ -126,7 +126,7 @@ def load_reward_model(path: str, cfg: Config, tokenizer, run: Run, step: int | N
             + f" ({sum(x.size for x in jax.tree.leaves(params)):,} parameters, frozen)")
     fn = jax.jit(lambda p, b: score(p, b["tokens"], b["segment_ids"], rm_cfg, positions_nt=b["positions"]))
     ident = {"path": str(pathlib.Path(path).absolute()), "step": step, "checksum": params_checksum(params)}
-    return (lambda batch: jax.device_get(fn(params, batch))), params["reward_head"], ident
+    return (lambda batch: local_rows(fn(params, batch))), params["reward_head"], ident
 
 
 class Scorer:
@@ -278,6 +278,11 @@ def train(cfg: Config) -> dict:
         return loop.train(state, step_fn, prompts, meta, resumed)
 
 
+def _local(gen):
+    """A Generation of global arrays -> this process's rows, on the host."""
+    return type(gen)(*(local_rows(x) for x in gen))
+
+
 def _value_head_from(rm_head: dict, state, run: Run) -> dict:
     """The critic's head as the reward model's scalar head (bias 0), in the value head's
     shardings and dtypes."""
@@ -324,23 +329,25 @@ class _Loop:
         policy = {k: v for k, v in self.merge(state.params, self.frozen).items() if k != "value_head"}
         out = {}
         for tag, temperature in (("", 0.0), ("_sampled", self.cfg.rl.temperature)):
-            scores, trues = [], []
+            scores, trues, reals = [], [], []
             for rows in self.eval_prompts:
                 toks, mask = self._pad_prompts(rows)
                 g = to_global_batch({"t": toks, "m": mask}, self.sh.batch.mesh, self.sh.batch.spec)
-                gen = jax.device_get(self._generate(policy, g["t"], key=jax.random.key(0), prompt_mask=g["m"],
-                                                    temperature=temperature))
+                gen = _local(self._generate(policy, g["t"], key=jax.random.key(0), prompt_mask=g["m"],
+                                            temperature=temperature))
                 texts = R.response_texts(self.tok, gen, self.stops)
                 batch = to_global_batch(R.rollout_batch(gen), self.sh.batch.mesh, self.sh.batch.spec)
                 real = np.asarray([not r["pad"] for r in rows])   # the last batch's filler rows: not counted
                 records = [r["record"] for r in rows]
-                scores.append(np.asarray(self.scorer(batch, records, texts))[real])
+                scores.append(np.asarray(self.scorer(batch, records, texts)))
+                reals.append(real)
                 true = self.scorer.true_rewards(records, texts)
                 if true is not None:
-                    trues.append(true[real])
-            out[f"eval_score{tag}"] = float(np.mean(np.concatenate(scores)))
+                    trues.append(true)
+            reals = np.concatenate(reals)   # means over every process's real rows
+            out[f"eval_score{tag}"] = global_mean(np.concatenate(scores), reals)
             if trues:
-                out[f"eval_true_reward{tag}"] = float(np.mean(np.concatenate(trues)))
+                out[f"eval_true_reward{tag}"] = global_mean(np.concatenate(trues), reals)
         return out
 
     def _pad_prompts(self, rows: list[dict]):
@@ -363,16 +370,18 @@ class _Loop:
         key = jax.random.fold_in(jax.random.key(t.seed), it)
         gen = self._generate({k: v for k, v in policy.items() if k != "value_head"}, g["t"], key=key,
                              prompt_mask=g["m"])
-        gen = jax.device_get(gen)
+        gen = _local(gen)   # this process's rows
         timing["rollout_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         texts = R.response_texts(self.tok, gen, self.stops)
         host = R.rollout_batch(gen)
         batch = to_global_batch(host, self.sh.batch.mesh, self.sh.batch.spec)
         records = [r["record"] for r in rows]
-        scores = self.scorer(batch, records, texts)
         done = R.ended(gen, self.stops)
-        scores = scores - rl.missing_eos_penalty * (~done)   # a penalty >= 0 for running out of tokens
+        # a penalty >= 0 for running out of tokens; the scores of every process's rows, as the batch
+        local_scores = self.scorer(batch, records, texts) - rl.missing_eos_penalty * (~done)
+        scores = to_global_batch({"s": local_scores.astype(np.float32)}, self.sh.batch.mesh,
+                                 self.sh.batch.spec)["s"]
         timing["score_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         old_lp, old_v, ref_lp = self._score_pass(state.params, self.frozen, batch)
@@ -380,13 +389,13 @@ class _Loop:
         beta = self.kl.beta if self.kl is not None else rl.kl_coef
         kl_bt = kl_estimate(old_lp, ref_lp, rl.kl_estimator) * m
         if t.objective == "grpo":
-            adv_b = group_advantages(jnp.asarray(scores).reshape(-1, rl.group_size)).reshape(-1)
+            adv_b = group_advantages(scores.reshape(-1, rl.group_size)).reshape(-1)
             adv = adv_b[:, None] * m
             # this iteration's beta per row: the adaptive beta reaches the loss without a recompile
-            extra = {"ref_logprobs": ref_lp, "kl_coef": jnp.full(adv_b.shape, beta, jnp.float32)}
+            extra = {"ref_logprobs": ref_lp, "kl_coef": jnp.full_like(adv_b, beta, jnp.float32)}
             returns = None
         else:
-            rewards = per_token_rewards(jnp.asarray(scores), kl_bt, m, beta)
+            rewards = per_token_rewards(scores, kl_bt, m, beta)
             adv, returns = gae(rewards, old_v, m, gamma=rl.gamma, lam=rl.lam)
             if rl.whiten_advantages:
                 adv = masked_whiten(adv, m)
@@ -400,28 +409,28 @@ class _Loop:
         for epoch in range(rl.epochs):
             order = R.batches_of(n_rows, rl.minibatches, jax.random.fold_in(key, 1000 + epoch))
             for idx in order:
-                mb = self._take(train_batch, jnp.asarray(idx))
+                mb = self._take(train_batch, idx)   # host indices, the same on every process
                 state, sm = step_fn(state, mb, self.frozen)
                 step_metrics.append(sm)
         jax.block_until_ready(state)
         timing["update_s"] = time.perf_counter() - t0
         sm = {k: float(np.mean([float(s[k]) for s in step_metrics])) for k in step_metrics[0]}
         seq_kl = jnp.sum(kl_estimate(old_lp, ref_lp, "k1") * m, axis=1)
-        metrics = {"score": float(np.mean(scores)), "kl": float(jnp.mean(seq_kl)), "kl_coef": beta,
-                   "response_length": float(np.mean(np.asarray(gen.mask).sum(1))),
-                   "ended_fraction": float(np.mean(done)),
+        lengths = np.asarray(gen.mask).sum(1)
+        metrics = {"score": float(jnp.mean(scores)), "kl": float(jnp.mean(seq_kl)), "kl_coef": beta,
+                   "response_length": global_mean(lengths), "ended_fraction": global_mean(done),
                    **({"entropy": sm["entropy"]} if "entropy" in sm else {}),   # GRPO's loss has none
                    "clipfrac": sm["clipfrac"],
                    "pg_loss": sm["pg_loss"], "loss": sm["loss"], "lr": sm.get("lr", 0.0),
                    "skipped_updates": sm.get("skipped_updates", 0.0),
-                   "rollout_tokens_per_s": float(np.asarray(gen.mask).sum()) / timing["rollout_s"], **timing}
+                   "rollout_tokens_per_s": global_mean(lengths) * n_rows / timing["rollout_s"], **timing}
         if "approx_kl" in sm:
             metrics.update(approx_kl=sm["approx_kl"], vf_loss=sm["vf_loss"], vf_clipfrac=sm["vf_clipfrac"],
                            explained_variance=float(R.explained_variance(old_v, returns, m)),
                            value_mean=float(masked_mean(old_v, m)))
         true = self.scorer.true_rewards(records, texts)
         if true is not None:
-            metrics["true_reward"] = float(np.mean(true))
+            metrics["true_reward"] = global_mean(true)
         if self.kl is not None:
             self.kl.update(metrics["kl"], n_rows)   # the global batch: beta moves alike on any process count
         return state, metrics
