@@ -214,22 +214,31 @@ def test_ppo_and_grpo_on_two_processes_give_one_process_metrics(policy, tmp_path
     Each process generates, scores and grades only its rows, so a mean over one process's rows,
     a reward model's scores fetched from one process, or rows taken in another order would all
     show. PPO: full model, the critic started from the reward model's head; GRPO: a LoRA delta
-    with held-out answers (greedy and sampled)."""
+    with held-out answers (greedy and sampled), some without a task to grade."""
     import os
     import socket
     d, args = policy
     reward_model(policy, tmp_path / "rm")
+    # held-out prompts read in order, 8 a batch: batches 1 and 3 with tasks, batch 2 with tasks in
+    # its first half only (process 0's rows): the true reward is over batches 1 and 3 on any process
+    # count, process 1 must not skip a collective that process 0 makes, and in batch 3 process 1
+    # holds only filler rows
+    records = [json.loads(x) for x in (d / "synth/ppo/eval.jsonl").read_text().splitlines()]
+    assert len(records) == 20           # 3 batches: the third is 4 real rows (process 0's) and 4 filler rows
+    for r in records[12:16]:
+        del r["task"]
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     common = [f"rl.reward_model={tmp_path / 'rm'}", "train.steps=2", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
               "mesh.preset=fsdp_tp", "rl.temperature=0.8"]
     variants = {"ppo": ["rl.value_init=reward_model"],
                 "grpo": ["train.objective=grpo", "rl.group_size=2", "lora.r=4", "train.eval_every=1",
-                         "train.eval_batches=2", f"data.eval_sources=[{{path: '{d}/synth/ppo/eval.jsonl'}}]"]}
+                         "train.eval_batches=3", f"data.eval_sources=[{{path: '{tmp_path}/eval.jsonl'}}]"]}
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: tiny\n")
     for name, extra in variants.items():
         run_args = [a for a in args if not (name == "grpo" and a.startswith(("train.objective=", "train.eval_every=")))]
         run_args += common + extra
-        one = rl_run(run_args, tmp_path / f"{name}1")["history"]
+        assert [h["step"] for h in rl_run(run_args, tmp_path / f"{name}1")["history"]] == [1, 2]
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -238,20 +247,23 @@ def test_ppo_and_grpo_on_two_processes_give_one_process_metrics(policy, tmp_path
                               f"train.run_dir={tmp_path / (name + '2')}"], cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=900)
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-        rows = {}   # held-out answers are rows of their own (iteration 0's too): one dict per step
-        for r in map(json.loads, (tmp_path / f"{name}2" / "metrics.jsonl").read_text().splitlines()):
-            rows.setdefault(r["step"], {}).update(r)
-        two = [rows[h["step"]] for h in one]
-        assert [h["step"] for h in one] == [1, 2]
-        keys = [k for k in one[1] if not k.endswith("_s") and k != "rollout_tokens_per_s"]
+
+        def steps(run):   # held-out answers are rows of their own (iteration 0's too): one dict per step
+            rows = {}
+            for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines()):
+                rows.setdefault(r["step"], {}).update(r)
+            return [rows[k] for k in sorted(rows)]
+        one, two = steps(f"{name}1"), steps(f"{name}2")
+        assert [r["step"] for r in one] == [r["step"] for r in two] == ([0, 1, 2] if name == "grpo" else [1, 2])
+        keys = [k for k in one[-1] if not k.endswith("_s") and k != "rollout_tokens_per_s"]
         assert {"score", "kl", "loss", "true_reward"} <= set(keys), keys
         if name == "grpo":
             assert {"eval_score", "eval_score_sampled", "eval_true_reward"} <= set(keys), keys
         else:
             assert abs(one[0]["value_mean"]) > 1e-4                 # the critic started from the RM's head
         for a, b in zip(one, two):
-            for k in keys:
-                assert k in b, (name, k)
+            assert a.keys() == b.keys(), (name, a["step"], a.keys() ^ b.keys())
+            for k in keys if a["step"] else a:
                 # atol as the sharded-mesh test above: another reduction order moves KL terms by
                 # ~5e-6; a clip fraction counts tokens at a threshold, where such a difference
                 # flips a token (1/96 of a minibatch's): two are allowed

@@ -477,7 +477,17 @@ def global_mean(local, keep=None) -> float:
     local = np.asarray(local, np.float64).reshape(-1)
     keep = np.ones(local.shape, bool) if keep is None else np.asarray(keep, bool).reshape(-1)
     sums = np.asarray([np.sum(local[keep]), np.sum(keep)], np.float64)
-    if jax.process_count() > 1:
+    if jax.process_count() > 1:   # float64 travels as int32 pairs: jax (x64 off) would round it to float32
         from jax.experimental import multihost_utils
-        sums = np.asarray(multihost_utils.process_allgather(sums)).reshape(-1, 2).sum(0)
+        bits = np.asarray(multihost_utils.process_allgather(sums.view(np.int32)), np.int32)
+        sums = np.ascontiguousarray(bits).view(np.float64).reshape(-1, 2).sum(0)
     return float(sums[0] / sums[1]) if sums[1] else float("nan")
+
+
+def on_every_process(flag: bool) -> bool:
+    """Whether `flag` holds on every process (one collective: every process calls it), for a
+    choice that must be the same everywhere, such as whether a later collective runs."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+    return bool(np.all(multihost_utils.process_allgather(np.asarray([bool(flag)], np.int32))))

@@ -26,7 +26,7 @@ import numpy as np
 
 from jaxllm.config import Config, RLConfig
 from jaxllm.configlib import ConfigError
-from jaxllm.data.pipeline import global_mean, load_tokenizer_for, local_rows, to_global_batch
+from jaxllm.data.pipeline import global_mean, load_tokenizer_for, local_rows, on_every_process, to_global_batch
 from jaxllm.model.api import init_params, param_logical_axes, param_shapes
 from jaxllm.model.generate import generate
 from jaxllm.objectives.grpo import make_grpo_loss
@@ -329,7 +329,7 @@ class _Loop:
         policy = {k: v for k, v in self.merge(state.params, self.frozen).items() if k != "value_head"}
         out = {}
         for tag, temperature in (("", 0.0), ("_sampled", self.cfg.rl.temperature)):
-            scores, trues, reals = [], [], []
+            scores, reals, trues, true_reals = [], [], [], []
             for rows in self.eval_prompts:
                 toks, mask = self._pad_prompts(rows)
                 g = to_global_batch({"t": toks, "m": mask}, self.sh.batch.mesh, self.sh.batch.spec)
@@ -342,12 +342,13 @@ class _Loop:
                 scores.append(np.asarray(self.scorer(batch, records, texts)))
                 reals.append(real)
                 true = self.scorer.true_rewards(records, texts)
-                if true is not None:
+                if on_every_process(true is not None):   # every process's rows carry tasks
                     trues.append(true)
-            reals = np.concatenate(reals)   # means over every process's real rows
-            out[f"eval_score{tag}"] = global_mean(np.concatenate(scores), reals)
+                    true_reals.append(real)
+            # means over every process's real rows
+            out[f"eval_score{tag}"] = global_mean(np.concatenate(scores), np.concatenate(reals))
             if trues:
-                out[f"eval_true_reward{tag}"] = global_mean(np.concatenate(trues), reals)
+                out[f"eval_true_reward{tag}"] = global_mean(np.concatenate(trues), np.concatenate(true_reals))
         return out
 
     def _pad_prompts(self, rows: list[dict]):
@@ -429,7 +430,7 @@ class _Loop:
                            explained_variance=float(R.explained_variance(old_v, returns, m)),
                            value_mean=float(masked_mean(old_v, m)))
         true = self.scorer.true_rewards(records, texts)
-        if true is not None:
+        if on_every_process(true is not None):   # the same choice everywhere: global_mean is a collective
             metrics["true_reward"] = global_mean(true)
         if self.kl is not None:
             self.kl.update(metrics["kl"], n_rows)   # the global batch: beta moves alike on any process count
