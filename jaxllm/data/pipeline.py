@@ -460,7 +460,6 @@ def local_rows(x) -> np.ndarray:
     array as numpy (one process: the whole array). A multi-host array is gathered first (every
     process calls this in the same order): what comes back is small (tokens, scores), and the
     gather does not depend on how XLA chose to shard an output."""
-    x = x if isinstance(x, jax.Array) else np.asarray(x)
     if not isinstance(x, jax.Array) or x.is_fully_addressable:
         return np.asarray(x)
     from jax.experimental import multihost_utils

@@ -417,14 +417,14 @@ class _Loop:
         timing["update_s"] = time.perf_counter() - t0
         sm = {k: float(np.mean([float(s[k]) for s in step_metrics])) for k in step_metrics[0]}
         seq_kl = jnp.sum(kl_estimate(old_lp, ref_lp, "k1") * m, axis=1)
-        lengths = np.asarray(gen.mask).sum(1)
+        mean_length = global_mean(np.asarray(gen.mask).sum(1))   # over every process's rows
         metrics = {"score": float(jnp.mean(scores)), "kl": float(jnp.mean(seq_kl)), "kl_coef": beta,
-                   "response_length": global_mean(lengths), "ended_fraction": global_mean(done),
+                   "response_length": mean_length, "ended_fraction": global_mean(done),
                    **({"entropy": sm["entropy"]} if "entropy" in sm else {}),   # GRPO's loss has none
                    "clipfrac": sm["clipfrac"],
                    "pg_loss": sm["pg_loss"], "loss": sm["loss"], "lr": sm.get("lr", 0.0),
                    "skipped_updates": sm.get("skipped_updates", 0.0),
-                   "rollout_tokens_per_s": global_mean(lengths) * n_rows / timing["rollout_s"], **timing}
+                   "rollout_tokens_per_s": mean_length * n_rows / timing["rollout_s"], **timing}
         if "approx_kl" in sm:
             metrics.update(approx_kl=sm["approx_kl"], vf_loss=sm["vf_loss"], vf_clipfrac=sm["vf_clipfrac"],
                            explained_variance=float(R.explained_variance(old_v, returns, m)),
